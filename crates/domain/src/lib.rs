@@ -1,0 +1,26 @@
+//! The domain of the lobby's user-lifecycle worker: what an event is, how a
+//! stream entry decodes into one, and the ports the rest of the system plugs
+//! into. Nothing here performs I/O or names Redis.
+//!
+//! # Layout
+//!
+//! - [`entry_id`]: stream entry ids (`<ms>-<seq>`), parsed once and compared
+//!   numerically.
+//! - [`event`]: the user-lifecycle event and its event-type enum.
+//! - [`decode`]: the wire contract, a pure function from an entry's fields to
+//!   an event or a typed reason why the entry is malformed.
+//! - [`ports`]: the traits adapters implement: the consumer, the handler it
+//!   dispatches to, the stream-offset store.
+
+pub mod decode;
+pub mod entry_id;
+pub mod event;
+pub mod ports;
+
+pub use decode::{decode_user_lifecycle_event, DecodeError, MAX_ENTRY_BYTES};
+pub use entry_id::{EntryId, ParseEntryIdError};
+pub use event::{EventType, UserLifecycleEvent};
+pub use ports::{
+    BoxFuture, HandlerError, StoreError, StreamOffsetStore, UserLifecycleConsumer,
+    UserLifecycleHandler, USER_LIFECYCLE_LABEL,
+};

@@ -1,0 +1,127 @@
+//! The ports: traits the domain defines and adapters implement.
+//!
+//! The cascade worker registers a [`UserLifecycleHandler`] on a
+//! [`UserLifecycleConsumer`] and never learns that the events come from Redis.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::entry_id::EntryId;
+use crate::event::UserLifecycleEvent;
+
+/// The label under which the user-lifecycle consumer stores its offset. It
+/// stays stable when the stream key is renamed by configuration.
+pub const USER_LIFECYCLE_LABEL: &str = "user_lifecycle";
+
+/// A boxed, sendable future: what object-safe async port methods return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a handler could not finish an event. The consumer holds its offset on
+/// the event and retries it with back-off.
+#[derive(Debug)]
+pub struct HandlerError {
+    message: String,
+    source: Option<Box<dyn StdError + Send + Sync>>,
+}
+
+impl HandlerError {
+    /// An error described by `message` alone.
+    pub fn msg(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An error saying what was being done (`message`) and why it failed.
+    pub fn with_source(
+        message: impl Into<String>,
+        source: impl Into<Box<dyn StdError + Send + Sync>>,
+    ) -> Self {
+        Self {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Some(source) => write!(f, "{}: {}", self.message, source),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl StdError for HandlerError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|source| source as &(dyn StdError + 'static))
+    }
+}
+
+/// Handles one decoded, known event. Must be idempotent: delivery is
+/// at-least-once, so an event can arrive again after a crash.
+pub trait UserLifecycleHandler: Send + Sync {
+    /// Applies `event`; an error makes the consumer retry the same event.
+    fn handle<'a>(&'a self, event: &'a UserLifecycleEvent) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+impl<F, Fut> UserLifecycleHandler for F
+where
+    F: Fn(UserLifecycleEvent) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    fn handle<'a>(&'a self, event: &'a UserLifecycleEvent) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(self(event.clone()))
+    }
+}
+
+/// A source of user-lifecycle events that dispatches each to one handler,
+/// at least once and in stream order.
+pub trait UserLifecycleConsumer: Send + Sync {
+    /// Why `run` ended other than by shutdown.
+    type Error: StdError + Send + Sync + 'static;
+
+    /// Installs `handler` as the sole handler; a second call replaces it.
+    fn on_event(&self, handler: Arc<dyn UserLifecycleHandler>);
+
+    /// Consumes until [`shutdown`](Self::shutdown) is called or a permanent
+    /// fault occurs. Starting without a handler is an error.
+    fn run(&self) -> BoxFuture<'_, Result<(), Self::Error>>;
+
+    /// Asks `run` to stop: the blocking read ends at once, the handler call
+    /// in flight may finish within a grace period, the offset is saved.
+    fn shutdown(&self);
+}
+
+/// A failure of a store (offsets, lobby), classified so that the caller knows
+/// whether to retry.
+#[derive(Debug, thiserror::Error)]
+#[error("{action}: {source}")]
+pub struct StoreError {
+    /// What was being done, such as `save offset of label user_lifecycle`.
+    pub action: String,
+    /// Whether retrying cannot help (wrong type, authentication, bad data);
+    /// transient faults (connection lost, timeouts, loading) are retried.
+    pub permanent: bool,
+    /// The underlying failure.
+    #[source]
+    pub source: Box<dyn StdError + Send + Sync>,
+}
+
+/// Where a consumer keeps its offset: the id of the last entry whose handling
+/// is finished, per label.
+pub trait StreamOffsetStore: Send + Sync {
+    /// The stored offset of `label`, or `None` when none is stored.
+    fn load<'a>(&'a self, label: &'a str) -> BoxFuture<'a, Result<Option<EntryId>, StoreError>>;
+
+    /// Stores `id` for `label` unless a larger id is stored already: the
+    /// consumer's own saves never move an offset backwards.
+    fn save<'a>(&'a self, label: &'a str, id: EntryId) -> BoxFuture<'a, Result<(), StoreError>>;
+}
