@@ -1,1 +1,43 @@
-//! x
+//! A generic, reliable Redis Streams consumer.
+//!
+//! One loop serves every stream: what differs between streams is an
+//! [`EntryDecoder`] and a label, never a copy of the loop.
+//!
+//! # Guarantees
+//!
+//! - At least once, in stream order: the offset (the last entry whose handling
+//!   finished) is saved only after the handler succeeded, or after the entry
+//!   was absorbed (malformed, unknown type) or dead-lettered.
+//! - A failing handler holds the offset and is retried with exponential
+//!   back-off and jitter; optionally, after N attempts, the entry goes to a
+//!   dead-letter stream.
+//! - Redis faults are retried with back-off on a fresh connection; only faults
+//!   that need a person (authentication, a key of the wrong type) end `run`.
+//! - Shutdown interrupts the blocking read at once, lets the handler call in
+//!   flight finish within a grace period, saves the offset and returns.
+//!
+//! # Layout
+//!
+//! - [`engine`]: the loop ([`StreamConsumer`]).
+//! - [`decoder`]: the traits it is generic over.
+//! - [`config`]: its settings; [`backoff`]: retry delays; [`fault`]:
+//!   transient versus permanent Redis failures; [`reply`]: parsing replies
+//!   without trusting them; [`stats`]: counters.
+
+pub mod backoff;
+pub mod config;
+pub mod decoder;
+pub mod engine;
+pub mod error;
+pub mod fault;
+pub mod reply;
+pub mod stats;
+
+pub use backoff::{Backoff, BackoffPolicy};
+pub use config::{Checkpoint, ConsumerConfig, StartFrom};
+pub use decoder::{Decoded, EntryDecoder, EntryHandler};
+pub use engine::{RunReport, StopReason, StreamConsumer};
+pub use error::ConsumerError;
+pub use fault::{classify, FaultClass};
+pub use reply::{parse_range_reply, parse_xread_reply, ReplyError, StreamEntry};
+pub use stats::{ConsumerStats, StatsSnapshot};

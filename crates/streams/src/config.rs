@@ -1,0 +1,129 @@
+//! Settings of one consumer.
+
+use std::time::Duration;
+
+use lifecycle_domain::EntryId;
+
+use crate::backoff::BackoffPolicy;
+
+/// Where to start when no offset is stored for the label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum StartFrom {
+    /// The first entry of the stream (`0-0`), as the reference does.
+    #[default]
+    Beginning,
+    /// After the stream's last entry at start-up: only new entries.
+    End,
+    /// At this entry id, inclusive.
+    Id(EntryId),
+}
+
+/// When the offset is written to the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Checkpoint {
+    /// After every entry: the reference's behaviour, one extra round trip per
+    /// entry, nothing replayed after a crash.
+    EveryEntry,
+    /// After every batch (and before idling and at shutdown): a crash replays
+    /// at most one batch.
+    #[default]
+    EveryBatch,
+}
+
+/// Settings of a [`StreamConsumer`](crate::StreamConsumer).
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    /// The stream key to read.
+    pub stream: String,
+    /// The label the offset is stored under.
+    pub label: String,
+    /// How long one `XREAD` blocks waiting for new entries.
+    pub block_timeout: Duration,
+    /// How many entries one `XREAD` asks for at most.
+    pub batch_size: usize,
+    /// Where to start when no offset is stored.
+    pub start_from: StartFrom,
+    /// When offsets are saved.
+    pub checkpoint: Checkpoint,
+    /// Back-off between retries of a failing handler.
+    pub handler_retry: BackoffPolicy,
+    /// Back-off between attempts to reach Redis after a fault.
+    pub redis_retry: BackoffPolicy,
+    /// After this many failed attempts an entry is copied to the dead-letter
+    /// stream and skipped; `None` retries for ever.
+    pub dead_letter_after: Option<u32>,
+    /// The dead-letter stream key.
+    pub dead_letter_stream: String,
+    /// How long a handler call in flight may still run after shutdown was
+    /// requested, and how long the final offset save may take.
+    pub shutdown_grace: Duration,
+    /// Stop, rather than wait, once the entries present at start-up are done.
+    pub drain: bool,
+    /// How long establishing a connection to Redis may take.
+    pub connect_timeout: Duration,
+}
+
+impl ConsumerConfig {
+    /// Defaults for reading `stream` under `label`; the dead-letter stream is
+    /// `<stream>:dead`.
+    pub fn new(stream: impl Into<String>, label: impl Into<String>) -> Self {
+        let stream = stream.into();
+        Self {
+            dead_letter_stream: format!("{stream}:dead"),
+            stream,
+            label: label.into(),
+            block_timeout: Duration::from_secs(5),
+            batch_size: 256,
+            start_from: StartFrom::Beginning,
+            checkpoint: Checkpoint::EveryBatch,
+            handler_retry: BackoffPolicy {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(30),
+            },
+            redis_retry: BackoffPolicy {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(10),
+            },
+            dead_letter_after: None,
+            shutdown_grace: Duration::from_secs(10),
+            drain: false,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Response timeout of the reading connection: longer than the block so a
+    /// quiet stream is not mistaken for a dead server.
+    pub fn read_response_timeout(&self) -> Duration {
+        self.block_timeout + self.block_timeout / 2 + Duration::from_secs(2)
+    }
+
+    /// Checks the settings.
+    ///
+    /// # Errors
+    ///
+    /// A text naming the setting that is out of range.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.stream.trim().is_empty() {
+            return Err("stream must not be empty".into());
+        }
+        if self.label.trim().is_empty() {
+            return Err("label must not be empty".into());
+        }
+        if self.batch_size == 0 {
+            return Err("batch size must be at least 1".into());
+        }
+        if self.block_timeout < Duration::from_millis(1) {
+            return Err("block timeout must be at least 1ms (0 would block for ever)".into());
+        }
+        if self.dead_letter_after == Some(0) {
+            return Err("dead-letter-after must be at least 1 attempt".into());
+        }
+        if self.handler_retry.initial > self.handler_retry.max {
+            return Err("retry-initial must not be larger than retry-max".into());
+        }
+        if self.dead_letter_after.is_some() && self.dead_letter_stream == self.stream {
+            return Err("the dead-letter stream must differ from the stream".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,36 @@
+//! What the engine is generic over: how an entry decodes, and who handles it.
+
+use lifecycle_domain::{BoxFuture, EntryId, HandlerError};
+
+/// What one stream entry decodes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decoded<T> {
+    /// A well-formed entry of a known type: dispatch it to the handler.
+    Handle(T),
+    /// A malformed entry: logged as a warning and absorbed (the offset moves
+    /// past it).
+    Malformed(String),
+    /// A well-formed entry of a type this consumer does not act on: logged and
+    /// absorbed.
+    UnknownType(String),
+}
+
+/// Decodes the entries of one stream. A second stream is a second decoder and
+/// a label, not a copy of the consumer loop.
+pub trait EntryDecoder: Send + Sync + 'static {
+    /// What a well-formed entry becomes.
+    type Item: Send + Sync + 'static;
+
+    /// Decodes one entry. Must not panic on any input.
+    fn decode(&self, id: EntryId, fields: &[(Vec<u8>, Vec<u8>)]) -> Decoded<Self::Item>;
+
+    /// The item's type name, for logs (`event_type`).
+    fn event_type<'a>(&self, item: &'a Self::Item) -> &'a str;
+}
+
+/// Handles decoded items of type `T`; must be idempotent (delivery is
+/// at-least-once).
+pub trait EntryHandler<T>: Send + Sync {
+    /// Handles `item`; an error holds the offset and retries `item`.
+    fn handle<'a>(&'a self, item: &'a T) -> BoxFuture<'a, Result<(), HandlerError>>;
+}

@@ -1,0 +1,48 @@
+//! Why a consumer's `run` ended other than by shutdown: each variant says what
+//! to fix.
+
+use lifecycle_domain::StoreError;
+use redis::RedisError;
+
+use crate::reply::ReplyError;
+
+/// A fault that retrying cannot fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    /// `run` was called before a handler was registered.
+    #[error("no event handler is registered: register one (on_event) before run")]
+    NoHandler,
+    /// The settings are inconsistent.
+    #[error("invalid consumer settings: {0}")]
+    Config(String),
+    /// The stream key exists and is not a stream.
+    #[error("the Redis key {key:?} holds a value that is not a stream (WRONGTYPE): point --stream at a stream key, or rename or delete that key")]
+    WrongType {
+        /// The offending key.
+        key: String,
+    },
+    /// Redis refused the credentials or the ACL forbids a command.
+    #[error("Redis refused access while trying to {action} ({source}): check the user name and password in the Redis URL and the user's ACL permissions")]
+    Auth {
+        /// What was being done.
+        action: &'static str,
+        /// The server's answer.
+        #[source]
+        source: RedisError,
+    },
+    /// Redis rejected a command in a way retrying cannot change.
+    #[error("Redis rejected the attempt to {action}: {source}")]
+    Redis {
+        /// What was being done.
+        action: &'static str,
+        /// The server's answer.
+        #[source]
+        source: RedisError,
+    },
+    /// The offset store failed permanently.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Redis answered in a shape it never does.
+    #[error(transparent)]
+    Reply(#[from] ReplyError),
+}

@@ -1,0 +1,97 @@
+//! Counters a consumer keeps about itself, for tests, `demo` and metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters of one consumer, shared with whoever observes it.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    handled: AtomicU64,
+    malformed: AtomicU64,
+    unknown_type: AtomicU64,
+    dead_lettered: AtomicU64,
+    handler_failures: AtomicU64,
+    redis_faults: AtomicU64,
+    reconnects: AtomicU64,
+    offset_saves: AtomicU64,
+    reads: AtomicU64,
+}
+
+/// A copy of [`ConsumerStats`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Entries the handler finished.
+    pub handled: u64,
+    /// Malformed entries absorbed.
+    pub malformed: u64,
+    /// Entries of unknown type absorbed.
+    pub unknown_type: u64,
+    /// Entries copied to the dead-letter stream and skipped.
+    pub dead_lettered: u64,
+    /// Handler calls that returned an error.
+    pub handler_failures: u64,
+    /// Redis failures met (each retry counts).
+    pub redis_faults: u64,
+    /// Connections re-established after a fault.
+    pub reconnects: u64,
+    /// Offsets written to the store.
+    pub offset_saves: u64,
+    /// `XREAD` round trips.
+    pub reads: u64,
+}
+
+impl StatsSnapshot {
+    /// Entries whose handling is finished, whatever the outcome.
+    pub fn finished(&self) -> u64 {
+        self.handled + self.malformed + self.unknown_type + self.dead_lettered
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl ConsumerStats {
+    pub(crate) fn handled(&self) {
+        bump(&self.handled);
+    }
+    pub(crate) fn malformed(&self) {
+        bump(&self.malformed);
+    }
+    pub(crate) fn unknown_type(&self) {
+        bump(&self.unknown_type);
+    }
+    pub(crate) fn dead_lettered(&self) {
+        bump(&self.dead_lettered);
+    }
+    pub(crate) fn handler_failure(&self) {
+        bump(&self.handler_failures);
+    }
+    pub(crate) fn redis_fault(&self) {
+        bump(&self.redis_faults);
+    }
+    pub(crate) fn reconnect(&self) {
+        bump(&self.reconnects);
+    }
+    pub(crate) fn offset_saved(&self) {
+        bump(&self.offset_saves);
+    }
+    pub(crate) fn read(&self) {
+        bump(&self.reads);
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        StatsSnapshot {
+            handled: get(&self.handled),
+            malformed: get(&self.malformed),
+            unknown_type: get(&self.unknown_type),
+            dead_lettered: get(&self.dead_lettered),
+            handler_failures: get(&self.handler_failures),
+            redis_faults: get(&self.redis_faults),
+            reconnects: get(&self.reconnects),
+            offset_saves: get(&self.offset_saves),
+            reads: get(&self.reads),
+        }
+    }
+}
