@@ -256,11 +256,17 @@ mod tests {
             let mut absent = with(field, "x");
             absent.retain(|(name, _)| name != field);
             assert_eq!(
-                decode_user_lifecycle_event(ID, &absent).unwrap_err().to_string(),
+                decode_user_lifecycle_event(ID, &absent)
+                    .unwrap_err()
+                    .to_string(),
                 format!("missing {field}")
             );
             for blank in ["", " ", "\t\n\r", "\u{a0}", "\u{2003}\u{3000}", "\u{85}"] {
-                assert_eq!(error_for(field, blank), format!("missing {field}"), "{blank:?}");
+                assert_eq!(
+                    error_for(field, blank),
+                    format!("missing {field}"),
+                    "{blank:?}"
+                );
             }
         }
     }
@@ -283,7 +289,10 @@ mod tests {
     #[test]
     fn event_type_is_kept_exactly_as_sent() {
         let event = decode_user_lifecycle_event(ID, &with("event_type", " user.deleted ")).unwrap();
-        assert_eq!(event.event_type, EventType::Unknown(" user.deleted ".into()));
+        assert_eq!(
+            event.event_type,
+            EventType::Unknown(" user.deleted ".into())
+        );
         assert!(!event.event_type.is_known());
         let event = decode_user_lifecycle_event(ID, &with("event_type", "user.created")).unwrap();
         assert_eq!(event.event_type.as_str(), "user.created");
@@ -322,7 +331,15 @@ mod tests {
 
     #[test]
     fn occurred_at_must_be_positive() {
-        for value in ["0", "-0", "+0", "000", "-1", "-1700000000000", "-9223372036854775808"] {
+        for value in [
+            "0",
+            "-0",
+            "+0",
+            "000",
+            "-1",
+            "-1700000000000",
+            "-9223372036854775808",
+        ] {
             assert_eq!(
                 occurred_at(value),
                 Err("invalid occurred_at_ms: must be positive".into()),
@@ -349,14 +366,24 @@ mod tests {
             "12abc",
         ] {
             let err = occurred_at(value).unwrap_err();
-            assert!(err.starts_with("invalid occurred_at_ms: "), "{value:?}: {err}");
-            assert!(err.ends_with("is not a base-10 integer"), "{value:?}: {err}");
+            assert!(
+                err.starts_with("invalid occurred_at_ms: "),
+                "{value:?}: {err}"
+            );
+            assert!(
+                err.ends_with("is not a base-10 integer"),
+                "{value:?}: {err}"
+            );
         }
     }
 
     #[test]
     fn occurred_at_overflow_is_out_of_range() {
-        for value in ["9223372036854775808", "-9223372036854775809", "99999999999999999999999"] {
+        for value in [
+            "9223372036854775808",
+            "-9223372036854775809",
+            "99999999999999999999999",
+        ] {
             let err = occurred_at(value).unwrap_err();
             assert!(err.starts_with("invalid occurred_at_ms: "), "{err}");
             assert!(err.ends_with("out of the signed 64-bit range"), "{err}");

@@ -77,7 +77,12 @@ mod tests {
     fn known_types_match_exactly() {
         assert_eq!(EventType::from_wire("user.deleted"), EventType::UserDeleted);
         assert!(EventType::from_wire("user.permanently_blocked").is_known());
-        for other in ["User.Deleted", " user.deleted", "user.deleted ", "user.created"] {
+        for other in [
+            "User.Deleted",
+            " user.deleted",
+            "user.deleted ",
+            "user.created",
+        ] {
             let kind = EventType::from_wire(other);
             assert!(!kind.is_known(), "{other:?} is known");
             assert_eq!(kind.as_str(), other);

@@ -69,7 +69,10 @@ impl StdError for HandlerError {
 /// at-least-once, so an event can arrive again after a crash.
 pub trait UserLifecycleHandler: Send + Sync {
     /// Applies `event`; an error makes the consumer retry the same event.
-    fn handle<'a>(&'a self, event: &'a UserLifecycleEvent) -> BoxFuture<'a, Result<(), HandlerError>>;
+    fn handle<'a>(
+        &'a self,
+        event: &'a UserLifecycleEvent,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
 }
 
 impl<F, Fut> UserLifecycleHandler for F
@@ -77,7 +80,10 @@ where
     F: Fn(UserLifecycleEvent) -> Fut + Send + Sync,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
-    fn handle<'a>(&'a self, event: &'a UserLifecycleEvent) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(
+        &'a self,
+        event: &'a UserLifecycleEvent,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(self(event.clone()))
     }
 }

@@ -1,1 +1,35 @@
-//! x
+//! Redis adapters of the lobby's user-lifecycle worker.
+//!
+//! # Layout
+//!
+//! - [`connect`]: opening a Redis client from a URL, and redacting the URL's
+//!   password for anything printed.
+//! - [`offsets`]: the stream-offset store on Redis (`<prefix>:stream_offsets:<label>`),
+//!   whose saves never move an offset backwards.
+//! - [`memory`]: an in-memory offset store for unit tests.
+//! - [`consumer`]: the user-lifecycle consumer: the generic engine of
+//!   `lifecycle-streams` with the domain's decoder, behind the domain's
+//!   consumer port.
+
+pub mod connect;
+pub mod consumer;
+pub mod memory;
+pub mod offsets;
+
+pub use connect::{open_client, redact_url, ConnectError};
+pub use consumer::{RedisUserLifecycleConsumer, UserLifecycleDecoder};
+pub use memory::MemoryOffsetStore;
+pub use offsets::{RedisOffsetStore, DEFAULT_KEY_PREFIX};
+
+use lifecycle_domain::StoreError;
+use lifecycle_streams::{classify, FaultClass};
+
+/// Wraps a Redis failure into the domain's [`StoreError`], classified by the
+/// client's own predicates.
+pub(crate) fn store_error(action: String, err: redis::RedisError) -> StoreError {
+    StoreError {
+        action,
+        permanent: classify(&err) != FaultClass::Transient,
+        source: Box::new(err),
+    }
+}

@@ -92,10 +92,15 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         let mut backoff = Backoff::new(policy(100, 1_000));
         let delays: Vec<Duration> = (0..12).map(|_| backoff.next_delay_with(&mut rng)).collect();
-        let ceilings = [100u64, 200, 400, 800, 1000, 1000, 1000, 1000, 1000, 1000, 1000, 1000];
+        let ceilings = [
+            100u64, 200, 400, 800, 1000, 1000, 1000, 1000, 1000, 1000, 1000, 1000,
+        ];
         for (delay, ceiling) in delays.iter().zip(ceilings) {
             let ceiling = Duration::from_millis(ceiling);
-            assert!(*delay >= ceiling / 2 && *delay <= ceiling, "{delay:?} vs {ceiling:?}");
+            assert!(
+                *delay >= ceiling / 2 && *delay <= ceiling,
+                "{delay:?} vs {ceiling:?}"
+            );
         }
         for pair in delays.windows(2).take(4) {
             if let [earlier, later] = pair {

@@ -260,7 +260,10 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
             match result {
                 Ok(stored) => break stored,
                 Err(err) => {
-                    if !self.fault("load the stored offset", Fault::Store(err)).await? {
+                    if !self
+                        .fault("load the stored offset", Fault::Store(err))
+                        .await?
+                    {
                         return Ok(None);
                     }
                 }
@@ -352,7 +355,11 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
         let configured = self.config().batch_size;
         if bytes > LARGE_REPLY_BYTES && self.batch_size > 1 {
             self.batch_size = (self.batch_size / 2).max(1);
-            warn!(reply_bytes = bytes, batch_size = self.batch_size, "large entries: reading fewer per batch");
+            warn!(
+                reply_bytes = bytes,
+                batch_size = self.batch_size,
+                "large entries: reading fewer per batch"
+            );
         } else if bytes < LARGE_REPLY_BYTES / 4 && self.batch_size < configured {
             self.batch_size = self.batch_size.saturating_mul(2).min(configured);
         }
@@ -488,7 +495,12 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
             return Ok(());
         }
         let offset = self.finished;
-        match self.consumer.offsets.save(&self.consumer.config.label, offset).await {
+        match self
+            .consumer
+            .offsets
+            .save(&self.consumer.config.label, offset)
+            .await
+        {
             Ok(()) => {
                 self.saved = Some(offset);
                 self.dirty = false;
@@ -614,16 +626,22 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
             Fault::Redis(err) => match classify(err) {
                 FaultClass::Transient => {}
                 FaultClass::Auth => {
-                    let Fault::Redis(source) = fault else { unreachable_fault() };
+                    let Fault::Redis(source) = fault else {
+                        unreachable_fault()
+                    };
                     return Err(ConsumerError::Auth { action, source });
                 }
                 FaultClass::WrongType | FaultClass::Permanent => {
-                    let Fault::Redis(source) = fault else { unreachable_fault() };
+                    let Fault::Redis(source) = fault else {
+                        unreachable_fault()
+                    };
                     return Err(ConsumerError::Redis { action, source });
                 }
             },
             Fault::Store(err) if err.permanent => {
-                let Fault::Store(err) = fault else { unreachable_fault() };
+                let Fault::Store(err) = fault else {
+                    unreachable_fault()
+                };
                 return Err(ConsumerError::Store(err));
             }
             Fault::Store(_) => {}
@@ -631,7 +649,11 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
         self.conn = None;
         self.note_fault(&fault);
         let delay = self.redis_backoff.next_delay();
-        debug!(action, retry_in_ms = delay.as_millis() as u64, "retrying after a Redis fault");
+        debug!(
+            action,
+            retry_in_ms = delay.as_millis() as u64,
+            "retrying after a Redis fault"
+        );
         Ok(self.sleep(delay).await)
     }
 

@@ -44,7 +44,10 @@ fn array(value: Value, what: &str) -> Result<Vec<Value>, ReplyError> {
     match value {
         Value::Array(items) | Value::Set(items) => Ok(items),
         Value::Nil => Ok(Vec::new()),
-        other => Err(ReplyError(format!("{what}: expected an array, got {}", kind(&other)))),
+        other => Err(ReplyError(format!(
+            "{what}: expected an array, got {}",
+            kind(&other)
+        ))),
     }
 }
 
@@ -97,7 +100,10 @@ fn entry(value: Value) -> Result<StreamEntry, ReplyError> {
 ///
 /// [`ReplyError`] when the reply is not shaped like one.
 pub fn parse_range_reply(reply: Value) -> Result<Vec<StreamEntry>, ReplyError> {
-    array(reply, "range reply")?.into_iter().map(entry).collect()
+    array(reply, "range reply")?
+        .into_iter()
+        .map(entry)
+        .collect()
 }
 
 /// Parses an `XREAD` reply for one stream: nil when the block timed out,
@@ -138,7 +144,10 @@ mod tests {
     }
 
     fn entry_value(id: &str, fields: &[&str]) -> Value {
-        Value::Array(vec![bulk(id), Value::Array(fields.iter().map(|f| bulk(f)).collect())])
+        Value::Array(vec![
+            bulk(id),
+            Value::Array(fields.iter().map(|f| bulk(f)).collect()),
+        ])
     }
 
     #[test]
@@ -155,7 +164,11 @@ mod tests {
         assert_eq!(entries[0].id, EntryId::new(1, 0));
         assert_eq!(entries[0].fields[1], (b"user_id".to_vec(), b"u".to_vec()));
         assert_eq!(entries[1].id, EntryId::new(2, 5));
-        assert_eq!(entries[1].fields.len(), 2, "duplicates are kept for the decoder");
+        assert_eq!(
+            entries[1].fields.len(),
+            2,
+            "duplicates are kept for the decoder"
+        );
     }
 
     #[test]

@@ -1,1 +1,47 @@
-fn main() {}
+//! `lobby-worker`: wires configuration, telemetry and signals onto the
+//! consumer, and turns every failure into one line on stderr and a non-zero
+//! exit status.
+
+mod cli;
+mod commands;
+mod redis_conn;
+mod telemetry;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(err) = telemetry::init(cli.log_level.as_deref(), cli.log_format) {
+        eprintln!("error: {err}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => commands::run::run(args).await,
+            Command::Publish(args) => commands::publish::run(args).await,
+            Command::Tail(args) => commands::tail::run(args).await,
+            Command::Offsets(args) => commands::offsets::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The user-lifecycle consumer: the generic engine with the domain's decoder,
+//! behind the domain's consumer port.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use lifecycle_domain::{
+    decode_user_lifecycle_event, BoxFuture, EntryId, HandlerError, StreamOffsetStore,
+    UserLifecycleConsumer, UserLifecycleEvent, UserLifecycleHandler,
+};
+use lifecycle_streams::{
+    ConsumerConfig, ConsumerError, ConsumerStats, Decoded, EntryDecoder, EntryHandler, RunReport,
+    StreamConsumer,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// Decodes `user:lifecycle_events` entries per the contract.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UserLifecycleDecoder;
+
+impl EntryDecoder for UserLifecycleDecoder {
+    type Item = UserLifecycleEvent;
+
+    fn decode(&self, id: EntryId, fields: &[(Vec<u8>, Vec<u8>)]) -> Decoded<UserLifecycleEvent> {
+        match decode_user_lifecycle_event(id, fields) {
+            Ok(event) if event.event_type.is_known() => Decoded::Handle(event),
+            Ok(event) => Decoded::UnknownType(event.event_type.as_str().to_owned()),
+            Err(err) => Decoded::Malformed(err.to_string()),
+        }
+    }
+
+    fn event_type<'a>(&self, item: &'a UserLifecycleEvent) -> &'a str {
+        item.event_type.as_str()
+    }
+}
+
+/// Adapts the domain's handler to the engine, logging each outcome with the
+/// user it concerns.
+struct LoggedHandler(Arc<dyn UserLifecycleHandler>);
+
+impl EntryHandler<UserLifecycleEvent> for LoggedHandler {
+    fn handle<'a>(&'a self, event: &'a UserLifecycleEvent) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let result = self.0.handle(event).await;
+            match &result {
+                Ok(()) => debug!(
+                    stream_entry_id = %event.entry_id,
+                    event_type = event.event_type.as_str(),
+                    user_id = ?event.user_id,
+                    "user lifecycle event processed"
+                ),
+                Err(err) => warn!(
+                    stream_entry_id = %event.entry_id,
+                    event_type = event.event_type.as_str(),
+                    user_id = ?event.user_id,
+                    err = %err,
+                    "user lifecycle handler failed"
+                ),
+            }
+            result
+        })
+    }
+}
+
+/// The user-lifecycle consumer on Redis.
+pub struct RedisUserLifecycleConsumer {
+    engine: StreamConsumer<UserLifecycleDecoder>,
+    handler: Mutex<Option<Arc<dyn UserLifecycleHandler>>>,
+    cancel: CancellationToken,
+}
+
+impl RedisUserLifecycleConsumer {
+    /// A consumer reading with `client` per `config`, keeping its offset in
+    /// `offsets`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConsumerError::Config`] when the settings are inconsistent.
+    pub fn new(
+        client: redis::Client,
+        offsets: Arc<dyn StreamOffsetStore>,
+        config: ConsumerConfig,
+    ) -> Result<Self, ConsumerError> {
+        Ok(Self {
+            engine: StreamConsumer::new(client, UserLifecycleDecoder, offsets, config)?,
+            handler: Mutex::new(None),
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    /// The consumer's live counters.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        self.engine.stats()
+    }
+
+    /// A token that stops `run` when cancelled (the same as
+    /// [`UserLifecycleConsumer::shutdown`]).
+    pub fn cancellation(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Runs until shutdown, drain's end or a permanent fault, reporting how
+    /// it ended.
+    ///
+    /// # Errors
+    ///
+    /// [`ConsumerError::NoHandler`] without a handler; otherwise permanent
+    /// faults.
+    pub async fn run_to_end(&self) -> Result<RunReport, ConsumerError> {
+        let handler = self
+            .handler
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(ConsumerError::NoHandler)?;
+        self.engine.run(&LoggedHandler(handler), &self.cancel).await
+    }
+}
+
+impl UserLifecycleConsumer for RedisUserLifecycleConsumer {
+    type Error = ConsumerError;
+
+    fn on_event(&self, handler: Arc<dyn UserLifecycleHandler>) {
+        *self.handler.lock().unwrap_or_else(PoisonError::into_inner) = Some(handler);
+    }
+
+    fn run(&self) -> BoxFuture<'_, Result<(), ConsumerError>> {
+        Box::pin(async move { self.run_to_end().await.map(|_| ()) })
+    }
+
+    fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn known_unknown_and_malformed_entries_are_told_apart() {
+        let decoder = UserLifecycleDecoder;
+        let id = EntryId::new(1, 0);
+        let base = [("user_id", "u"), ("occurred_at_ms", "5")];
+        let mut known = fields(&base);
+        known.extend(fields(&[("event_type", "user.deleted")]));
+        assert!(matches!(decoder.decode(id, &known), Decoded::Handle(_)));
+        let mut unknown = fields(&base);
+        unknown.extend(fields(&[("event_type", "user.renamed")]));
+        assert_eq!(
+            decoder.decode(id, &unknown),
+            Decoded::UnknownType("user.renamed".into())
+        );
+        assert_eq!(
+            decoder.decode(id, &fields(&base)),
+            Decoded::Malformed("missing event_type".into())
+        );
+    }
+}

@@ -1,0 +1,174 @@
+//! The stream-offset store on Redis.
+//!
+//! One string key per label, `<prefix>:stream_offsets:<label>`, holding the id
+//! of the last entry whose handling finished, so an operator can `GET` it with
+//! redis-cli. The consumer's saves go through a server-side script that
+//! compares ids numerically and keeps the larger, atomically: two workers by
+//! mistake, or a late save after a restart, can never move an offset back.
+
+use std::time::Duration;
+
+use lifecycle_domain::{BoxFuture, EntryId, StoreError, StreamOffsetStore};
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+
+use crate::connect::lazy_manager;
+use crate::store_error;
+
+/// The default key prefix of every key the lobby owns.
+pub const DEFAULT_KEY_PREFIX: &str = "lobby";
+
+/// Stores `ARGV[1]` at `KEYS[1]` unless the key holds a stream id at least as
+/// large. Ids are compared as two decimal integers of any length (Lua numbers
+/// are doubles and would round 64-bit sequences). Returns 1 when it wrote.
+const SAVE_IF_LARGER: &str = r"
+local function norm(digits)
+  local stripped = string.gsub(digits, '^0+', '')
+  return stripped
+end
+local function less(a, b)
+  a = norm(a)
+  b = norm(b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+local new_ms, new_seq = string.match(ARGV[1], '^(%d+)-(%d+)$')
+if not new_ms then
+  return redis.error_reply('ERR offset to save is not a stream id')
+end
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ms, seq = string.match(current, '^(%d+)-(%d+)$')
+  if ms then
+    local same_ms = norm(new_ms) == norm(ms)
+    if less(new_ms, ms) or (same_ms and not less(seq, new_seq)) then
+      return 0
+    end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+";
+
+/// Offsets on Redis.
+#[derive(Clone)]
+pub struct RedisOffsetStore {
+    conn: ConnectionManager,
+    prefix: String,
+    save_script: Script,
+}
+
+impl std::fmt::Debug for RedisOffsetStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOffsetStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisOffsetStore {
+    /// A store under `prefix` (normally [`DEFAULT_KEY_PREFIX`]); it connects
+    /// on first use and reconnects after faults.
+    ///
+    /// # Errors
+    ///
+    /// When the client's settings cannot make a connection manager.
+    pub fn new(client: redis::Client, prefix: &str) -> Result<Self, redis::RedisError> {
+        Ok(Self {
+            conn: lazy_manager(client, Duration::from_secs(5))?,
+            prefix: prefix.to_owned(),
+            save_script: Script::new(SAVE_IF_LARGER),
+        })
+    }
+
+    /// The key holding `label`'s offset.
+    pub fn key(&self, label: &str) -> String {
+        format!("{}:stream_offsets:{label}", self.prefix)
+    }
+
+    /// The stored offset of `label`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when Redis fails or the key holds something that is not
+    /// a stream id.
+    pub async fn get(&self, label: &str) -> Result<Option<EntryId>, StoreError> {
+        let key = self.key(label);
+        let raw: Option<Vec<u8>> = self
+            .conn
+            .clone()
+            .get(&key)
+            .await
+            .map_err(|err| store_error(format!("read the offset at {key}"), err))?;
+        raw.map(|raw| {
+            EntryId::from_bytes(&raw).map_err(|err| StoreError {
+                action: format!("read the offset at {key}"),
+                permanent: true,
+                source: format!(
+                    "{err}; repair it with `lobby-worker offsets set <ID>` or remove it with `lobby-worker offsets reset`"
+                )
+                .into(),
+            })
+        })
+        .transpose()
+    }
+
+    /// Saves `id` for `label` unless a larger id is stored; returns whether it
+    /// wrote.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when Redis fails or the key is not a string.
+    pub async fn save_if_larger(&self, label: &str, id: EntryId) -> Result<bool, StoreError> {
+        let key = self.key(label);
+        let wrote: i64 = self
+            .save_script
+            .key(&key)
+            .arg(id.to_string())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|err| store_error(format!("save the offset {id} at {key}"), err))?;
+        Ok(wrote == 1)
+    }
+
+    /// Overwrites `label`'s offset with exactly `id`, even backwards: an
+    /// operator's deliberate rewind or skip.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when Redis fails.
+    pub async fn set(&self, label: &str, id: EntryId) -> Result<(), StoreError> {
+        let key = self.key(label);
+        self.conn
+            .clone()
+            .set::<_, _, ()>(&key, id.to_string())
+            .await
+            .map_err(|err| store_error(format!("set the offset at {key}"), err))
+    }
+
+    /// Deletes `label`'s offset; returns whether one was stored.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when Redis fails.
+    pub async fn reset(&self, label: &str) -> Result<bool, StoreError> {
+        let key = self.key(label);
+        let removed: i64 = self
+            .conn
+            .clone()
+            .del(&key)
+            .await
+            .map_err(|err| store_error(format!("delete the offset at {key}"), err))?;
+        Ok(removed > 0)
+    }
+}
+
+impl StreamOffsetStore for RedisOffsetStore {
+    fn load<'a>(&'a self, label: &'a str) -> BoxFuture<'a, Result<Option<EntryId>, StoreError>> {
+        Box::pin(self.get(label))
+    }
+
+    fn save<'a>(&'a self, label: &'a str, id: EntryId) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { self.save_if_larger(label, id).await.map(|_| ()) })
+    }
+}

@@ -1,0 +1,312 @@
+//! The command line: every flag, its environment variable and its help.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lifecycle_domain::EntryId;
+use lifecycle_streams::StartFrom;
+
+/// The lobby's user-lifecycle worker: consumes account lifecycle events from a
+/// Redis stream and cascades deletions and permanent blocks into the lobby.
+#[derive(Debug, Parser)]
+#[command(name = "lobby-worker", version, about, long_about = None)]
+pub struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a full filter such as
+    /// `info,lifecycle_streams=debug`; overrides RUST_LOG.
+    #[arg(long, global = true, env = "LOBBY_LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LOBBY_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// For people.
+    Text,
+    /// For log collectors.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the worker: consume the stream and handle each event.
+    Run(RunArgs),
+    /// Add one well-formed event to the stream and print its id.
+    Publish(PublishArgs),
+    /// Print decoded entries without handling them or moving the offset.
+    Tail(TailArgs),
+    /// Inspect or change a stored offset.
+    Offsets(OffsetsArgs),
+}
+
+/// Where Redis is and which keys to use.
+#[derive(Debug, Args, Clone)]
+pub struct RedisArgs {
+    /// Redis URL: redis://[user:password@]host:port[/db]. Passwords are
+    /// never printed.
+    #[arg(
+        long,
+        global = true,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    pub redis_url: String,
+
+    /// The stream of user-lifecycle events.
+    #[arg(
+        long,
+        global = true,
+        env = "LOBBY_STREAM",
+        default_value = "user:lifecycle_events"
+    )]
+    pub stream: String,
+
+    /// Prefix of every lobby key (offsets are at `<prefix>:stream_offsets:<label>`).
+    #[arg(long, global = true, env = "LOBBY_KEY_PREFIX", default_value = "lobby")]
+    pub key_prefix: String,
+}
+
+/// When offsets are saved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CheckpointArg {
+    /// After every entry (the reference's behaviour; one more round trip each).
+    EveryEntry,
+    /// After every batch: a crash replays at most one batch.
+    EveryBatch,
+}
+
+/// `run`'s settings.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Redis connection and keys.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// How long one read waits for new entries (e.g. 250ms, 2s).
+    #[arg(long, env = "LOBBY_BLOCK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub block_timeout: Duration,
+
+    /// Entries read per round trip; 1 with --checkpoint every-entry is the
+    /// reference's behaviour.
+    #[arg(long, env = "LOBBY_BATCH_SIZE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+
+    /// When no offset is stored: `beginning` (0-0), `end` (only new
+    /// entries) or an entry id to start at (inclusive).
+    #[arg(long, env = "LOBBY_START_FROM", default_value = "beginning", value_parser = parse_start_from)]
+    pub start_from: StartFrom,
+
+    /// When the offset is saved.
+    #[arg(long, env = "LOBBY_CHECKPOINT", value_enum, default_value_t = CheckpointArg::EveryBatch)]
+    pub checkpoint: CheckpointArg,
+
+    /// First delay before retrying a failing handler (doubles with jitter).
+    #[arg(long, env = "LOBBY_RETRY_INITIAL", default_value = "100ms", value_parser = parse_duration)]
+    pub retry_initial: Duration,
+
+    /// Longest delay between retries of a failing handler.
+    #[arg(long, env = "LOBBY_RETRY_MAX", default_value = "30s", value_parser = parse_duration)]
+    pub retry_max: Duration,
+
+    /// After this many failed attempts, copy the entry to the dead-letter
+    /// stream and move on. Unset: retry for ever, never skip.
+    #[arg(long, env = "LOBBY_DEAD_LETTER_AFTER", value_parser = clap::value_parser!(u32).range(1..))]
+    pub dead_letter_after: Option<u32>,
+
+    /// The dead-letter stream (default: `<stream>:dead`).
+    #[arg(long, env = "LOBBY_DEAD_LETTER_STREAM")]
+    pub dead_letter_stream: Option<String>,
+
+    /// How long a handler call in flight may finish after SIGINT/SIGTERM.
+    #[arg(long, env = "LOBBY_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Handle the entries present at start-up, save the offset and exit 0.
+    #[arg(long, env = "LOBBY_DRAIN")]
+    pub drain: bool,
+}
+
+/// `publish`'s fields.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Redis connection and keys.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// `user.deleted`, `user.permanently_blocked`, or another type.
+    #[arg(long)]
+    pub event_type: String,
+
+    /// The account the event is about.
+    #[arg(long)]
+    pub user_id: String,
+
+    /// When it happened, milliseconds since the Unix epoch (default: now).
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    pub occurred_at_ms: Option<i64>,
+
+    /// Producing system.
+    #[arg(long)]
+    pub source: Option<String>,
+
+    /// Kind of actor that caused the event.
+    #[arg(long)]
+    pub actor_type: Option<String>,
+
+    /// Id of that actor.
+    #[arg(long)]
+    pub actor_id: Option<String>,
+
+    /// Machine-readable reason.
+    #[arg(long)]
+    pub reason_code: Option<String>,
+
+    /// Distributed-trace id.
+    #[arg(long)]
+    pub trace_id: Option<String>,
+}
+
+/// `tail`'s settings.
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Redis connection and keys.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// One JSON object per line and entry.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Start at this entry id (inclusive); default: the stream's first entry.
+    #[arg(long, value_parser = parse_entry_id)]
+    pub from: Option<EntryId>,
+
+    /// Stop after this many entries.
+    #[arg(long)]
+    pub count: Option<u64>,
+
+    /// Keep waiting for new entries (stop with Ctrl-C).
+    #[arg(long)]
+    pub follow: bool,
+}
+
+/// `offsets`' settings.
+#[derive(Debug, Args)]
+pub struct OffsetsArgs {
+    /// Redis connection and keys.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// The consumer label whose offset to use.
+    #[arg(long, global = true, default_value = "user_lifecycle")]
+    pub label: String,
+
+    /// What to do with it.
+    #[command(subcommand)]
+    pub action: OffsetsAction,
+}
+
+/// What `offsets` does.
+#[derive(Debug, Subcommand)]
+pub enum OffsetsAction {
+    /// Print the stored offset.
+    Get,
+    /// Overwrite it with exactly ID, even backwards (a deliberate rewind or skip).
+    Set {
+        /// The entry id, `<ms>-<seq>`.
+        #[arg(value_parser = parse_entry_id)]
+        id: EntryId,
+    },
+    /// Delete it: the next `run` starts per --start-from.
+    Reset,
+}
+
+/// Parses `250ms`, `2s`, `1m`, `1h` or `1m30s`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let invalid = || {
+        format!("{text:?} is not a duration: use a number with a unit, like 250ms, 2s, 1m or 1h")
+    };
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(invalid());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(invalid)?;
+        let (number, after) = rest.split_at(digits);
+        let value: u64 = number.parse().map_err(|_| invalid())?;
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(after.len());
+        let (unit, next) = after.split_at(unit_len);
+        let part = match unit {
+            "ms" => Duration::from_millis(value),
+            "s" => Duration::from_secs(value),
+            "m" => Duration::from_secs(value.saturating_mul(60)),
+            "h" => Duration::from_secs(value.saturating_mul(3600)),
+            _ => return Err(invalid()),
+        };
+        total = total.saturating_add(part);
+        rest = next;
+    }
+    Ok(total)
+}
+
+fn parse_entry_id(text: &str) -> Result<EntryId, String> {
+    text.parse()
+        .map_err(|err: lifecycle_domain::ParseEntryIdError| err.to_string())
+}
+
+fn parse_start_from(text: &str) -> Result<StartFrom, String> {
+    match text {
+        "beginning" => Ok(StartFrom::Beginning),
+        "end" => Ok(StartFrom::End),
+        other => other.parse().map(StartFrom::Id).map_err(|_| {
+            format!("{other:?} is not `beginning`, `end` or an entry id like 1700000000000-0")
+        }),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        for bad in ["", "5", "s", "1.5s", "-1s", "2 s", "1d", "ms5"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn start_from_takes_words_or_ids() {
+        assert_eq!(parse_start_from("end").unwrap(), StartFrom::End);
+        assert_eq!(
+            parse_start_from("5-1").unwrap(),
+            StartFrom::Id(EntryId::new(5, 1))
+        );
+        assert!(parse_start_from("latest").is_err());
+    }
+}

@@ -1,0 +1,58 @@
+//! `lobby-worker publish`: the producer side, one event at a time.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::bail;
+use redis::Value;
+
+use crate::cli::PublishArgs;
+use crate::redis_conn::{connect, explain};
+
+/// Adds one event and prints its id.
+pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
+    if args.event_type.trim().is_empty() {
+        bail!("--event-type must not be blank");
+    }
+    if args.user_id.trim().is_empty() {
+        bail!("--user-id must not be blank");
+    }
+    let occurred_at_ms = match args.occurred_at_ms {
+        Some(ms) => ms,
+        None => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(1),
+    };
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(&args.redis.stream)
+        .arg("*")
+        .arg("event_type")
+        .arg(&args.event_type)
+        .arg("user_id")
+        .arg(&args.user_id)
+        .arg("occurred_at_ms")
+        .arg(occurred_at_ms);
+    for (name, value) in [
+        ("source", &args.source),
+        ("actor_type", &args.actor_type),
+        ("actor_id", &args.actor_id),
+        ("reason_code", &args.reason_code),
+        ("trace_id", &args.trace_id),
+    ] {
+        if let Some(value) = value {
+            cmd.arg(name).arg(value);
+        }
+    }
+    let url = &args.redis.redis_url;
+    let mut conn = connect(url).await?;
+    let id: Value = cmd
+        .query_async(&mut conn)
+        .await
+        .map_err(|err| explain(url, "publish", &err))?;
+    match id {
+        Value::BulkString(raw) => println!("{}", String::from_utf8_lossy(&raw)),
+        Value::SimpleString(text) => println!("{text}"),
+        other => bail!("Redis answered XADD with {other:?} instead of an entry id"),
+    }
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! Connections for the one-shot subcommands, with errors a person can act on.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use lifecycle_redis::{open_client, redact_url};
+use lifecycle_streams::{classify, FaultClass};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError};
+
+/// Connects to `url` once, failing with a line that says what to do.
+pub async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
+    let client = open_client(url)?;
+    let settings = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(10)));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&settings)
+        .await
+        .map_err(|err| explain(url, "connect", &err))?;
+    // A connection can open without a password and fail at the first command.
+    redis::cmd("PING")
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|err| explain(url, "connect", &err))?;
+    Ok(conn)
+}
+
+/// Turns a Redis failure into an error that says what to fix.
+pub fn explain(url: &str, action: &str, err: &RedisError) -> anyhow::Error {
+    let shown = redact_url(url);
+    match classify(err) {
+        FaultClass::Transient if err.is_connection_refusal() => anyhow!(
+            "cannot {action}: Redis at {shown} refused the connection; start Redis or point --redis-url (REDIS_URL) at it"
+        ),
+        FaultClass::Transient => anyhow!(
+            "cannot {action}: Redis at {shown} is unreachable ({err}); check that it runs and that --redis-url (REDIS_URL) is right"
+        ),
+        FaultClass::Auth => anyhow!(
+            "cannot {action}: Redis at {shown} refused access ({err}); check the user name and password in --redis-url (REDIS_URL)"
+        ),
+        FaultClass::WrongType => anyhow!(
+            "cannot {action}: a key holds a value of the wrong type ({err}); check --stream and --key-prefix"
+        ),
+        FaultClass::Permanent => anyhow!("cannot {action}: Redis at {shown} answered: {err}"),
+    }
+}
+
+/// Adds the redacted URL to a store error's context.
+pub fn with_url<T, E>(result: Result<T, E>, url: &str) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    result.with_context(|| format!("Redis at {}", redact_url(url)))
+}
