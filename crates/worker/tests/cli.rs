@@ -1,0 +1,381 @@
+//! The `lobby-worker` binary driven as an operator would drive it, against
+//! private redis-servers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lifecycle_test_support::{free_port, RedisServer};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lobby-worker");
+
+fn worker(url: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("REDIS_URL", url)
+        .env("LOBBY_LOG_LEVEL", "info")
+        .output()
+        .expect("run lobby-worker")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status,
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// Asserts the process failed with exactly one line on stderr, an error.
+fn assert_one_error_line(output: &Output) -> String {
+    assert!(!output.status.success(), "succeeded: {}", stdout(output));
+    let err = stderr(output);
+    let lines: Vec<&str> = err.lines().filter(|line| !line.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "not one line: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+    lines[0].to_owned()
+}
+
+fn publish(url: &str, event_type: &str, user: &str) -> String {
+    let output = worker(url, &["publish", "--event-type", event_type, "--user-id", user]);
+    assert_success(&output);
+    stdout(&output).trim().to_owned()
+}
+
+fn tail_json(url: &str, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["tail", "--json"];
+    args.extend_from_slice(extra);
+    let output = worker(url, &args);
+    assert_success(&output);
+    stdout(&output)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
+}
+
+/// A running `lobby-worker run` whose stderr is collected as it comes.
+struct Running {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Running {
+    fn start(url: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("run")
+            .args(args)
+            .env("REDIS_URL", url)
+            .env("LOBBY_LOG_LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn lobby-worker run");
+        let log = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn wait_for_log(&self, needle: &str) {
+        wait_until(Duration::from_secs(15), || self.log().contains(needle))
+            .unwrap_or_else(|()| panic!("no {needle:?} in the log:\n{}", self.log()));
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "still running; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_until(within: Duration, mut condition: impl FnMut() -> bool) -> Result<(), ()> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if condition() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if condition() {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+#[test]
+fn tail_json_has_the_contract_shape_for_every_status() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let output = worker(
+        &url,
+        &[
+            "publish", "--event-type", "user.deleted", "--user-id", "  u-1 ",
+            "--occurred-at-ms", "1700000000000", "--source", "users", "--actor-type", "admin",
+            "--actor-id", "a-7", "--reason-code", "gdpr", "--trace-id", "t-1",
+        ],
+    );
+    assert_success(&output);
+    let first = stdout(&output).trim().to_owned();
+    let unknown = publish(&url, "user.renamed", "u-2");
+    let malformed = server.cli(&[
+        "XADD", "user:lifecycle_events", "*", "event_type", "user.deleted", "occurred_at_ms", "5",
+    ]);
+    let bad_time = server.cli(&[
+        "XADD", "user:lifecycle_events", "*", "event_type", "user.deleted", "user_id", "u",
+        "occurred_at_ms", "1e3",
+    ]);
+
+    let lines = tail_json(&url, &[]);
+    assert_eq!(lines.len(), 4);
+    assert_eq!(
+        lines[0],
+        json!({
+            "entry_id": first,
+            "status": "ok",
+            "event": {
+                "entry_id": first, "event_type": "user.deleted", "user_id": "u-1",
+                "occurred_at_ms": 1_700_000_000_000_i64, "source": "users", "actor_type": "admin",
+                "actor_id": "a-7", "reason_code": "gdpr", "trace_id": "t-1",
+            }
+        })
+    );
+    assert_eq!(lines[1]["status"], "unknown_type");
+    assert_eq!(lines[1]["entry_id"], unknown.as_str());
+    assert_eq!(lines[1]["event"]["event_type"], "user.renamed");
+    assert!(lines[1]["event"]["occurred_at_ms"].is_i64());
+    assert_eq!(
+        lines[2],
+        json!({"entry_id": malformed, "status": "malformed", "error": "missing user_id"})
+    );
+    assert_eq!(lines[3]["status"], "malformed");
+    assert!(lines[3]["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("invalid occurred_at_ms: "));
+    assert_eq!(lines[3]["entry_id"], bad_time.as_str());
+    // tail never moves the offset.
+    assert_eq!(server.cli(&["EXISTS", "lobby:stream_offsets:user_lifecycle"]), "0");
+}
+
+#[test]
+fn tail_from_is_inclusive_and_count_stops() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let ids: Vec<String> = (0..7).map(|i| publish(&url, "user.deleted", &format!("u{i}"))).collect();
+    let lines = tail_json(&url, &["--from", &ids[2], "--count", "3"]);
+    let seen: Vec<&str> = lines.iter().map(|l| l["entry_id"].as_str().unwrap()).collect();
+    assert_eq!(seen, vec![ids[2].as_str(), ids[3].as_str(), ids[4].as_str()]);
+    // Human output escapes control characters in values.
+    server.cli(&[
+        "XADD", "user:lifecycle_events", "*", "event_type", "user.deleted", "user_id",
+        "evil\nINFO forged", "occurred_at_ms", "5",
+    ]);
+    let output = worker(&url, &["tail", "--from", &ids[6]]);
+    assert_success(&output);
+    assert_eq!(stdout(&output).lines().count(), 2, "{}", stdout(&output));
+}
+
+#[test]
+fn tail_follow_prints_new_entries() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let mut child = Command::new(BIN)
+        .args(["tail", "--json", "--follow", "--count", "2"])
+        .env("REDIS_URL", &url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = publish(&url, "user.deleted", "a");
+    let second = publish(&url, "user.permanently_blocked", "b");
+    let mut lines = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        lines.push(serde_json::from_str::<Value>(&line.unwrap()).unwrap());
+    }
+    assert!(child.wait().unwrap().success());
+    let seen: Vec<&str> = lines.iter().map(|l| l["entry_id"].as_str().unwrap()).collect();
+    assert_eq!(seen, vec![first.as_str(), second.as_str()]);
+}
+
+#[test]
+fn offsets_get_set_reset() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let output = worker(&url, &["offsets", "get"]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), "");
+    assert!(stderr(&output).contains("no offset"));
+
+    assert_success(&worker(&url, &["offsets", "set", "10-5"]));
+    assert_eq!(server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]), "10-5");
+    // An operator's set may move backwards.
+    assert_success(&worker(&url, &["offsets", "set", "9-0"]));
+    let output = worker(&url, &["offsets", "get"]);
+    assert_eq!(stdout(&output).trim(), "9-0");
+
+    let output = worker(&url, &["offsets", "--key-prefix", "other", "--label", "gm", "set", "1-1"]);
+    assert_success(&output);
+    assert_eq!(server.cli(&["GET", "other:stream_offsets:gm"]), "1-1");
+
+    assert_success(&worker(&url, &["offsets", "reset"]));
+    assert_eq!(server.cli(&["EXISTS", "lobby:stream_offsets:user_lifecycle"]), "0");
+
+    let output = worker(&url, &["offsets", "set", "x-1"]);
+    assert_eq!(output.status.code(), Some(2));
+    let first_line = stderr(&output).lines().next().unwrap_or_default().to_owned();
+    assert!(first_line.starts_with("error: ") && first_line.contains("not a stream entry id"), "{first_line}");
+}
+
+#[test]
+fn run_drain_handles_the_backlog_saves_and_exits_zero() {
+    let server = RedisServer::start();
+    let url = server.url();
+    for i in 0..25 {
+        publish(&url, "user.deleted", &format!("u{i}"));
+    }
+    server.cli(&["XADD", "user:lifecycle_events", "*", "junk", "1"]);
+    let last = publish(&url, "user.permanently_blocked", "final");
+    let output = worker(&url, &["run", "--drain", "--batch-size", "4"]);
+    assert_success(&output);
+    assert_eq!(server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]), last);
+    let log = stderr(&output);
+    assert_eq!(log.matches("user lifecycle event received").count(), 26, "{log}");
+    assert!(log.contains("malformed entry absorbed"), "{log}");
+
+    // A second drain has nothing to do and keeps the offset.
+    let output = worker(&url, &["run", "--drain"]);
+    assert_success(&output);
+    assert_eq!(stderr(&output).matches("user lifecycle event received").count(), 0);
+    assert_eq!(server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]), last);
+}
+
+#[test]
+fn sigterm_and_sigint_stop_run_gracefully_with_status_zero() {
+    let server = RedisServer::start();
+    let url = server.url();
+    for signal in ["TERM", "INT"] {
+        let mut running = Running::start(&url, &["--block-timeout", "30s"]);
+        running.wait_for_log("consumer started");
+        let id = publish(&url, "user.deleted", signal);
+        running.wait_for_log(&id);
+        running.signal(signal);
+        let status = running.wait_exit(Duration::from_secs(5));
+        assert_eq!(status.code(), Some(0), "{}", running.log());
+        assert_eq!(server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]), id);
+    }
+}
+
+#[test]
+fn run_keeps_retrying_an_unreachable_redis_and_says_so_once() {
+    let port = free_port();
+    let url = format!("redis://:topsecret@127.0.0.1:{port}");
+    let mut running = Running::start(&url, &["--block-timeout", "1s", "--log-level", "debug"]);
+    running.wait_for_log("Redis unavailable; retrying with back-off");
+    // Several retries later it is still running and has not repeated itself.
+    wait_until(Duration::from_secs(15), || {
+        running.log().matches("Redis still unavailable").count() >= 3
+    })
+    .unwrap_or_else(|()| panic!("no retries logged:\n{}", running.log()));
+    assert!(running.child.try_wait().unwrap().is_none(), "{}", running.log());
+    let log = running.log();
+    assert_eq!(log.matches("Redis unavailable").count(), 1, "{log}");
+    assert!(!log.contains("topsecret"), "{log}");
+    running.signal("TERM");
+    assert_eq!(running.wait_exit(Duration::from_secs(15)).code(), Some(0));
+}
+
+#[test]
+fn user_caused_failures_are_one_clear_line() {
+    let unreachable = format!("redis://127.0.0.1:{}", free_port());
+    for args in [
+        vec!["tail"],
+        vec!["publish", "--event-type", "user.deleted", "--user-id", "u"],
+        vec!["offsets", "get"],
+    ] {
+        let line = assert_one_error_line(&worker(&unreachable, &args));
+        assert!(line.contains("refused"), "{line}");
+        assert!(line.contains("--redis-url"), "{line}");
+    }
+    let line = assert_one_error_line(&worker("redis://:hunter2@", &["tail"]));
+    assert!(line.contains("invalid Redis URL") && !line.contains("hunter2"), "{line}");
+    let line = assert_one_error_line(&worker("http://127.0.0.1", &["run"]));
+    assert!(line.contains("invalid Redis URL"), "{line}");
+
+    let bad_flags: [&[&str]; 4] = [
+        &["run", "--block-timeout", "soon"],
+        &["run", "--batch-size", "0"],
+        &["run", "--start-from", "latest"],
+        &["publish", "--event-type", "user.deleted", "--user-id", "u", "--occurred-at-ms", "0"],
+    ];
+    for args in bad_flags {
+        let output = worker(&unreachable, args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).starts_with("error: "), "{}", stderr(&output));
+    }
+    let server = RedisServer::start();
+    let line = assert_one_error_line(&worker(
+        &server.url(),
+        &["publish", "--event-type", " ", "--user-id", "u"],
+    ));
+    assert!(line.contains("--event-type"), "{line}");
+}
+
+#[test]
+fn a_stream_key_of_the_wrong_type_ends_run_with_advice() {
+    let server = RedisServer::start();
+    server.cli(&["SET", "user:lifecycle_events", "oops"]);
+    let output = worker(&server.url(), &["run"]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    let last = err.lines().last().unwrap();
+    assert!(last.starts_with("error: "), "{err}");
+    assert!(last.contains("\"user:lifecycle_events\"") && last.contains("not a stream"), "{last}");
+}
