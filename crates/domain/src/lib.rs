@@ -9,14 +9,21 @@
 //! - [`event`]: the user-lifecycle event and its event-type enum.
 //! - [`decode`]: the wire contract, a pure function from an entry's fields to
 //!   an event or a typed reason why the entry is malformed.
+//! - [`cascade`]: the lobby cascade's rules, the lobby store port and the
+//!   handler that applies a cascade per event.
 //! - [`ports`]: the traits adapters implement: the consumer, the handler it
 //!   dispatches to, the stream-offset store.
 
+pub mod cascade;
 pub mod decode;
 pub mod entry_id;
 pub mod event;
 pub mod ports;
 
+pub use cascade::{
+    game_action, CascadeHandler, CascadeOutcome, Game, GameAction, GameStatus, LobbyStore,
+    MemberChange, UserCascade,
+};
 pub use decode::{decode_user_lifecycle_event, DecodeError, MAX_ENTRY_BYTES};
 pub use entry_id::{EntryId, ParseEntryIdError};
 pub use event::{EventType, UserLifecycleEvent};

@@ -70,6 +70,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -79,7 +80,10 @@ mod tests {
             ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
             ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
             ("redis://alice:s3cret@host", "redis://alice:***@host"),
-            ("rediss://alice:p@ss:w@rd@host/2", "rediss://alice:***@host/2"),
+            (
+                "rediss://alice:p@ss:w@rd@host/2",
+                "rediss://alice:***@host/2",
+            ),
             ("redis://s3cret@host", "redis://***@host"),
             ("redis://host/0?password=x", "redis://host/0?password=x"),
             ("not a url", "not a url"),

@@ -39,7 +39,10 @@ impl EntryDecoder for UserLifecycleDecoder {
 struct LoggedHandler(Arc<dyn UserLifecycleHandler>);
 
 impl EntryHandler<UserLifecycleEvent> for LoggedHandler {
-    fn handle<'a>(&'a self, event: &'a UserLifecycleEvent) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(
+        &'a self,
+        event: &'a UserLifecycleEvent,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             let result = self.0.handle(event).await;
             match &result {

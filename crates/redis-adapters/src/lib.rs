@@ -6,6 +6,8 @@
 //!   password for anything printed.
 //! - [`offsets`]: the stream-offset store on Redis (`<prefix>:stream_offsets:<label>`),
 //!   whose saves never move an offset backwards.
+//! - [`lobby`]: the lobby store on Redis; one user's cascade is one atomic
+//!   server-side script.
 //! - [`memory`]: an in-memory offset store for unit tests.
 //! - [`consumer`]: the user-lifecycle consumer: the generic engine of
 //!   `lifecycle-streams` with the domain's decoder, behind the domain's
@@ -13,11 +15,13 @@
 
 pub mod connect;
 pub mod consumer;
+pub mod lobby;
 pub mod memory;
 pub mod offsets;
 
 pub use connect::{open_client, redact_url, ConnectError};
 pub use consumer::{RedisUserLifecycleConsumer, UserLifecycleDecoder};
+pub use lobby::{CascadeRecord, RedisLobbyStore};
 pub use memory::MemoryOffsetStore;
 pub use offsets::{RedisOffsetStore, DEFAULT_KEY_PREFIX};
 

@@ -194,6 +194,10 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
             return Ok(StopReason::Cancelled);
         };
         self.finished = start;
+        // A start position resolved from the start option (end, or a given
+        // id) is stored before the first read, so a restart before the first
+        // new entry cannot resolve it again and skip what arrived meanwhile.
+        self.checkpoint().await?;
         let drain_target = if self.config().drain {
             match self.last_entry_id().await? {
                 Some(target) => target,
@@ -231,6 +235,11 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
                 continue;
             }
             for entry in entries {
+                // Shutdown lets the handler call in flight finish, but starts
+                // no new one (each would get its own grace period).
+                if self.cancel.is_cancelled() {
+                    return Ok(StopReason::Cancelled);
+                }
                 if drain_target.is_some_and(|target| entry.id > target) {
                     break;
                 }

@@ -88,22 +88,30 @@ impl RedisServer {
 
     /// Starts a server with `options` and waits until it answers `PING`; panics (quoting `redis.log`) on failure.
     pub fn start_with(options: RedisServerOptions) -> RedisServer {
+        Self::try_start_with(options).unwrap_or_else(|err| panic!("test-support: {err}"))
+    }
+
+    /// Starts a server with `options` and waits until it answers `PING`; the error says why it
+    /// could not (redis-server missing from the `PATH`, refused to start, did not answer).
+    pub fn try_start_with(options: RedisServerOptions) -> Result<RedisServer, String> {
         let dir = tempfile::Builder::new()
             .prefix("redis-test-")
             .tempdir()
-            .expect("test-support: cannot create a temporary directory for redis-server");
+            .map_err(|err| {
+                format!("cannot create a temporary directory for redis-server: {err}")
+            })?;
         let mut failures = Vec::new();
         for _ in 0..START_ATTEMPTS {
             let port = free_port();
-            let mut child = spawn_redis(port, dir.path(), &options);
+            let mut child = spawn_redis(port, dir.path(), &options)?;
             match wait_ready(&mut child, port, options.requirepass.as_deref()) {
                 Ok(()) => {
-                    return RedisServer {
+                    return Ok(RedisServer {
                         child: Mutex::new(Some(child)),
                         port,
                         options,
                         dir,
-                    };
+                    });
                 }
                 Err(NotReady::Exited(status)) => {
                     // Most likely the port was grabbed between `free_port` and the bind: try another one.
@@ -111,19 +119,19 @@ impl RedisServer {
                 }
                 Err(NotReady::TimedOut) => {
                     reap(&mut child);
-                    panic!(
-                        "test-support: redis-server on port {port} did not answer PING within {READY_TIMEOUT:?}\n{}",
+                    return Err(format!(
+                        "redis-server on port {port} did not answer PING within {READY_TIMEOUT:?}\n{}",
                         log_tail(dir.path())
-                    );
+                    ));
                 }
             }
         }
-        panic!(
-            "test-support: redis-server failed to start after {START_ATTEMPTS} attempts ({}); \
+        Err(format!(
+            "redis-server failed to start after {START_ATTEMPTS} attempts ({}); \
              if redis.log is missing, redis-server rejected its arguments (check extra_args)\n{}",
             failures.join("; "),
             log_tail(dir.path())
-        );
+        ))
     }
 
     /// The TCP port it listens on (on `127.0.0.1`); unchanged by `restart`.
@@ -198,7 +206,8 @@ impl RedisServer {
         let mut attempts = 0_u32;
         loop {
             attempts += 1;
-            let mut child = spawn_redis(port, self.dir.path(), &self.options);
+            let mut child = spawn_redis(port, self.dir.path(), &self.options)
+                .unwrap_or_else(|err| panic!("test-support: {err}"));
             match wait_ready(&mut child, port, self.options.requirepass.as_deref()) {
                 Ok(()) => {
                     *lock(&mut self.child) = Some(child);
@@ -289,8 +298,8 @@ fn lock(child: &mut Mutex<Option<Child>>) -> &mut Option<Child> {
     child.get_mut().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Spawns `redis-server` on `port` in `dir`; panics if the binary cannot be run.
-fn spawn_redis(port: u16, dir: &Path, options: &RedisServerOptions) -> Child {
+/// Spawns `redis-server` on `port` in `dir`.
+fn spawn_redis(port: u16, dir: &Path, options: &RedisServerOptions) -> Result<Child, String> {
     let mut command = Command::new("redis-server");
     command
         .arg("--port")
@@ -319,8 +328,9 @@ fn spawn_redis(port: u16, dir: &Path, options: &RedisServerOptions) -> Child {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    command.spawn().unwrap_or_else(|err| {
-        panic!("test-support: cannot spawn redis-server (is it on the PATH?): {err}")
+    command.spawn().map_err(|err| match err.kind() {
+        std::io::ErrorKind::NotFound => "redis-server is not on the PATH; install it (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)".to_owned(),
+        _ => format!("cannot spawn redis-server: {err}"),
     })
 }
 

@@ -45,6 +45,19 @@ pub enum Command {
     Tail(TailArgs),
     /// Inspect or change a stored offset.
     Offsets(OffsetsArgs),
+    /// A self-contained tour: a private Redis, a seeded lobby, a mix of
+    /// events, the worker catching up, the lobby before and after.
+    Demo(DemoArgs),
+}
+
+/// `demo`'s settings.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Use this Redis instead of starting a private one; the demo then uses
+    /// the key prefix `lobby-demo` and the stream `lobby-demo:user:lifecycle_events`,
+    /// clears them first and leaves them for inspection.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
 }
 
 /// Where Redis is and which keys to use.

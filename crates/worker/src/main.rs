@@ -15,7 +15,12 @@ use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(err) = telemetry::init(cli.log_level.as_deref(), cli.log_format) {
+    // The demo's own output is its story; its log shows only problems.
+    let default_level = match cli.command {
+        Command::Demo(_) => "error",
+        _ => "info",
+    };
+    if let Err(err) = telemetry::init(cli.log_level.as_deref(), default_level, cli.log_format) {
         eprintln!("error: {err}");
         return ExitCode::from(2);
     }
@@ -35,6 +40,7 @@ fn main() -> ExitCode {
             Command::Publish(args) => commands::publish::run(args).await,
             Command::Tail(args) => commands::tail::run(args).await,
             Command::Offsets(args) => commands::offsets::run(args).await,
+            Command::Demo(args) => commands::demo::run(args).await,
         }
     });
     match result {

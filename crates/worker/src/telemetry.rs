@@ -7,12 +7,12 @@ use tracing_subscriber::EnvFilter;
 use crate::cli::LogFormat;
 
 /// Installs the global subscriber. The level comes from `--log-level`, else
-/// `RUST_LOG`, else `info`.
-pub fn init(level: Option<&str>, format: LogFormat) -> Result<(), String> {
+/// `RUST_LOG`, else `default_level`.
+pub fn init(level: Option<&str>, default_level: &str, format: LogFormat) -> Result<(), String> {
     let filter = match level {
         Some(level) => EnvFilter::try_new(level)
             .map_err(|err| format!("invalid --log-level {level:?}: {err}"))?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

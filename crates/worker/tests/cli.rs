@@ -1,7 +1,12 @@
 //! The `lobby-worker` binary driven as an operator would drive it, against
 //! private redis-servers.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    missing_docs
+)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
@@ -47,12 +52,18 @@ fn assert_one_error_line(output: &Output) -> String {
     let lines: Vec<&str> = err.lines().filter(|line| !line.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "not one line: {err}");
     assert!(lines[0].starts_with("error: "), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
     lines[0].to_owned()
 }
 
 fn publish(url: &str, event_type: &str, user: &str) -> String {
-    let output = worker(url, &["publish", "--event-type", event_type, "--user-id", user]);
+    let output = worker(
+        url,
+        &["publish", "--event-type", event_type, "--user-id", user],
+    );
     assert_success(&output);
     stdout(&output).trim().to_owned()
 }
@@ -122,7 +133,11 @@ impl Running {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "still running; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "still running; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -157,20 +172,47 @@ fn tail_json_has_the_contract_shape_for_every_status() {
     let output = worker(
         &url,
         &[
-            "publish", "--event-type", "user.deleted", "--user-id", "  u-1 ",
-            "--occurred-at-ms", "1700000000000", "--source", "users", "--actor-type", "admin",
-            "--actor-id", "a-7", "--reason-code", "gdpr", "--trace-id", "t-1",
+            "publish",
+            "--event-type",
+            "user.deleted",
+            "--user-id",
+            "  u-1 ",
+            "--occurred-at-ms",
+            "1700000000000",
+            "--source",
+            "users",
+            "--actor-type",
+            "admin",
+            "--actor-id",
+            "a-7",
+            "--reason-code",
+            "gdpr",
+            "--trace-id",
+            "t-1",
         ],
     );
     assert_success(&output);
     let first = stdout(&output).trim().to_owned();
     let unknown = publish(&url, "user.renamed", "u-2");
     let malformed = server.cli(&[
-        "XADD", "user:lifecycle_events", "*", "event_type", "user.deleted", "occurred_at_ms", "5",
+        "XADD",
+        "user:lifecycle_events",
+        "*",
+        "event_type",
+        "user.deleted",
+        "occurred_at_ms",
+        "5",
     ]);
     let bad_time = server.cli(&[
-        "XADD", "user:lifecycle_events", "*", "event_type", "user.deleted", "user_id", "u",
-        "occurred_at_ms", "1e3",
+        "XADD",
+        "user:lifecycle_events",
+        "*",
+        "event_type",
+        "user.deleted",
+        "user_id",
+        "u",
+        "occurred_at_ms",
+        "1e3",
     ]);
 
     let lines = tail_json(&url, &[]);
@@ -202,21 +244,39 @@ fn tail_json_has_the_contract_shape_for_every_status() {
         .starts_with("invalid occurred_at_ms: "));
     assert_eq!(lines[3]["entry_id"], bad_time.as_str());
     // tail never moves the offset.
-    assert_eq!(server.cli(&["EXISTS", "lobby:stream_offsets:user_lifecycle"]), "0");
+    assert_eq!(
+        server.cli(&["EXISTS", "lobby:stream_offsets:user_lifecycle"]),
+        "0"
+    );
 }
 
 #[test]
 fn tail_from_is_inclusive_and_count_stops() {
     let server = RedisServer::start();
     let url = server.url();
-    let ids: Vec<String> = (0..7).map(|i| publish(&url, "user.deleted", &format!("u{i}"))).collect();
+    let ids: Vec<String> = (0..7)
+        .map(|i| publish(&url, "user.deleted", &format!("u{i}")))
+        .collect();
     let lines = tail_json(&url, &["--from", &ids[2], "--count", "3"]);
-    let seen: Vec<&str> = lines.iter().map(|l| l["entry_id"].as_str().unwrap()).collect();
-    assert_eq!(seen, vec![ids[2].as_str(), ids[3].as_str(), ids[4].as_str()]);
+    let seen: Vec<&str> = lines
+        .iter()
+        .map(|l| l["entry_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        seen,
+        vec![ids[2].as_str(), ids[3].as_str(), ids[4].as_str()]
+    );
     // Human output escapes control characters in values.
     server.cli(&[
-        "XADD", "user:lifecycle_events", "*", "event_type", "user.deleted", "user_id",
-        "evil\nINFO forged", "occurred_at_ms", "5",
+        "XADD",
+        "user:lifecycle_events",
+        "*",
+        "event_type",
+        "user.deleted",
+        "user_id",
+        "evil\nINFO forged",
+        "occurred_at_ms",
+        "5",
     ]);
     let output = worker(&url, &["tail", "--from", &ids[6]]);
     assert_success(&output);
@@ -241,7 +301,10 @@ fn tail_follow_prints_new_entries() {
         lines.push(serde_json::from_str::<Value>(&line.unwrap()).unwrap());
     }
     assert!(child.wait().unwrap().success());
-    let seen: Vec<&str> = lines.iter().map(|l| l["entry_id"].as_str().unwrap()).collect();
+    let seen: Vec<&str> = lines
+        .iter()
+        .map(|l| l["entry_id"].as_str().unwrap())
+        .collect();
     assert_eq!(seen, vec![first.as_str(), second.as_str()]);
 }
 
@@ -255,23 +318,47 @@ fn offsets_get_set_reset() {
     assert!(stderr(&output).contains("no offset"));
 
     assert_success(&worker(&url, &["offsets", "set", "10-5"]));
-    assert_eq!(server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]), "10-5");
+    assert_eq!(
+        server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]),
+        "10-5"
+    );
     // An operator's set may move backwards.
     assert_success(&worker(&url, &["offsets", "set", "9-0"]));
     let output = worker(&url, &["offsets", "get"]);
     assert_eq!(stdout(&output).trim(), "9-0");
 
-    let output = worker(&url, &["offsets", "--key-prefix", "other", "--label", "gm", "set", "1-1"]);
+    let output = worker(
+        &url,
+        &[
+            "offsets",
+            "--key-prefix",
+            "other",
+            "--label",
+            "gm",
+            "set",
+            "1-1",
+        ],
+    );
     assert_success(&output);
     assert_eq!(server.cli(&["GET", "other:stream_offsets:gm"]), "1-1");
 
     assert_success(&worker(&url, &["offsets", "reset"]));
-    assert_eq!(server.cli(&["EXISTS", "lobby:stream_offsets:user_lifecycle"]), "0");
+    assert_eq!(
+        server.cli(&["EXISTS", "lobby:stream_offsets:user_lifecycle"]),
+        "0"
+    );
 
     let output = worker(&url, &["offsets", "set", "x-1"]);
     assert_eq!(output.status.code(), Some(2));
-    let first_line = stderr(&output).lines().next().unwrap_or_default().to_owned();
-    assert!(first_line.starts_with("error: ") && first_line.contains("not a stream entry id"), "{first_line}");
+    let first_line = stderr(&output)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        first_line.starts_with("error: ") && first_line.contains("not a stream entry id"),
+        "{first_line}"
+    );
 }
 
 #[test]
@@ -285,16 +372,22 @@ fn run_drain_handles_the_backlog_saves_and_exits_zero() {
     let last = publish(&url, "user.permanently_blocked", "final");
     let output = worker(&url, &["run", "--drain", "--batch-size", "4"]);
     assert_success(&output);
-    assert_eq!(server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]), last);
+    assert_eq!(
+        server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]),
+        last
+    );
     let log = stderr(&output);
-    assert_eq!(log.matches("user lifecycle event received").count(), 26, "{log}");
+    assert_eq!(log.matches("cascade applied").count(), 26, "{log}");
     assert!(log.contains("malformed entry absorbed"), "{log}");
 
     // A second drain has nothing to do and keeps the offset.
     let output = worker(&url, &["run", "--drain"]);
     assert_success(&output);
-    assert_eq!(stderr(&output).matches("user lifecycle event received").count(), 0);
-    assert_eq!(server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]), last);
+    assert_eq!(stderr(&output).matches("cascade applied").count(), 0);
+    assert_eq!(
+        server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]),
+        last
+    );
 }
 
 #[test]
@@ -309,7 +402,10 @@ fn sigterm_and_sigint_stop_run_gracefully_with_status_zero() {
         running.signal(signal);
         let status = running.wait_exit(Duration::from_secs(5));
         assert_eq!(status.code(), Some(0), "{}", running.log());
-        assert_eq!(server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]), id);
+        assert_eq!(
+            server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]),
+            id
+        );
     }
 }
 
@@ -324,7 +420,11 @@ fn run_keeps_retrying_an_unreachable_redis_and_says_so_once() {
         running.log().matches("Redis still unavailable").count() >= 3
     })
     .unwrap_or_else(|()| panic!("no retries logged:\n{}", running.log()));
-    assert!(running.child.try_wait().unwrap().is_none(), "{}", running.log());
+    assert!(
+        running.child.try_wait().unwrap().is_none(),
+        "{}",
+        running.log()
+    );
     let log = running.log();
     assert_eq!(log.matches("Redis unavailable").count(), 1, "{log}");
     assert!(!log.contains("topsecret"), "{log}");
@@ -345,7 +445,10 @@ fn user_caused_failures_are_one_clear_line() {
         assert!(line.contains("--redis-url"), "{line}");
     }
     let line = assert_one_error_line(&worker("redis://:hunter2@", &["tail"]));
-    assert!(line.contains("invalid Redis URL") && !line.contains("hunter2"), "{line}");
+    assert!(
+        line.contains("invalid Redis URL") && !line.contains("hunter2"),
+        "{line}"
+    );
     let line = assert_one_error_line(&worker("http://127.0.0.1", &["run"]));
     assert!(line.contains("invalid Redis URL"), "{line}");
 
@@ -353,12 +456,29 @@ fn user_caused_failures_are_one_clear_line() {
         &["run", "--block-timeout", "soon"],
         &["run", "--batch-size", "0"],
         &["run", "--start-from", "latest"],
-        &["publish", "--event-type", "user.deleted", "--user-id", "u", "--occurred-at-ms", "0"],
+        &[
+            "publish",
+            "--event-type",
+            "user.deleted",
+            "--user-id",
+            "u",
+            "--occurred-at-ms",
+            "0",
+        ],
     ];
     for args in bad_flags {
         let output = worker(&unreachable, args);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
-        assert!(stderr(&output).starts_with("error: "), "{}", stderr(&output));
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).starts_with("error: "),
+            "{}",
+            stderr(&output)
+        );
     }
     let server = RedisServer::start();
     let line = assert_one_error_line(&worker(
@@ -377,5 +497,77 @@ fn a_stream_key_of_the_wrong_type_ends_run_with_advice() {
     let err = stderr(&output);
     let last = err.lines().last().unwrap();
     assert!(last.starts_with("error: "), "{err}");
-    assert!(last.contains("\"user:lifecycle_events\"") && last.contains("not a stream"), "{last}");
+    assert!(
+        last.contains("\"user:lifecycle_events\"") && last.contains("not a stream"),
+        "{last}"
+    );
+}
+
+#[test]
+fn demo_tours_a_private_redis_and_exits_zero() {
+    let output = Command::new(BIN)
+        .arg("demo")
+        .env_remove("REDIS_URL")
+        .output()
+        .unwrap();
+    assert_success(&output);
+    let out = stdout(&output);
+    for expected in [
+        "a private redis-server on 127.0.0.1:",
+        "user.deleted alice: cascade applied to 7 game(s)",
+        "user.permanently_blocked bob: cascade applied to 8 game(s)",
+        "absorbed as malformed (missing user_id)",
+        "absorbed: unknown type \"user.renamed\"",
+        "user.deleted zed: cascade applied to 0 game(s)",
+        "user.deleted alice: already applied",
+        "open-1       cancelled* alice   carol",
+        "running-1    running    bob     carol                -           -           alice,bob",
+        "finished-1   finished   alice   alice,bob,erin",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+    }
+    // The private server is gone with the demo.
+    let line = out.lines().next().unwrap();
+    let port = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap();
+    assert!(std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err());
+}
+
+#[test]
+fn demo_on_a_given_redis_keeps_to_its_own_keys() {
+    let server = RedisServer::start();
+    server.cli(&["SET", "lobby:stream_offsets:user_lifecycle", "5-5"]);
+    for _ in 0..2 {
+        let output = worker(&server.url(), &["demo", "--redis-url", &server.url()]);
+        assert_success(&output);
+        assert!(stdout(&output).contains("bob: cascade applied to 8 game(s)"));
+    }
+    assert_eq!(
+        server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]),
+        "5-5"
+    );
+    assert_eq!(server.cli(&["EXISTS", "user:lifecycle_events"]), "0");
+    assert_eq!(
+        server.cli(&["XLEN", "lobby-demo:user:lifecycle_events"]),
+        "5"
+    );
+}
+
+#[test]
+fn demo_without_redis_server_says_how_to_install_it() {
+    let empty = std::env::temp_dir();
+    let output = Command::new(BIN)
+        .arg("demo")
+        .env_remove("REDIS_URL")
+        .env("PATH", empty)
+        .output()
+        .unwrap();
+    let line = assert_one_error_line(&output);
+    assert!(
+        line.contains("redis-server is not on the PATH") && line.contains("apt-get install"),
+        "{line}"
+    );
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod demo;
 pub mod offsets;
 pub mod publish;
 pub mod run;

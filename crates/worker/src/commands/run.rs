@@ -3,37 +3,14 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use lifecycle_domain::{
-    BoxFuture, HandlerError, UserLifecycleConsumer, UserLifecycleEvent, UserLifecycleHandler,
-    USER_LIFECYCLE_LABEL,
+use lifecycle_domain::{CascadeHandler, UserLifecycleConsumer, USER_LIFECYCLE_LABEL};
+use lifecycle_redis::{
+    open_client, redact_url, RedisLobbyStore, RedisOffsetStore, RedisUserLifecycleConsumer,
 };
-use lifecycle_redis::{open_client, redact_url, RedisOffsetStore, RedisUserLifecycleConsumer};
 use lifecycle_streams::{BackoffPolicy, Checkpoint, ConsumerConfig, StopReason};
 use tracing::info;
 
 use crate::cli::{CheckpointArg, RunArgs};
-
-/// Until the cascade lands, the worker's handler records each event in the
-/// log; it never fails.
-struct LogHandler;
-
-impl UserLifecycleHandler for LogHandler {
-    fn handle<'a>(
-        &'a self,
-        event: &'a UserLifecycleEvent,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(async move {
-            info!(
-                stream_entry_id = %event.entry_id,
-                event_type = event.event_type.as_str(),
-                user_id = ?event.user_id,
-                occurred_at_ms = event.occurred_at_ms,
-                "user lifecycle event received"
-            );
-            Ok(())
-        })
-    }
-}
 
 /// The consumer settings `args` describe.
 pub fn consumer_config(args: &RunArgs) -> ConsumerConfig {
@@ -64,8 +41,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = open_client(&args.redis.redis_url)?;
     let offsets = RedisOffsetStore::new(client.clone(), &args.redis.key_prefix)
         .context("cannot set up the offset store")?;
+    let lobby = RedisLobbyStore::new(client.clone(), &args.redis.key_prefix)
+        .context("cannot set up the lobby store")?;
     let consumer = RedisUserLifecycleConsumer::new(client, Arc::new(offsets), config.clone())?;
-    consumer.on_event(Arc::new(LogHandler));
+    consumer.on_event(Arc::new(CascadeHandler::new(lobby)));
     info!(
         redis_url = %redact_url(&args.redis.redis_url),
         stream = %config.stream,

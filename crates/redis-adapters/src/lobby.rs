@@ -1,0 +1,440 @@
+//! The lobby store on Redis, and the cascade as one server-side script.
+//!
+//! Keys (prefix `lobby` by default): `<p>:game:<id>` (hash: `owner_id`,
+//! `status`, ...), `<p>:game:<id>:{members,applicants,invitees,dropped}`
+//! (sets), `<p>:user:<id>:games` (set: the index the cascade walks) and
+//! `<p>:user:<id>:cascade` (hash: the record of the cascade applied).
+//!
+//! One user's cascade is one `EVALSHA`: Redis runs a script alone, so no
+//! reader sees half of it. The script checks every key's type before its
+//! first write, so a key of the wrong type fails the whole cascade without
+//! changing anything (Redis does not roll back a script that fails midway).
+//! It does not hold the rules: the domain's rule table
+//! ([`lifecycle_domain::game_action`]) is passed in as arguments, so the
+//! rules live, and are tested, in one place. Game keys are derived inside
+//! the script from the index, which a single-node Redis allows (a cluster
+//! would need the index read first).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use lifecycle_domain::{
+    game_action, BoxFuture, CascadeOutcome, EntryId, Game, GameStatus, LobbyStore, StoreError,
+    UserCascade,
+};
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script, Value};
+use tracing::{info, warn};
+
+use crate::connect::lazy_manager;
+use crate::store_error;
+
+/// The cascade executor. ARGV: prefix, user id, event type, entry id,
+/// occurred_at_ms, then the rule table as groups of four: rule key
+/// (`s:<status>:<owner 0|1>` or `unknown:<owner 0|1>`), members change
+/// (`keep`, `remove`, `drop`), cancel (`0|1`), unused.
+/// Returns `{1, games, unknown-status game ids...}` when applied, `{0,
+/// recorded entry id}` when the record already holds this entry or a later one.
+const APPLY_CASCADE: &str = r"
+local prefix, user, event_type, entry_id, occurred = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local rules = {}
+for i = 6, #ARGV, 4 do
+  rules[ARGV[i]] = { members = ARGV[i + 1], cancel = ARGV[i + 2] == '1' }
+end
+
+local function norm(digits)
+  local stripped = string.gsub(digits, '^0+', '')
+  return stripped
+end
+local function num_less(a, b)
+  a = norm(a)
+  b = norm(b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+-- Whether stream id a is smaller than b; an unparsable a counts as smaller.
+local function id_less(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  if not ams then return true end
+  if not bms then return false end
+  if norm(ams) ~= norm(bms) then return num_less(ams, bms) end
+  return num_less(aseq, bseq)
+end
+local function expect_type(key, wanted)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'none' and kind ~= wanted then
+    return redis.error_reply('WRONGTYPE lobby key ' .. key .. ' is a ' .. kind .. ', expected a ' .. wanted)
+  end
+  return kind
+end
+
+local record_key = prefix .. ':user:' .. user .. ':cascade'
+local index_key = prefix .. ':user:' .. user .. ':games'
+local kind = expect_type(record_key, 'hash')
+if type(kind) == 'table' then return kind end
+local recorded = redis.call('HGET', record_key, 'entry_id')
+if recorded and not id_less(recorded, entry_id) then
+  return { 0, recorded }
+end
+
+kind = expect_type(index_key, 'set')
+if type(kind) == 'table' then return kind end
+local game_ids = {}
+if kind == 'set' then game_ids = redis.call('SMEMBERS', index_key) end
+
+-- Read and check everything first: no write happens unless all can.
+local plan = {}
+local unknown = {}
+for _, game_id in ipairs(game_ids) do
+  local game_key = prefix .. ':game:' .. game_id
+  kind = expect_type(game_key, 'hash')
+  if type(kind) == 'table' then return kind end
+  if kind == 'hash' then
+    for _, suffix in ipairs({ ':members', ':applicants', ':invitees', ':dropped' }) do
+      local set_kind = expect_type(game_key .. suffix, 'set')
+      if type(set_kind) == 'table' then return set_kind end
+    end
+    local status = redis.call('HGET', game_key, 'status') or ''
+    local owner = redis.call('HGET', game_key, 'owner_id')
+    local owner_flag = (owner == user) and '1' or '0'
+    local rule = rules['s:' .. status .. ':' .. owner_flag]
+    if not rule then
+      rule = rules['unknown:' .. owner_flag]
+      table.insert(unknown, game_id)
+    end
+    table.insert(plan, { key = game_key, rule = rule })
+  end
+end
+
+for _, step in ipairs(plan) do
+  redis.call('SREM', step.key .. ':applicants', user)
+  redis.call('SREM', step.key .. ':invitees', user)
+  if step.rule.members == 'remove' then
+    redis.call('SREM', step.key .. ':members', user)
+  elseif step.rule.members == 'drop' then
+    if redis.call('SREM', step.key .. ':members', user) == 1 then
+      redis.call('SADD', step.key .. ':dropped', user)
+    end
+  end
+  if step.rule.cancel then
+    redis.call('HSET', step.key, 'status', 'cancelled', 'cancel_reason', event_type)
+  end
+end
+redis.call('DEL', index_key)
+redis.call('HSET', record_key, 'event_type', event_type, 'entry_id', entry_id,
+  'occurred_at_ms', occurred, 'games', #plan)
+local reply = { 1, #plan }
+for _, game_id in ipairs(unknown) do table.insert(reply, game_id) end
+return reply
+";
+
+/// The recorded cascade of one user (`<p>:user:<id>:cascade`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CascadeRecord {
+    /// The event type applied.
+    pub event_type: String,
+    /// The entry applied.
+    pub entry_id: String,
+    /// When the event happened.
+    pub occurred_at_ms: String,
+    /// Games touched.
+    pub games: u64,
+}
+
+/// The lobby on Redis.
+#[derive(Clone)]
+pub struct RedisLobbyStore {
+    conn: ConnectionManager,
+    prefix: String,
+    script: Script,
+    /// The domain's rule table, encoded once as script arguments.
+    rule_args: Vec<String>,
+}
+
+impl std::fmt::Debug for RedisLobbyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLobbyStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn rule_args() -> Vec<String> {
+    let mut args = Vec::new();
+    let unknown = GameStatus::Unknown(String::new());
+    for owner in [false, true] {
+        let flag = if owner { "1" } else { "0" };
+        for status in GameStatus::KNOWN.iter().chain([&unknown]) {
+            let key = match status {
+                GameStatus::Unknown(_) => format!("unknown:{flag}"),
+                known => format!("s:{}:{flag}", known.as_str()),
+            };
+            let action = game_action(status, owner);
+            args.extend([
+                key,
+                action.members.as_str().to_owned(),
+                if action.cancel { "1" } else { "0" }.to_owned(),
+                String::new(),
+            ]);
+        }
+    }
+    args
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(raw) => Some(String::from_utf8_lossy(raw).into_owned()),
+        Value::SimpleString(text) => Some(text.clone()),
+        Value::Int(number) => Some(number.to_string()),
+        _ => None,
+    }
+}
+
+fn unexpected(action: String, reply: &Value) -> StoreError {
+    StoreError {
+        action,
+        permanent: true,
+        source: format!("unexpected reply from the cascade script: {reply:?}").into(),
+    }
+}
+
+impl RedisLobbyStore {
+    /// A store under `prefix`; it connects on first use and reconnects after
+    /// faults.
+    ///
+    /// # Errors
+    ///
+    /// When the client's settings cannot make a connection manager.
+    pub fn new(client: redis::Client, prefix: &str) -> Result<Self, redis::RedisError> {
+        Ok(Self {
+            conn: lazy_manager(client, Duration::from_secs(5))?,
+            prefix: prefix.to_owned(),
+            script: Script::new(APPLY_CASCADE),
+            rule_args: rule_args(),
+        })
+    }
+
+    fn game_key(&self, game_id: &str) -> String {
+        format!("{}:game:{game_id}", self.prefix)
+    }
+
+    fn user_key(&self, user_id: &str, what: &str) -> String {
+        format!("{}:user:{user_id}:{what}", self.prefix)
+    }
+
+    /// Applies one cascade; see [`LobbyStore::apply_cascade`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when Redis fails or a lobby key has the wrong type
+    /// (then nothing was changed).
+    pub async fn apply(&self, cascade: &UserCascade) -> Result<CascadeOutcome, StoreError> {
+        let action = || format!("apply the cascade of entry {}", cascade.entry_id);
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .arg(&self.prefix)
+            .arg(&cascade.user_id)
+            .arg(&cascade.event_type)
+            .arg(cascade.entry_id.to_string())
+            .arg(cascade.occurred_at_ms);
+        for arg in &self.rule_args {
+            invocation.arg(arg);
+        }
+        let reply: Value = invocation
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|err| store_error(action(), err))?;
+        let Value::Array(items) = &reply else {
+            return Err(unexpected(action(), &reply));
+        };
+        match items.as_slice() {
+            [Value::Int(1), Value::Int(games), unknown @ ..] => {
+                let unknown_status: Vec<String> = unknown.iter().filter_map(text).collect();
+                for game_id in &unknown_status {
+                    warn!(
+                        game_id = ?game_id,
+                        user_id = ?cascade.user_id,
+                        stream_entry_id = %cascade.entry_id,
+                        "game with an unknown status left like a finished one"
+                    );
+                }
+                let games = u64::try_from(*games).unwrap_or_default();
+                info!(
+                    stream_entry_id = %cascade.entry_id,
+                    event_type = ?cascade.event_type,
+                    user_id = ?cascade.user_id,
+                    games,
+                    "cascade applied"
+                );
+                Ok(CascadeOutcome::Applied {
+                    games,
+                    unknown_status,
+                })
+            }
+            [Value::Int(0), recorded] => {
+                let recorded = text(recorded)
+                    .and_then(|id| id.parse::<EntryId>().ok())
+                    .ok_or_else(|| unexpected(action(), &reply))?;
+                info!(
+                    stream_entry_id = %cascade.entry_id,
+                    user_id = ?cascade.user_id,
+                    recorded = %recorded,
+                    "cascade already applied; nothing changed"
+                );
+                Ok(CascadeOutcome::AlreadyApplied { recorded })
+            }
+            _ => Err(unexpected(action(), &reply)),
+        }
+    }
+
+    /// Writes `game` under `game_id` (replacing its sets) and adds it to the
+    /// index of its owner and of every user on its roster: what the lobby
+    /// does when users create and join games. For seeding demos, benchmarks
+    /// and tests.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when Redis fails.
+    pub async fn put_game(&self, game_id: &str, game: &Game) -> Result<(), StoreError> {
+        let key = self.game_key(game_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut fields = vec![("owner_id", game.owner_id.clone())];
+        if let Some(status) = &game.status {
+            fields.push(("status", status.as_str().to_owned()));
+        }
+        if let Some(reason) = &game.cancel_reason {
+            fields.push(("cancel_reason", reason.clone()));
+        }
+        pipe.del(&key).ignore();
+        pipe.hset_multiple(&key, &fields).ignore();
+        let mut users: BTreeSet<&str> = BTreeSet::new();
+        users.insert(&game.owner_id);
+        for (suffix, set) in [
+            ("members", &game.members),
+            ("applicants", &game.applicants),
+            ("invitees", &game.invitees),
+            ("dropped", &game.dropped),
+        ] {
+            let set_key = format!("{key}:{suffix}");
+            pipe.del(&set_key).ignore();
+            if !set.is_empty() {
+                pipe.sadd(&set_key, set.iter().collect::<Vec<_>>()).ignore();
+            }
+            if suffix != "dropped" {
+                users.extend(set.iter().map(String::as_str));
+            }
+        }
+        for user in users {
+            pipe.sadd(self.user_key(user, "games"), game_id).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(|err| store_error(format!("write game {game_id}"), err))
+    }
+
+    /// Reads one game; `None` when its hash does not exist.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when Redis fails.
+    pub async fn get_game(&self, game_id: &str) -> Result<Option<Game>, StoreError> {
+        let key = self.game_key(game_id);
+        let mut conn = self.conn.clone();
+        let fail = |err| store_error(format!("read game {game_id}"), err);
+        let hash: std::collections::HashMap<String, String> =
+            conn.hgetall(&key).await.map_err(fail)?;
+        if hash.is_empty() {
+            return Ok(None);
+        }
+        let mut sets: Vec<BTreeSet<String>> = Vec::with_capacity(4);
+        for suffix in ["members", "applicants", "invitees", "dropped"] {
+            sets.push(
+                conn.smembers(format!("{key}:{suffix}"))
+                    .await
+                    .map_err(fail)?,
+            );
+        }
+        let mut sets = sets.into_iter();
+        let mut next = || sets.next().unwrap_or_default();
+        Ok(Some(Game {
+            status: hash.get("status").map(|status| GameStatus::parse(status)),
+            owner_id: hash.get("owner_id").cloned().unwrap_or_default(),
+            cancel_reason: hash.get("cancel_reason").cloned(),
+            members: next(),
+            applicants: next(),
+            invitees: next(),
+            dropped: next(),
+        }))
+    }
+
+    /// The games in a user's index.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when Redis fails.
+    pub async fn user_games(&self, user_id: &str) -> Result<BTreeSet<String>, StoreError> {
+        self.conn
+            .clone()
+            .smembers(self.user_key(user_id, "games"))
+            .await
+            .map_err(|err| store_error(format!("read the games of user {user_id}"), err))
+    }
+
+    /// The recorded cascade of a user, if any.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when Redis fails.
+    pub async fn cascade_record(&self, user_id: &str) -> Result<Option<CascadeRecord>, StoreError> {
+        let hash: std::collections::HashMap<String, String> = self
+            .conn
+            .clone()
+            .hgetall(self.user_key(user_id, "cascade"))
+            .await
+            .map_err(|err| {
+                store_error(format!("read the cascade record of user {user_id}"), err)
+            })?;
+        if hash.is_empty() {
+            return Ok(None);
+        }
+        let field = |name: &str| hash.get(name).cloned().unwrap_or_default();
+        Ok(Some(CascadeRecord {
+            event_type: field("event_type"),
+            entry_id: field("entry_id"),
+            occurred_at_ms: field("occurred_at_ms"),
+            games: field("games").parse().unwrap_or_default(),
+        }))
+    }
+}
+
+impl LobbyStore for RedisLobbyStore {
+    fn apply_cascade<'a>(
+        &'a self,
+        cascade: &'a UserCascade,
+    ) -> BoxFuture<'a, Result<CascadeOutcome, StoreError>> {
+        Box::pin(self.apply(cascade))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rule_table_covers_every_status_and_ownership() {
+        let args = rule_args();
+        assert_eq!(args.len(), 2 * 5 * 4);
+        let rule = |key: &str| {
+            let at = args.iter().position(|arg| arg == key).unwrap_or(usize::MAX);
+            args.get(at.wrapping_add(1)..at.wrapping_add(3))
+                .map(<[String]>::to_vec)
+        };
+        assert_eq!(rule("s:open:1"), Some(vec!["remove".into(), "1".into()]));
+        assert_eq!(rule("s:open:0"), Some(vec!["remove".into(), "0".into()]));
+        assert_eq!(rule("s:running:1"), Some(vec!["drop".into(), "0".into()]));
+        assert_eq!(rule("s:finished:0"), Some(vec!["keep".into(), "0".into()]));
+        assert_eq!(rule("unknown:1"), Some(vec!["keep".into(), "0".into()]));
+    }
+}

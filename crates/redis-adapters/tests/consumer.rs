@@ -1,0 +1,1090 @@
+//! Integration tests of the user-lifecycle consumer against real, private
+//! redis-servers (one per test, never the system Redis on 6379).
+//!
+//! Synchronisation is always by polling a condition with a deadline
+//! ([`wait_until!`]) or by a `Notify`, never by a fixed sleep.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    missing_docs
+)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lifecycle_domain::{
+    BoxFuture, EntryId, EventType, HandlerError, StreamOffsetStore, UserLifecycleConsumer,
+    UserLifecycleEvent, UserLifecycleHandler, USER_LIFECYCLE_LABEL,
+};
+use lifecycle_redis::{
+    open_client, RedisOffsetStore, RedisUserLifecycleConsumer, DEFAULT_KEY_PREFIX,
+};
+use lifecycle_streams::{
+    BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerError, RunReport, StartFrom, StopReason,
+};
+use lifecycle_test_support::{RedisServer, RedisServerOptions};
+use redis::aio::MultiplexedConnection;
+use redis::streams::StreamRangeReply;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const STREAM: &str = "user:lifecycle_events";
+const DEAD_LETTER_STREAM: &str = "user:lifecycle_events:dead";
+const OFFSET_KEY: &str = "lobby:stream_offsets:user_lifecycle";
+/// How often [`wait_until!`] re-checks its condition.
+const POLL: Duration = Duration::from_millis(5);
+/// The default patience of a wait: generous, since a passing test never waits it out.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Polls `$cond` (an expression that may `.await`) every [`POLL`] until it
+/// holds; panics naming `$what` when `$timeout` passes first.
+macro_rules! wait_until {
+    ($timeout:expr, $what:expr, $cond:expr) => {{
+        let timeout: Duration = $timeout;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if $cond {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting until {}",
+                $what
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }};
+}
+
+// ---------------------------------------------------------------------------
+// The test handler.
+// ---------------------------------------------------------------------------
+
+/// A handler that records every call and every success, and misbehaves on
+/// demand.
+#[derive(Default)]
+struct Recorder {
+    /// Every call (attempt), with the moment it started.
+    attempts: Mutex<Vec<(EntryId, Instant)>>,
+    /// Every event whose handling succeeded, in order.
+    handled: Mutex<Vec<UserLifecycleEvent>>,
+    /// Sleep this long in every call (a "slow dependency").
+    delay: Mutex<Duration>,
+    /// Sleep this long in calls for this user.
+    slow_user: Mutex<Option<(String, Duration)>>,
+    /// Calls for this user wait on `gate` before finishing.
+    gated_user: Mutex<Option<String>>,
+    gate: Notify,
+    /// Calls for these users fail this many more times.
+    fail_times: Mutex<HashMap<String, u32>>,
+    /// Calls for this user fail until it is cleared.
+    failing_user: Mutex<Option<String>>,
+    /// Cancel this token once this many events were handled.
+    cancel_after: Mutex<Option<(usize, CancellationToken)>>,
+}
+
+impl Recorder {
+    fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn handled_ids(&self) -> Vec<EntryId> {
+        self.handled
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|event| event.entry_id)
+            .collect()
+    }
+
+    fn handled_count(&self) -> usize {
+        self.handled.lock().unwrap().len()
+    }
+
+    fn attempt_ids(&self) -> Vec<EntryId> {
+        self.attempts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn attempts_at(&self, id: EntryId) -> Vec<Instant> {
+        self.attempts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(attempt, _)| *attempt == id)
+            .map(|(_, at)| *at)
+            .collect()
+    }
+
+    fn attempted(&self, id: EntryId) -> bool {
+        self.attempt_ids().contains(&id)
+    }
+
+    async fn call(&self, event: &UserLifecycleEvent) -> Result<(), HandlerError> {
+        self.attempts
+            .lock()
+            .unwrap()
+            .push((event.entry_id, Instant::now()));
+        let user = event.user_id.as_str();
+        let delay = *self.delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let slow = self
+            .slow_user
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|(slow, _)| slow == user)
+            .map(|(_, pause)| *pause);
+        if let Some(pause) = slow {
+            tokio::time::sleep(pause).await;
+        }
+        let gated = self.gated_user.lock().unwrap().as_deref() == Some(user);
+        if gated {
+            self.gate.notified().await;
+        }
+        if self.failing_user.lock().unwrap().as_deref() == Some(user) {
+            return Err(HandlerError::msg(format!(
+                "poison pill: cannot handle user {user}"
+            )));
+        }
+        if let Some(left) = self.fail_times.lock().unwrap().get_mut(user) {
+            if *left > 0 {
+                *left -= 1;
+                return Err(HandlerError::msg(format!(
+                    "dependency unavailable for user {user} ({left} failures left)"
+                )));
+            }
+        }
+        let count = {
+            let mut handled = self.handled.lock().unwrap();
+            handled.push(event.clone());
+            handled.len()
+        };
+        if let Some((limit, token)) = &*self.cancel_after.lock().unwrap() {
+            if count >= *limit {
+                token.cancel();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl UserLifecycleHandler for Recorder {
+    fn handle<'a>(
+        &'a self,
+        event: &'a UserLifecycleEvent,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(self.call(event))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The environment: a private redis-server and helpers around it.
+// ---------------------------------------------------------------------------
+
+struct Env {
+    server: RedisServer,
+    conn: MultiplexedConnection,
+}
+
+impl Env {
+    async fn start() -> Self {
+        Self::start_with(RedisServerOptions::default()).await
+    }
+
+    async fn start_with(options: RedisServerOptions) -> Self {
+        let server = RedisServer::start_with(options);
+        let conn = connect(&server).await;
+        Self { server, conn }
+    }
+
+    /// Replaces the test's connection, e.g. after a server restart.
+    async fn reconnect(&mut self) {
+        self.conn = connect(&self.server).await;
+    }
+
+    fn client(&self) -> redis::Client {
+        open_client(&self.server.url()).unwrap()
+    }
+
+    fn offset_store(&self) -> RedisOffsetStore {
+        RedisOffsetStore::new(self.client(), DEFAULT_KEY_PREFIX).unwrap()
+    }
+
+    /// A consumer on this server with `handler` registered.
+    fn consumer(
+        &self,
+        config: ConsumerConfig,
+        handler: &Arc<Recorder>,
+    ) -> Arc<RedisUserLifecycleConsumer> {
+        let consumer = self.consumer_without_handler(config);
+        consumer.on_event(Arc::clone(handler) as Arc<dyn UserLifecycleHandler>);
+        consumer
+    }
+
+    fn consumer_without_handler(&self, config: ConsumerConfig) -> Arc<RedisUserLifecycleConsumer> {
+        let store: Arc<dyn StreamOffsetStore> = Arc::new(self.offset_store());
+        Arc::new(RedisUserLifecycleConsumer::new(self.client(), store, config).unwrap())
+    }
+
+    /// Adds a well-formed event; returns its id.
+    async fn publish(&self, user: &str, event_type: &str) -> EntryId {
+        self.publish_fields(&[
+            (b"event_type".as_slice(), event_type.as_bytes()),
+            (b"user_id", user.as_bytes()),
+            (b"occurred_at_ms", b"1700000000000"),
+        ])
+        .await
+    }
+
+    /// Adds an entry with exactly these fields; returns its id.
+    async fn publish_fields(&self, fields: &[(&[u8], &[u8])]) -> EntryId {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(STREAM).arg("*");
+        for (name, value) in fields {
+            cmd.arg(*name).arg(*value);
+        }
+        let id: String = cmd.query_async(&mut self.conn.clone()).await.unwrap();
+        id.parse().unwrap()
+    }
+
+    /// Adds `count` well-formed events for users `u0..u6` in one round trip,
+    /// alternating the two known types; returns their ids in order.
+    async fn publish_many(&self, count: usize) -> Vec<EntryId> {
+        let mut pipe = redis::pipe();
+        for i in 0..count {
+            let event_type = if i % 2 == 0 {
+                EventType::USER_DELETED
+            } else {
+                EventType::USER_PERMANENTLY_BLOCKED
+            };
+            pipe.cmd("XADD")
+                .arg(STREAM)
+                .arg("*")
+                .arg("event_type")
+                .arg(event_type)
+                .arg("user_id")
+                .arg(format!("u{}", i % 7))
+                .arg("occurred_at_ms")
+                .arg(1_700_000_000_000_i64 + i as i64);
+        }
+        let ids: Vec<String> = pipe.query_async(&mut self.conn.clone()).await.unwrap();
+        ids.iter().map(|id| id.parse().unwrap()).collect()
+    }
+
+    /// The stored offset, read with a plain `GET` as an operator would.
+    async fn offset(&self) -> Option<EntryId> {
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(OFFSET_KEY)
+            .query_async(&mut self.conn.clone())
+            .await
+            .unwrap();
+        raw.map(|raw| raw.parse().unwrap())
+    }
+
+    /// How many clients Redis reports as blocked (e.g. in `XREAD BLOCK`).
+    async fn blocked_clients(&self) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query_async(&mut self.conn.clone())
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|line| line.strip_prefix("blocked_clients:"))
+            .map(|count| count.trim().parse().unwrap())
+            .unwrap_or(0)
+    }
+}
+
+async fn connect(server: &RedisServer) -> MultiplexedConnection {
+    open_client(&server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Short timings, so the whole file runs quickly.
+fn config() -> ConsumerConfig {
+    let mut config = ConsumerConfig::new(STREAM, USER_LIFECYCLE_LABEL);
+    config.block_timeout = Duration::from_millis(150);
+    config.batch_size = 16;
+    config.handler_retry = BackoffPolicy {
+        initial: Duration::from_millis(20),
+        max: Duration::from_secs(10),
+    };
+    config.redis_retry = BackoffPolicy {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(250),
+    };
+    config.shutdown_grace = Duration::from_secs(2);
+    config.connect_timeout = Duration::from_secs(1);
+    config
+}
+
+type RunHandle = JoinHandle<Result<RunReport, ConsumerError>>;
+
+fn spawn_run(consumer: &Arc<RedisUserLifecycleConsumer>) -> RunHandle {
+    let consumer = Arc::clone(consumer);
+    tokio::spawn(async move { consumer.run_to_end().await })
+}
+
+/// Awaits the end of a run that was asked to stop (or is about to end).
+async fn join(run: RunHandle, within: Duration) -> Result<RunReport, ConsumerError> {
+    tokio::time::timeout(within, run)
+        .await
+        .unwrap_or_else(|_| panic!("run did not return within {within:?}"))
+        .expect("the run task panicked")
+}
+
+/// Shuts the consumer down and returns its report; the run must end cleanly.
+async fn stop(consumer: &RedisUserLifecycleConsumer, run: RunHandle) -> RunReport {
+    consumer.shutdown();
+    join(run, Duration::from_secs(5))
+        .await
+        .expect("run ended with an error")
+}
+
+// ---------------------------------------------------------------------------
+// The tests.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn entries_are_handled_in_exact_stream_order_and_the_offset_ends_at_the_last() {
+    let env = Env::start().await;
+    let ids = env.publish_many(50).await;
+    let recorder = Recorder::new();
+    let consumer = env.consumer(config(), &recorder);
+    let run = spawn_run(&consumer);
+
+    wait_until!(
+        PATIENCE,
+        "50 entries are handled",
+        recorder.handled_count() >= 50
+    );
+    let last = *ids.last().unwrap();
+    wait_until!(
+        PATIENCE,
+        "the offset reaches the last id",
+        env.offset().await == Some(last)
+    );
+
+    let report = stop(&consumer, run).await;
+    assert_eq!(report.reason, StopReason::Cancelled);
+    assert_eq!(report.offset, Some(last));
+    assert_eq!(recorder.handled_ids(), ids, "handled out of stream order");
+    assert_eq!(recorder.attempt_ids(), ids, "an entry was handled twice");
+    for (i, event) in recorder.handled.lock().unwrap().iter().enumerate() {
+        assert_eq!(event.user_id, format!("u{}", i % 7));
+        let expected = if i % 2 == 0 {
+            EventType::UserDeleted
+        } else {
+            EventType::UserPermanentlyBlocked
+        };
+        assert_eq!(event.event_type, expected);
+        assert_eq!(event.occurred_at_ms, 1_700_000_000_000 + i as i64);
+    }
+    let stats = consumer.stats().snapshot();
+    assert_eq!(stats.handled, 50);
+    assert_eq!(stats.finished(), 50);
+    assert_eq!(env.offset().await, Some(last));
+}
+
+#[tokio::test]
+async fn the_offset_is_saved_only_after_the_handler_succeeded() {
+    let env = Env::start().await;
+    let first = env.publish("u1", EventType::USER_DELETED).await;
+    let second = env.publish("u2", EventType::USER_DELETED).await;
+    let third = env.publish("gated", EventType::USER_DELETED).await;
+    let fourth = env.publish("u4", EventType::USER_PERMANENTLY_BLOCKED).await;
+    let recorder = Recorder::new();
+    *recorder.gated_user.lock().unwrap() = Some("gated".into());
+    let mut config = config();
+    config.checkpoint = Checkpoint::EveryEntry;
+    config.batch_size = 1;
+    let consumer = env.consumer(config, &recorder);
+    let run = spawn_run(&consumer);
+
+    wait_until!(
+        PATIENCE,
+        "the handler is called for the 3rd entry",
+        recorder.attempted(third)
+    );
+    let while_blocked = env.offset().await;
+    assert_eq!(
+        while_blocked,
+        Some(second),
+        "offset while the 3rd entry is in the handler"
+    );
+    assert!(while_blocked.unwrap() < third);
+    assert_eq!(recorder.handled_ids(), vec![first, second]);
+    assert!(
+        !recorder.attempted(fourth),
+        "the 4th entry ran before the 3rd finished"
+    );
+
+    recorder.gate.notify_one();
+    wait_until!(
+        PATIENCE,
+        "the offset moves past the 3rd entry",
+        env.offset().await >= Some(third)
+    );
+    wait_until!(
+        PATIENCE,
+        "the offset reaches the last entry",
+        env.offset().await == Some(fourth)
+    );
+
+    let report = stop(&consumer, run).await;
+    assert_eq!(report.offset, Some(fourth));
+    assert_eq!(recorder.handled_ids(), vec![first, second, third, fourth]);
+}
+
+#[tokio::test]
+async fn malformed_and_unknown_type_entries_are_absorbed() {
+    let env = Env::start().await;
+    let good = env.publish("alice", EventType::USER_DELETED).await;
+    let mut bad = vec![
+        env.publish_fields(&[
+            (b"event_type".as_slice(), b"user.deleted".as_slice()),
+            (b"occurred_at_ms", b"1700000000000"),
+        ])
+        .await,
+        env.publish_fields(&[
+            (b"event_type".as_slice(), b"user.deleted".as_slice()),
+            (b"user_id", b"carol"),
+            (b"occurred_at_ms", b"17000x"),
+        ])
+        .await,
+        env.publish_fields(&[
+            (b"event_type".as_slice(), b"user.deleted".as_slice()),
+            (b"user_id", b"dave"),
+            (b"occurred_at_ms", b"0"),
+        ])
+        .await,
+        env.publish_fields(&[
+            (b"event_type".as_slice(), b"user.deleted".as_slice()),
+            (b"user_id", &[0xff, 0xfe, b'x']),
+            (b"occurred_at_ms", b"1700000000000"),
+        ])
+        .await,
+    ];
+    let unknown = env.publish("erin", "user.renamed").await;
+    let also_good = env
+        .publish_fields(&[
+            (
+                b"event_type".as_slice(),
+                b"user.permanently_blocked".as_slice(),
+            ),
+            (b"user_id", b"  bob \t"),
+            (b"occurred_at_ms", b"+1700000000001"),
+            (b"source", b"admin-console"),
+        ])
+        .await;
+    bad.push(
+        env.publish_fields(&[(b"user_id".as_slice(), b"frank".as_slice())])
+            .await,
+    );
+    let last = *bad.last().unwrap();
+
+    let recorder = Recorder::new();
+    let consumer = env.consumer(config(), &recorder);
+    let run = spawn_run(&consumer);
+    wait_until!(
+        PATIENCE,
+        "all 8 entries are finished",
+        consumer.stats().snapshot().finished() >= 8
+    );
+    wait_until!(
+        PATIENCE,
+        "the offset reaches the last id",
+        env.offset().await == Some(last)
+    );
+    let report = stop(&consumer, run).await;
+
+    assert_eq!(recorder.handled_ids(), vec![good, also_good]);
+    assert_eq!(recorder.attempt_ids(), vec![good, also_good]);
+    let handled = recorder.handled.lock().unwrap().clone();
+    assert_eq!(handled[0].user_id, "alice");
+    assert_eq!(handled[1].user_id, "bob", "user_id is stored trimmed");
+    assert_eq!(handled[1].occurred_at_ms, 1_700_000_000_001);
+    assert_eq!(handled[1].source, "admin-console");
+    assert!(!recorder.attempted(unknown));
+    let stats = consumer.stats().snapshot();
+    assert_eq!(stats.malformed, 5, "{stats:?}");
+    assert_eq!(stats.unknown_type, 1, "{stats:?}");
+    assert_eq!(stats.handled, 2, "{stats:?}");
+    assert_eq!(stats.handler_failures, 0, "{stats:?}");
+    assert_eq!(report.offset, Some(last));
+}
+
+#[tokio::test]
+async fn a_failing_handler_is_retried_with_growing_delays_holding_the_offset() {
+    let env = Env::start().await;
+    let before = env.publish("steady", EventType::USER_DELETED).await;
+    let flaky = env.publish("flaky", EventType::USER_DELETED).await;
+    let after = vec![
+        env.publish("later1", EventType::USER_DELETED).await,
+        env.publish("later2", EventType::USER_PERMANENTLY_BLOCKED)
+            .await,
+    ];
+    let recorder = Recorder::new();
+    recorder
+        .fail_times
+        .lock()
+        .unwrap()
+        .insert("flaky".into(), 4);
+    let mut config = config();
+    config.checkpoint = Checkpoint::EveryEntry;
+    let consumer = env.consumer(config, &recorder);
+    let run = spawn_run(&consumer);
+
+    wait_until!(
+        PATIENCE,
+        "the flaky entry failed twice",
+        recorder.attempts_at(flaky).len() >= 2
+    );
+    let held = env.offset().await;
+    assert_eq!(
+        held,
+        Some(before),
+        "offset while the flaky entry keeps failing"
+    );
+    assert_eq!(recorder.handled_ids(), vec![before]);
+
+    wait_until!(
+        PATIENCE,
+        "the flaky entry is handled",
+        recorder.handled_ids().contains(&flaky)
+    );
+    let last = *after.last().unwrap();
+    wait_until!(
+        PATIENCE,
+        "the offset reaches the last id",
+        env.offset().await == Some(last)
+    );
+    stop(&consumer, run).await;
+
+    let attempts = recorder.attempts_at(flaky);
+    assert_eq!(attempts.len(), 5, "4 failures and 1 success");
+    let gaps: Vec<Duration> = attempts.windows(2).map(|pair| pair[1] - pair[0]).collect();
+    for pair in gaps.windows(2) {
+        assert!(
+            pair[1].as_secs_f64() >= pair[0].as_secs_f64() * 0.9,
+            "retry delays shrank: {gaps:?}"
+        );
+    }
+    assert!(
+        gaps[3] >= gaps[0] * 2,
+        "retry delays did not grow: {gaps:?}"
+    );
+    assert!(
+        gaps[0] >= Duration::from_millis(10),
+        "first retry too early: {gaps:?}"
+    );
+    let mut expected = vec![before, flaky, flaky, flaky, flaky, flaky];
+    expected.extend(&after);
+    assert_eq!(
+        recorder.attempt_ids(),
+        expected,
+        "a later entry ran before the flaky one"
+    );
+    let mut handled = vec![before, flaky];
+    handled.extend(&after);
+    assert_eq!(recorder.handled_ids(), handled);
+    let stats = consumer.stats().snapshot();
+    assert_eq!(stats.handler_failures, 4);
+    assert_eq!(stats.handled, 4);
+    assert_eq!(stats.dead_lettered, 0);
+}
+
+#[tokio::test]
+async fn an_entry_failing_n_times_is_dead_lettered_and_the_rest_is_handled() {
+    let env = Env::start().await;
+    let first = env.publish("alice", EventType::USER_DELETED).await;
+    let poison = env
+        .publish_fields(&[
+            (b"event_type".as_slice(), b"user.deleted".as_slice()),
+            (b"user_id", b"poison"),
+            (b"occurred_at_ms", b"1700000000123"),
+            (b"source", b"billing"),
+            (b"trace_id", b"trace-42"),
+        ])
+        .await;
+    let rest = vec![
+        env.publish("bob", EventType::USER_PERMANENTLY_BLOCKED)
+            .await,
+        env.publish("carol", EventType::USER_DELETED).await,
+    ];
+    let last = *rest.last().unwrap();
+    let recorder = Recorder::new();
+    *recorder.failing_user.lock().unwrap() = Some("poison".into());
+    let mut config = config();
+    config.dead_letter_after = Some(3);
+    let consumer = env.consumer(config, &recorder);
+    let run = spawn_run(&consumer);
+
+    wait_until!(
+        PATIENCE,
+        "the offset reaches the last id",
+        env.offset().await == Some(last)
+    );
+    let report = stop(&consumer, run).await;
+    assert_eq!(report.offset, Some(last));
+
+    let mut handled = vec![first];
+    handled.extend(&rest);
+    assert_eq!(recorder.handled_ids(), handled);
+    assert_eq!(recorder.attempts_at(poison).len(), 3);
+    let stats = consumer.stats().snapshot();
+    assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+    assert_eq!(stats.handler_failures, 3, "{stats:?}");
+    assert_eq!(stats.handled, 3, "{stats:?}");
+
+    let reply: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(DEAD_LETTER_STREAM)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut env.conn.clone())
+        .await
+        .unwrap();
+    assert_eq!(reply.ids.len(), 1, "exactly one dead letter");
+    let dead = &reply.ids[0];
+    let field = |name: &str| -> String {
+        dead.get(name)
+            .unwrap_or_else(|| panic!("dead letter lacks {name}: {:?}", dead.map))
+    };
+    assert_eq!(field("event_type"), "user.deleted");
+    assert_eq!(field("user_id"), "poison");
+    assert_eq!(field("occurred_at_ms"), "1700000000123");
+    assert_eq!(field("source"), "billing");
+    assert_eq!(field("trace_id"), "trace-42");
+    assert_eq!(field("dead_letter_entry_id"), poison.to_string());
+    assert_eq!(field("dead_letter_attempts"), "3");
+    assert_eq!(field("dead_letter_stream"), STREAM);
+    let error = field("dead_letter_error");
+    assert!(
+        error.contains("poison pill: cannot handle user poison"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_new_consumer_resumes_from_the_saved_offset() {
+    let env = Env::start().await;
+    let ids = env.publish_many(100).await;
+    let mut config = config();
+    config.batch_size = 10;
+
+    let first_recorder = Recorder::new();
+    let first_consumer = env.consumer(config.clone(), &first_recorder);
+    *first_recorder.cancel_after.lock().unwrap() = Some((35, first_consumer.cancellation()));
+    let run = spawn_run(&first_consumer);
+    let report = join(run, PATIENCE).await.expect("first run failed");
+    assert_eq!(report.reason, StopReason::Cancelled);
+    let first = first_recorder.handled_ids();
+    assert!(first.len() >= 35, "{}", first.len());
+    assert!(first.len() < 100, "the first run consumed everything");
+    assert_eq!(first, ids[..first.len()], "first run out of order");
+    let saved = env.offset().await;
+    assert_eq!(
+        saved,
+        first.last().copied(),
+        "shutdown persists the offset of the last handled entry"
+    );
+    assert_eq!(report.offset, saved);
+
+    let second_recorder = Recorder::new();
+    let second_consumer = env.consumer(config, &second_recorder);
+    let run = spawn_run(&second_consumer);
+    let last = *ids.last().unwrap();
+    wait_until!(
+        PATIENCE,
+        "the second consumer reaches the last entry",
+        second_recorder.handled_ids().contains(&last)
+    );
+    stop(&second_consumer, run).await;
+
+    let second = second_recorder.handled_ids();
+    let union: HashSet<EntryId> = first.iter().chain(&second).copied().collect();
+    for id in &ids {
+        assert!(union.contains(id), "{id} was never handled");
+    }
+    let first_set: HashSet<EntryId> = first.iter().copied().collect();
+    let twice = second.iter().filter(|id| first_set.contains(id)).count();
+    assert!(
+        twice <= 10,
+        "{twice} entries handled twice, more than one batch"
+    );
+    let resumed_at = ids.iter().position(|id| *id == second[0]).unwrap();
+    assert_eq!(
+        second,
+        ids[resumed_at..],
+        "the second run skipped or reordered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_rides_out_a_redis_kill_and_restart() {
+    let mut env = Env::start_with(RedisServerOptions {
+        append_only: true,
+        ..RedisServerOptions::default()
+    })
+    .await;
+    let mut ids = env.publish_many(200).await;
+    let recorder = Recorder::new();
+    *recorder.delay.lock().unwrap() = Duration::from_millis(1);
+    let mut config = config();
+    config.batch_size = 20;
+    let consumer = env.consumer(config, &recorder);
+    let run = spawn_run(&consumer);
+
+    wait_until!(
+        PATIENCE,
+        "50 entries are handled",
+        recorder.handled_count() >= 50
+    );
+    tokio::task::block_in_place(|| env.server.kill());
+    wait_until!(
+        PATIENCE,
+        "the consumer notices the outage",
+        consumer.stats().snapshot().redis_faults >= 1
+    );
+    assert!(!run.is_finished(), "run ended while Redis was down");
+    tokio::task::block_in_place(|| env.server.restart());
+    env.reconnect().await;
+    ids.extend(env.publish_many(50).await);
+    assert_eq!(ids.len(), 250);
+
+    let expected: HashSet<EntryId> = ids.iter().copied().collect();
+    wait_until!(
+        Duration::from_secs(20),
+        "all 250 entries are handled",
+        recorder.handled_ids().into_iter().collect::<HashSet<_>>() == expected
+    );
+    let last = *ids.last().unwrap();
+    wait_until!(
+        PATIENCE,
+        "the offset reaches the last id",
+        env.offset().await == Some(last)
+    );
+    let report = stop(&consumer, run).await;
+    assert_eq!(report.offset, Some(last));
+    let stats = consumer.stats().snapshot();
+    assert!(stats.redis_faults >= 1, "{stats:?}");
+    assert!(stats.reconnects >= 1, "{stats:?}");
+    let handled = recorder.handled_ids();
+    // Replays after the outage are allowed; the first time each entry is seen
+    // must still follow stream order.
+    let mut seen = HashSet::new();
+    let firsts: Vec<EntryId> = handled.into_iter().filter(|id| seen.insert(*id)).collect();
+    assert_eq!(
+        firsts, ids,
+        "entries were first handled out of stream order"
+    );
+}
+
+#[tokio::test]
+async fn cancellation_interrupts_a_long_blocking_read_promptly() {
+    let env = Env::start().await;
+    let recorder = Recorder::new();
+    let mut config = config();
+    config.block_timeout = Duration::from_secs(30);
+    let consumer = env.consumer(config, &recorder);
+    let run = spawn_run(&consumer);
+
+    wait_until!(
+        PATIENCE,
+        "the first read is sent",
+        consumer.stats().snapshot().reads >= 1
+    );
+    wait_until!(
+        PATIENCE,
+        "Redis reports the consumer blocked in XREAD",
+        env.blocked_clients().await >= 1
+    );
+    let cancelled_at = Instant::now();
+    consumer.cancellation().cancel();
+    let report = tokio::time::timeout(Duration::from_secs(2), run)
+        .await
+        .expect("run did not return within 2 s of cancellation")
+        .expect("the run task panicked")
+        .expect("run ended with an error");
+    assert_eq!(report.reason, StopReason::Cancelled);
+    assert!(cancelled_at.elapsed() < Duration::from_secs(2));
+    assert_eq!(report.offset, None);
+    assert_eq!(consumer.stats().snapshot().reads, 1);
+}
+
+#[tokio::test]
+async fn a_stream_key_of_another_type_ends_run_with_a_clear_error() {
+    let env = Env::start().await;
+    let _: () = redis::cmd("SET")
+        .arg(STREAM)
+        .arg("not a stream")
+        .query_async(&mut env.conn.clone())
+        .await
+        .unwrap();
+    let recorder = Recorder::new();
+    let consumer = env.consumer(config(), &recorder);
+    let result = join(spawn_run(&consumer), PATIENCE).await;
+    let err = result.expect_err("run must fail on a WRONGTYPE stream key");
+    match &err {
+        ConsumerError::WrongType { key } => assert_eq!(key, STREAM),
+        other => panic!("expected WrongType, got {other:?}"),
+    }
+    let message = err.to_string();
+    assert!(message.contains(STREAM), "{message}");
+    assert!(message.contains("not a stream"), "{message}");
+    assert_eq!(recorder.attempt_ids(), vec![]);
+}
+
+#[tokio::test]
+async fn running_without_a_handler_is_an_error() {
+    let env = Env::start().await;
+    env.publish("alice", EventType::USER_DELETED).await;
+    let consumer = env.consumer_without_handler(config());
+    let result = join(spawn_run(&consumer), PATIENCE).await;
+    assert!(
+        matches!(result, Err(ConsumerError::NoHandler)),
+        "{result:?}"
+    );
+    let via_port = UserLifecycleConsumer::run(consumer.as_ref()).await;
+    assert!(
+        matches!(via_port, Err(ConsumerError::NoHandler)),
+        "{via_port:?}"
+    );
+    assert_eq!(consumer.stats().snapshot().reads, 0, "nothing may be read");
+    assert_eq!(env.offset().await, None);
+}
+
+#[tokio::test]
+async fn offset_saves_compare_ids_numerically_and_never_move_backwards() {
+    let env = Env::start().await;
+    let store = env.offset_store();
+    let label = USER_LIFECYCLE_LABEL;
+    let id = |text: &str| -> EntryId { text.parse().unwrap() };
+    assert_eq!(store.key(label), OFFSET_KEY);
+    assert_eq!(store.get(label).await.unwrap(), None);
+
+    assert!(store.save_if_larger(label, id("9-0")).await.unwrap());
+    assert!(
+        store.save_if_larger(label, id("10-0")).await.unwrap(),
+        "10-0 is after 9-0 (a string comparison would say otherwise)"
+    );
+    assert_eq!(env.offset().await, Some(id("10-0")));
+    assert!(
+        !store.save_if_larger(label, id("9-999")).await.unwrap(),
+        "smaller"
+    );
+    assert!(
+        !store.save_if_larger(label, id("10-0")).await.unwrap(),
+        "equal"
+    );
+    assert_eq!(env.offset().await, Some(id("10-0")));
+
+    assert!(store.save_if_larger(label, id("10-9")).await.unwrap());
+    assert!(
+        store.save_if_larger(label, id("10-10")).await.unwrap(),
+        "10-10 is after 10-9"
+    );
+    assert!(!store.save_if_larger(label, id("10-9")).await.unwrap());
+    assert_eq!(env.offset().await, Some(id("10-10")));
+    let other = "other_label";
+    assert!(store.save_if_larger(other, id("5-9")).await.unwrap());
+    assert!(
+        store.save_if_larger(other, id("5-10")).await.unwrap(),
+        "5-10 is after 5-9"
+    );
+    assert!(!store.save_if_larger(other, id("5-9")).await.unwrap());
+    assert_eq!(store.get(other).await.unwrap(), Some(id("5-10")));
+    assert_eq!(
+        store.get(label).await.unwrap(),
+        Some(id("10-10")),
+        "labels are separate"
+    );
+
+    // Sequences beyond 2^53 (where Lua's doubles lose precision) and u64::MAX.
+    assert!(store
+        .save_if_larger(label, id("10-9007199254740992"))
+        .await
+        .unwrap());
+    assert!(store
+        .save_if_larger(label, id("10-9007199254740993"))
+        .await
+        .unwrap());
+    assert!(!store
+        .save_if_larger(label, id("10-9007199254740992"))
+        .await
+        .unwrap());
+    let max_seq = EntryId::new(10, u64::MAX);
+    assert!(store.save_if_larger(label, max_seq).await.unwrap());
+    assert!(!store
+        .save_if_larger(label, EntryId::new(10, u64::MAX - 1))
+        .await
+        .unwrap());
+    assert_eq!(store.get(label).await.unwrap(), Some(max_seq));
+    assert!(store.save_if_larger(label, id("11-0")).await.unwrap());
+    assert!(store.save_if_larger(label, EntryId::MAX).await.unwrap());
+    assert!(!store.save_if_larger(label, id("11-0")).await.unwrap());
+    assert_eq!(store.get(label).await.unwrap(), Some(EntryId::MAX));
+
+    // The port's save keeps the larger id too.
+    StreamOffsetStore::save(&store, label, id("5-0"))
+        .await
+        .unwrap();
+    assert_eq!(
+        StreamOffsetStore::load(&store, label).await.unwrap(),
+        Some(EntryId::MAX)
+    );
+
+    // An operator's `set` may rewind; `reset` deletes.
+    store.set(label, id("1-0")).await.unwrap();
+    assert_eq!(env.offset().await, Some(id("1-0")));
+    assert!(store.save_if_larger(label, id("2-0")).await.unwrap());
+    assert!(store.reset(label).await.unwrap());
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(OFFSET_KEY)
+        .query_async(&mut env.conn.clone())
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+    assert_eq!(store.get(label).await.unwrap(), None);
+    assert!(!store.reset(label).await.unwrap(), "nothing left to reset");
+    assert!(
+        store.save_if_larger(label, id("1-0")).await.unwrap(),
+        "saves after a reset"
+    );
+}
+
+#[tokio::test]
+async fn drain_mode_stops_at_the_last_entry_present_at_start() {
+    let env = Env::start().await;
+    let mut ids = vec![env.publish("gatekeeper", EventType::USER_DELETED).await];
+    ids.extend(env.publish_many(29).await);
+    let last = *ids.last().unwrap();
+    let recorder = Recorder::new();
+    *recorder.gated_user.lock().unwrap() = Some("gatekeeper".into());
+    let mut config = config();
+    config.drain = true;
+    config.batch_size = 8;
+    let consumer = env.consumer(config, &recorder);
+    let run = spawn_run(&consumer);
+
+    // Once the first entry is in the handler, the drain target is fixed:
+    // what is added now lies beyond it.
+    wait_until!(
+        PATIENCE,
+        "the first entry is in the handler",
+        recorder.attempted(ids[0])
+    );
+    let late = env.publish_many(5).await;
+    recorder.gate.notify_one();
+
+    let report = join(run, PATIENCE).await.expect("drain failed");
+    assert_eq!(report.reason, StopReason::Drained);
+    assert_eq!(report.offset, Some(last));
+    assert_eq!(env.offset().await, Some(last));
+    assert_eq!(recorder.handled_ids(), ids);
+    for id in late {
+        assert!(
+            !recorder.attempted(id),
+            "{id}, added after start, was handled"
+        );
+    }
+}
+
+#[tokio::test]
+async fn start_from_end_skips_existing_entries_and_saves_its_position_at_once() {
+    let env = Env::start().await;
+    let existing = env.publish_many(5).await;
+    let recorder = Recorder::new();
+    let mut config = config();
+    config.start_from = StartFrom::End;
+    // Long enough that a save at the end of the first (empty) read would
+    // come far too late for the wait below.
+    config.block_timeout = Duration::from_secs(10);
+    let consumer = env.consumer(config, &recorder);
+    let run = spawn_run(&consumer);
+
+    let existing_last = *existing.last().unwrap();
+    wait_until!(
+        Duration::from_secs(3),
+        "the resolved start position is stored",
+        env.offset().await == Some(existing_last)
+    );
+    let fresh = vec![
+        env.publish("new1", EventType::USER_DELETED).await,
+        env.publish("new2", EventType::USER_PERMANENTLY_BLOCKED)
+            .await,
+    ];
+    wait_until!(
+        PATIENCE,
+        "the new entries are handled",
+        recorder.handled_count() >= 2
+    );
+    wait_until!(
+        PATIENCE,
+        "the offset reaches the last new entry",
+        env.offset().await == Some(fresh[1])
+    );
+    let report = stop(&consumer, run).await;
+    assert_eq!(report.offset, Some(fresh[1]));
+    assert_eq!(recorder.handled_ids(), fresh);
+    for id in existing {
+        assert!(!recorder.attempted(id), "existing entry {id} was handled");
+    }
+}
+
+#[tokio::test]
+async fn a_slow_handler_call_finishes_within_the_shutdown_grace() {
+    let env = Env::start().await;
+    let first = env.publish("alice", EventType::USER_DELETED).await;
+    let slow = env.publish("slowpoke", EventType::USER_DELETED).await;
+    let after = vec![
+        env.publish("bob", EventType::USER_DELETED).await,
+        env.publish("carol", EventType::USER_DELETED).await,
+    ];
+    let recorder = Recorder::new();
+    *recorder.slow_user.lock().unwrap() = Some(("slowpoke".into(), Duration::from_millis(300)));
+    let mut config = config();
+    config.shutdown_grace = Duration::from_secs(2);
+    let consumer = env.consumer(config, &recorder);
+    let run = spawn_run(&consumer);
+
+    wait_until!(
+        PATIENCE,
+        "the slow call is in flight",
+        recorder.attempted(slow)
+    );
+    let cancelled_at = Instant::now();
+    consumer.shutdown();
+    let report = join(run, Duration::from_secs(3))
+        .await
+        .expect("run ended with an error");
+    let took = cancelled_at.elapsed();
+    assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+    assert_eq!(report.reason, StopReason::Cancelled);
+    assert_eq!(
+        report.offset,
+        Some(slow),
+        "the finished slow entry is included"
+    );
+    assert_eq!(env.offset().await, Some(slow));
+    assert_eq!(recorder.handled_ids(), vec![first, slow]);
+    for id in after {
+        assert!(
+            !recorder.attempted(id),
+            "{id}: a handler call started after shutdown was requested"
+        );
+    }
+}
