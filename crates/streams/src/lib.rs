@@ -31,6 +31,7 @@ pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod reply;
+pub mod resp;
 pub mod stats;
 
 pub use backoff::{Backoff, BackoffPolicy};

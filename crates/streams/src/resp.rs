@@ -1,0 +1,687 @@
+//! Reading `XREAD` replies straight off the socket.
+//!
+//! A general Redis client turns every reply into a tree of owned values: one
+//! allocation per field of every entry. The consumer's hot path does not need
+//! that. [`XreadParser`] scans a RESP2 reply in place and records where each
+//! entry's id, names and values lie in the receive buffer; the finished reply
+//! becomes one shared [`Batch`] whose entries are borrowed views. The scan is
+//! resumable at entry granularity, so a reply that arrives in many socket reads
+//! is not rescanned from its start, and a bulk string announces its length, so
+//! nothing is scanned again until it has fully arrived.
+//!
+//! Nothing here trusts the peer: lengths and counts are bounded, every index is
+//! checked, and a reply that is not what Redis sends is a [`ProtocolError`].
+
+use bytes::Bytes;
+use lifecycle_domain::EntryId;
+
+use crate::reply::StreamEntry;
+
+/// The largest bulk string Redis can send (its `proto-max-bulk-len` ceiling).
+const MAX_BULK_LEN: usize = 512 * 1024 * 1024;
+/// Counts larger than this are not preallocated: memory grows with what
+/// actually arrives, not with what a header claims.
+const MAX_PREALLOCATED: usize = 4096;
+
+/// A reply that is not shaped like an `XREAD` reply for one stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed XREAD reply: {0}")]
+pub struct ProtocolError(pub String);
+
+fn protocol(message: impl Into<String>) -> ProtocolError {
+    ProtocolError(message.into())
+}
+
+/// An error reply from the server (`-CODE message`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerReplyError {
+    /// The first word, such as `WRONGTYPE` or `LOADING`.
+    pub code: String,
+    /// The whole error line.
+    pub message: String,
+}
+
+/// What one call to [`XreadParser::parse`] found.
+#[derive(Debug)]
+pub enum Parsed {
+    /// More bytes are needed.
+    Incomplete,
+    /// A whole reply of this many bytes was parsed.
+    Complete(usize),
+    /// The server answered with an error of this many bytes.
+    Error(usize, ServerReplyError),
+}
+
+/// Where one field name or value lies in the reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    start: usize,
+    end: usize,
+}
+
+/// One entry's place in the reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct EntrySlot {
+    id: EntryId,
+    /// Index of its first span in `spans`.
+    first: usize,
+    /// How many spans (names and values alternate).
+    count: usize,
+    /// Bytes of names and values.
+    size: usize,
+}
+
+/// Where the scan of the current reply stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Nothing of the reply parsed yet.
+    Header,
+    /// The header is parsed; this many entries remain.
+    Entries { remaining: usize },
+}
+
+/// A resumable scanner of one `XREAD` reply at a time.
+#[derive(Debug)]
+pub struct XreadParser {
+    stage: Stage,
+    /// Position just after the last complete unit (header or entry).
+    pos: usize,
+    /// Buffer length needed before scanning again is worth it.
+    need: usize,
+    entries: Vec<EntrySlot>,
+    spans: Vec<Span>,
+}
+
+impl Default for XreadParser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A cursor over a buffer that gives up (returns `None`) when bytes run out.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    /// Set when a bulk string's header was read but not its body: the total
+    /// buffer length that would complete it.
+    need: usize,
+}
+
+/// One RESP header line.
+enum Line<'a> {
+    Array(i64),
+    Bulk(i64),
+    Simple(&'a [u8]),
+    Integer(&'a [u8]),
+    Error(&'a [u8]),
+}
+
+impl<'a> Cursor<'a> {
+    fn line(&mut self) -> Result<Option<Line<'a>>, ProtocolError> {
+        let rest = self.buf.get(self.pos..).unwrap_or_default();
+        let Some(cr) = rest.iter().position(|&byte| byte == b'\r') else {
+            return Ok(None);
+        };
+        if rest.get(cr + 1).is_none() {
+            return Ok(None);
+        }
+        if rest.get(cr + 1) != Some(&b'\n') {
+            return Err(protocol("a line does not end with CRLF"));
+        }
+        let (kind, body) = match rest.get(..cr).and_then(|line| line.split_first()) {
+            Some((kind, body)) => (*kind, body),
+            None => return Err(protocol("an empty line")),
+        };
+        self.pos += cr + 2;
+        Ok(Some(match kind {
+            b'*' => Line::Array(number(body)?),
+            b'$' => Line::Bulk(number(body)?),
+            b'+' => Line::Simple(body),
+            b':' => Line::Integer(body),
+            b'-' => Line::Error(body),
+            other => {
+                return Err(protocol(format!(
+                    "unexpected type byte {:?}",
+                    char::from(other)
+                )))
+            }
+        }))
+    }
+
+    /// A bulk string's body of `len` bytes and its CRLF.
+    fn body(&mut self, len: i64) -> Result<Option<Span>, ProtocolError> {
+        let len = usize::try_from(len).map_err(|_| protocol("negative bulk length"))?;
+        if len > MAX_BULK_LEN {
+            return Err(protocol(format!("bulk string of {len} bytes")));
+        }
+        let start = self.pos;
+        let end = start.saturating_add(len);
+        let after = end.saturating_add(2);
+        if self.buf.len() < after {
+            self.need = after;
+            return Ok(None);
+        }
+        if self.buf.get(end..after) != Some(b"\r\n".as_slice()) {
+            return Err(protocol("a bulk string does not end with CRLF"));
+        }
+        self.pos = after;
+        Ok(Some(Span { start, end }))
+    }
+
+    /// A string element: a bulk string, or (leniently) a simple string or an
+    /// integer, as the span of its text. `Ok(None)`: incomplete.
+    fn string(&mut self) -> Result<Option<Option<Span>>, ProtocolError> {
+        let line_start = self.pos;
+        match self.line()? {
+            None => Ok(None),
+            Some(Line::Bulk(-1)) => Ok(Some(None)),
+            Some(Line::Bulk(len)) => Ok(self.body(len)?.map(Some)),
+            Some(Line::Simple(text) | Line::Integer(text)) => {
+                let start = line_start + 1;
+                Ok(Some(Some(Span {
+                    start,
+                    end: start + text.len(),
+                })))
+            }
+            Some(_) => Err(protocol("expected a string")),
+        }
+    }
+}
+
+fn number(digits: &[u8]) -> Result<i64, ProtocolError> {
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| protocol("a length is not a number"))
+}
+
+fn count(value: i64, what: &str) -> Result<usize, ProtocolError> {
+    usize::try_from(value).map_err(|_| protocol(format!("negative {what} count")))
+}
+
+impl XreadParser {
+    /// A parser ready for a reply.
+    pub fn new() -> Self {
+        Self {
+            stage: Stage::Header,
+            pos: 0,
+            need: 0,
+            entries: Vec::new(),
+            spans: Vec::new(),
+        }
+    }
+
+    /// Scans `buf`, which holds the reply from its first byte (and possibly
+    /// more after it). Call again with the same, longer buffer after
+    /// [`Parsed::Incomplete`].
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError`] when the bytes are not an `XREAD` reply; the
+    /// connection must then be dropped.
+    pub fn parse(&mut self, buf: &[u8]) -> Result<Parsed, ProtocolError> {
+        if buf.len() < self.need {
+            return Ok(Parsed::Incomplete);
+        }
+        let mut cursor = Cursor {
+            buf,
+            pos: self.pos,
+            need: 0,
+        };
+        let result = self.scan(&mut cursor);
+        self.need = cursor.need;
+        result
+    }
+
+    fn scan(&mut self, cursor: &mut Cursor<'_>) -> Result<Parsed, ProtocolError> {
+        if self.stage == Stage::Header {
+            match cursor.line()? {
+                None => return Ok(Parsed::Incomplete),
+                Some(Line::Error(text)) => {
+                    let message = String::from_utf8_lossy(text).into_owned();
+                    let code = message.split(' ').next().unwrap_or_default().to_owned();
+                    return Ok(Parsed::Error(
+                        cursor.pos,
+                        ServerReplyError { code, message },
+                    ));
+                }
+                // A block that timed out: RESP2's null array.
+                Some(Line::Array(-1)) => {
+                    self.pos = cursor.pos;
+                    return Ok(Parsed::Complete(cursor.pos));
+                }
+                Some(Line::Array(1)) => {}
+                Some(_) => return Err(protocol("expected one stream")),
+            }
+            match cursor.line()? {
+                None => return Ok(Parsed::Incomplete),
+                Some(Line::Array(2)) => {}
+                Some(_) => return Err(protocol("expected [stream, entries]")),
+            }
+            match cursor.string()? {
+                None => return Ok(Parsed::Incomplete),
+                Some(_stream_name) => {}
+            }
+            let remaining = match cursor.line()? {
+                None => return Ok(Parsed::Incomplete),
+                Some(Line::Array(n)) => count(n, "entry")?,
+                Some(_) => return Err(protocol("expected the entries array")),
+            };
+            self.entries.reserve(remaining.min(MAX_PREALLOCATED));
+            self.stage = Stage::Entries { remaining };
+            self.pos = cursor.pos;
+        }
+        while let Stage::Entries { remaining } = self.stage {
+            if remaining == 0 {
+                return Ok(Parsed::Complete(self.pos));
+            }
+            let spans_before = self.spans.len();
+            match self.entry(cursor) {
+                Ok(Some(slot)) => {
+                    self.entries.push(slot);
+                    self.pos = cursor.pos;
+                    self.stage = Stage::Entries {
+                        remaining: remaining - 1,
+                    };
+                }
+                Ok(None) => {
+                    self.spans.truncate(spans_before);
+                    return Ok(Parsed::Incomplete);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(Parsed::Complete(self.pos))
+    }
+
+    /// One entry `[id, [name, value, ...]]`; `Ok(None)` when incomplete.
+    fn entry(&mut self, cursor: &mut Cursor<'_>) -> Result<Option<EntrySlot>, ProtocolError> {
+        match cursor.line()? {
+            None => return Ok(None),
+            Some(Line::Array(2)) => {}
+            Some(_) => return Err(protocol("expected an [id, fields] pair")),
+        }
+        let id_span = match cursor.string()? {
+            None => return Ok(None),
+            Some(Some(span)) => span,
+            Some(None) => return Err(protocol("an entry without an id")),
+        };
+        let raw_id = cursor
+            .buf
+            .get(id_span.start..id_span.end)
+            .unwrap_or_default();
+        let id = EntryId::from_bytes(raw_id).map_err(|err| protocol(err.to_string()))?;
+        let elements = match cursor.line()? {
+            None => return Ok(None),
+            // A deleted entry can come back with nil fields.
+            Some(Line::Array(-1)) => 0,
+            Some(Line::Array(n)) => count(n, "field")?,
+            Some(_) => return Err(protocol("expected the fields array")),
+        };
+        let first = self.spans.len();
+        let mut size = 0usize;
+        for _ in 0..elements {
+            let span = match cursor.string()? {
+                None => return Ok(None),
+                Some(span) => span.unwrap_or(Span {
+                    start: cursor.pos,
+                    end: cursor.pos,
+                }),
+            };
+            size = size.saturating_add(span.end - span.start);
+            self.spans.push(span);
+        }
+        if elements % 2 == 1 {
+            // A name without a value (never sent by Redis) gets an empty one
+            // rather than shifting every later pair.
+            self.spans.push(Span {
+                start: cursor.pos,
+                end: cursor.pos,
+            });
+        }
+        Ok(Some(EntrySlot {
+            id,
+            first,
+            count: self.spans.len() - first,
+            size,
+        }))
+    }
+
+    /// Hands over the parsed reply, whose bytes are `data`, and resets for the
+    /// next one.
+    pub fn take_batch(&mut self, data: Bytes) -> Batch {
+        let batch = Batch {
+            data,
+            entries: std::mem::take(&mut self.entries),
+            spans: std::mem::take(&mut self.spans),
+        };
+        *self = Self::new();
+        batch
+    }
+
+    /// Forgets a partly parsed reply (after the connection was dropped).
+    pub fn reset(&mut self) {
+        *self = Self::new();
+    }
+}
+
+/// One `XREAD` reply: its bytes, shared by borrowed views of its entries.
+#[derive(Debug, Default)]
+pub struct Batch {
+    data: Bytes,
+    entries: Vec<EntrySlot>,
+    spans: Vec<Span>,
+}
+
+/// A view of one entry of a [`Batch`].
+#[derive(Clone, Copy, Debug)]
+pub struct EntryView<'a> {
+    batch: &'a Batch,
+    slot: EntrySlot,
+}
+
+impl Batch {
+    /// How many entries the reply holds.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the reply holds no entry (a block that timed out).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes of the reply.
+    pub fn reply_bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The entries, in stream order.
+    pub fn iter(&self) -> impl Iterator<Item = EntryView<'_>> + '_ {
+        self.entries.iter().map(move |slot| EntryView {
+            batch: self,
+            slot: *slot,
+        })
+    }
+
+    /// The id of the last entry.
+    pub fn last_id(&self) -> Option<EntryId> {
+        self.entries.last().map(|slot| slot.id)
+    }
+
+    fn bytes(&self, span: Span) -> &[u8] {
+        self.data.get(span.start..span.end).unwrap_or_default()
+    }
+}
+
+impl<'a> EntryView<'a> {
+    /// The entry's id.
+    pub fn id(&self) -> EntryId {
+        self.slot.id
+    }
+
+    /// Bytes of its names and values.
+    pub fn size(&self) -> usize {
+        self.slot.size
+    }
+
+    /// Its field/value pairs, written into `out` (cleared first) so one
+    /// vector serves a whole batch.
+    pub fn fields_into(&self, out: &mut Vec<(&'a [u8], &'a [u8])>) {
+        out.clear();
+        let spans = self
+            .batch
+            .spans
+            .get(self.slot.first..self.slot.first + self.slot.count)
+            .unwrap_or_default();
+        out.extend(spans.chunks_exact(2).filter_map(|pair| match pair {
+            [name, value] => Some((self.batch.bytes(*name), self.batch.bytes(*value))),
+            _ => None,
+        }));
+    }
+
+    /// An owned copy, for the rare paths that keep an entry (dead letters).
+    pub fn to_owned_entry(&self) -> StreamEntry {
+        let mut pairs = Vec::new();
+        self.fields_into(&mut pairs);
+        StreamEntry {
+            id: self.slot.id,
+            fields: pairs
+                .into_iter()
+                .map(|(name, value)| (name.to_vec(), value.to_vec()))
+                .collect(),
+        }
+    }
+}
+
+/// Encodes a command as a RESP array of bulk strings.
+pub fn encode_command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    out.push(b'*');
+    out.extend_from_slice(args.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for arg in args {
+        out.push(b'$');
+        out.extend_from_slice(arg.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn bulk(out: &mut Vec<u8>, text: &[u8]) {
+        out.extend_from_slice(format!("${}\r\n", text.len()).as_bytes());
+        out.extend_from_slice(text);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    fn reply(entries: &[(&str, &[&[u8]])]) -> Vec<u8> {
+        let mut out = b"*1\r\n*2\r\n".to_vec();
+        bulk(&mut out, b"user:lifecycle_events");
+        out.extend_from_slice(format!("*{}\r\n", entries.len()).as_bytes());
+        for (id, fields) in entries {
+            out.extend_from_slice(b"*2\r\n");
+            bulk(&mut out, id.as_bytes());
+            out.extend_from_slice(format!("*{}\r\n", fields.len()).as_bytes());
+            for field in *fields {
+                bulk(&mut out, field);
+            }
+        }
+        out
+    }
+
+    fn parse_all(bytes: &[u8]) -> (usize, Batch) {
+        let mut parser = XreadParser::new();
+        match parser.parse(bytes).unwrap() {
+            Parsed::Complete(len) => {
+                let data = Bytes::copy_from_slice(&bytes[..len]);
+                (len, parser.take_batch(data))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn pairs(view: &EntryView<'_>) -> Vec<(Vec<u8>, Vec<u8>)> {
+        view.to_owned_entry().fields
+    }
+
+    #[test]
+    fn parses_entries_as_views() {
+        let bytes = reply(&[
+            (
+                "1-0",
+                &[b"event_type", b"user.deleted", b"user_id", b"u\r\n1"],
+            ),
+            ("2-3", &[b"a", b"", b"a", b"\xff"]),
+        ]);
+        let (len, batch) = parse_all(&bytes);
+        assert_eq!(len, bytes.len());
+        assert_eq!(batch.len(), 2);
+        let views: Vec<_> = batch.iter().collect();
+        assert_eq!(views[0].id(), EntryId::new(1, 0));
+        assert_eq!(
+            pairs(&views[0]),
+            vec![
+                (b"event_type".to_vec(), b"user.deleted".to_vec()),
+                (b"user_id".to_vec(), b"u\r\n1".to_vec())
+            ]
+        );
+        assert_eq!(views[1].id(), EntryId::new(2, 3));
+        assert_eq!(pairs(&views[1]).len(), 2);
+        assert_eq!(batch.last_id(), Some(EntryId::new(2, 3)));
+    }
+
+    #[test]
+    fn a_timed_out_block_is_an_empty_batch() {
+        let (len, batch) = parse_all(b"*-1\r\nextra");
+        assert_eq!(len, 5);
+        assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn error_replies_carry_their_code() {
+        let mut parser = XreadParser::new();
+        match parser
+            .parse(b"-WRONGTYPE Operation against a key\r\n")
+            .unwrap()
+        {
+            Parsed::Error(len, err) => {
+                assert_eq!(len, 36);
+                assert_eq!(err.code, "WRONGTYPE");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_prefix_is_incomplete_and_the_whole_parses_the_same() {
+        let bytes = reply(&[
+            ("1-0", &[b"k", b"v"]),
+            ("1-1", &[b"name", b"value with spaces"]),
+            ("5-0", &[]),
+        ]);
+        let mut parser = XreadParser::new();
+        for end in 0..bytes.len() {
+            assert!(
+                matches!(parser.parse(&bytes[..end]).unwrap(), Parsed::Incomplete),
+                "prefix {end}"
+            );
+        }
+        match parser.parse(&bytes).unwrap() {
+            Parsed::Complete(len) => assert_eq!(len, bytes.len()),
+            other => panic!("{other:?}"),
+        }
+        let batch = parser.take_batch(Bytes::from(bytes.clone()));
+        let ids: Vec<_> = batch.iter().map(|view| view.id()).collect();
+        assert_eq!(
+            ids,
+            vec![EntryId::new(1, 0), EntryId::new(1, 1), EntryId::new(5, 0)]
+        );
+        assert_eq!(
+            pairs(&batch.iter().nth(1).unwrap())[0].1,
+            b"value with spaces"
+        );
+    }
+
+    #[test]
+    fn a_large_value_is_not_rescanned_until_it_has_arrived() {
+        let big = vec![b'x'; 100_000];
+        let bytes = reply(&[("1-0", &[b"k", &big])]);
+        let mut parser = XreadParser::new();
+        assert!(matches!(
+            parser.parse(&bytes[..100]).unwrap(),
+            Parsed::Incomplete
+        ));
+        assert!(parser.need > 100_000);
+        assert!(matches!(
+            parser.parse(&bytes[..50_000]).unwrap(),
+            Parsed::Incomplete
+        ));
+        assert!(matches!(parser.parse(&bytes).unwrap(), Parsed::Complete(_)));
+    }
+
+    #[test]
+    fn odd_shapes_are_errors_or_lenient_never_panics() {
+        for bad in [
+            b"*2\r\n".as_slice(),
+            b"$3\r\nabc\r\n",
+            b"*1\r\n*3\r\n",
+            b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\nx-y\r\n*0\r\n",
+            b"*1\r\n*2\r\n$1\r\ns\r\n*-5\r\n",
+            b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*1\r\n$99999999999\r\n",
+            b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-0XX",
+            b"*x\r\n",
+            b"?\r\n",
+        ] {
+            let mut parser = XreadParser::new();
+            assert!(
+                parser.parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Nil fields and an odd field count are tolerated.
+        let mut bytes = b"*1\r\n*2\r\n$1\r\ns\r\n*2\r\n*2\r\n$3\r\n1-0\r\n*-1\r\n".to_vec();
+        bytes.extend_from_slice(b"*2\r\n$3\r\n2-0\r\n*1\r\n$4\r\nlone\r\n");
+        let (_, batch) = parse_all(&bytes);
+        let views: Vec<_> = batch.iter().collect();
+        assert!(pairs(&views[0]).is_empty());
+        assert_eq!(pairs(&views[1]), vec![(b"lone".to_vec(), Vec::new())]);
+    }
+
+    #[test]
+    fn encodes_commands() {
+        let mut out = Vec::new();
+        encode_command(&mut out, &[b"XREAD", b"COUNT", b"10"]);
+        assert_eq!(out, b"*3\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n$2\r\n10\r\n");
+    }
+
+    proptest! {
+        #[test]
+        fn no_byte_sequence_panics_the_parser(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut parser = XreadParser::new();
+            let _ = parser.parse(&bytes);
+        }
+
+        #[test]
+        fn valid_replies_round_trip(
+            entries in proptest::collection::vec(
+                (any::<u32>(), proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20), 0..6)),
+                0..8,
+            ),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let ids: Vec<String> = entries.iter().enumerate().map(|(i, (ms, _))| format!("{ms}-{i}")).collect();
+            let shaped: Vec<(&str, Vec<&[u8]>)> = ids
+                .iter()
+                .zip(&entries)
+                .map(|(id, (_, fields))| (id.as_str(), fields.iter().map(Vec::as_slice).collect()))
+                .collect();
+            let borrowed: Vec<(&str, &[&[u8]])> = shaped.iter().map(|(id, f)| (*id, f.as_slice())).collect();
+            let bytes = reply(&borrowed);
+            let mut parser = XreadParser::new();
+            let split = cut.index(bytes.len());
+            prop_assert!(matches!(parser.parse(&bytes[..split]).unwrap(), Parsed::Incomplete));
+            let len = match parser.parse(&bytes).unwrap() {
+                Parsed::Complete(len) => len,
+                other => panic!("{other:?}"),
+            };
+            prop_assert_eq!(len, bytes.len());
+            let batch = parser.take_batch(Bytes::from(bytes));
+            prop_assert_eq!(batch.len(), entries.len());
+            for (view, (_, fields)) in batch.iter().zip(&entries) {
+                let got = pairs(&view);
+                prop_assert_eq!(got.len(), fields.len().div_ceil(2));
+                for (index, (name, value)) in got.iter().enumerate() {
+                    prop_assert_eq!(name, &fields[2 * index]);
+                    let expected = fields.get(2 * index + 1).cloned().unwrap_or_default();
+                    prop_assert_eq!(value, &expected);
+                }
+            }
+        }
+    }
+}
