@@ -21,7 +21,7 @@ pub struct UserLifecycleDecoder;
 impl EntryDecoder for UserLifecycleDecoder {
     type Item = UserLifecycleEvent;
 
-    fn decode(&self, id: EntryId, fields: &[(Vec<u8>, Vec<u8>)]) -> Decoded<UserLifecycleEvent> {
+    fn decode(&self, id: EntryId, fields: &[(&[u8], &[u8])]) -> Decoded<UserLifecycleEvent> {
         match decode_user_lifecycle_event(id, fields) {
             Ok(event) if event.event_type.is_known() => Decoded::Handle(event),
             Ok(event) => Decoded::UnknownType(event.event_type.as_str().to_owned()),
@@ -31,6 +31,10 @@ impl EntryDecoder for UserLifecycleDecoder {
 
     fn event_type<'a>(&self, item: &'a UserLifecycleEvent) -> &'a str {
         item.event_type.as_str()
+    }
+
+    fn ordering_key<'a>(&self, item: &'a UserLifecycleEvent) -> &'a str {
+        &item.user_id
     }
 }
 
@@ -140,10 +144,10 @@ impl UserLifecycleConsumer for RedisUserLifecycleConsumer {
 mod tests {
     use super::*;
 
-    fn fields(pairs: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    fn fields<'a>(pairs: &[(&'a str, &'a str)]) -> Vec<(&'a [u8], &'a [u8])> {
         pairs
             .iter()
-            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
             .collect()
     }
 

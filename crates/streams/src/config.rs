@@ -61,6 +61,9 @@ pub struct ConsumerConfig {
     pub drain: bool,
     /// How long establishing a connection to Redis may take.
     pub connect_timeout: Duration,
+    /// How many items may be handled at once; items with the same ordering
+    /// key never concurrently. 1 keeps strict stream order.
+    pub concurrency: usize,
 }
 
 impl ConsumerConfig {
@@ -88,7 +91,14 @@ impl ConsumerConfig {
             shutdown_grace: Duration::from_secs(10),
             drain: false,
             connect_timeout: Duration::from_secs(5),
+            concurrency: 1,
         }
+    }
+
+    /// How many entries may be held (running, waiting behind their key, or
+    /// finished out of order) before reading pauses.
+    pub fn max_held_entries(&self) -> usize {
+        self.batch_size.max(self.concurrency.saturating_mul(8))
     }
 
     /// Response timeout of the reading connection: longer than the block so a
@@ -114,6 +124,9 @@ impl ConsumerConfig {
         }
         if self.block_timeout < Duration::from_millis(1) {
             return Err("block timeout must be at least 1ms (0 would block for ever)".into());
+        }
+        if self.concurrency == 0 || self.concurrency > 10_000 {
+            return Err("concurrency must be between 1 and 10000".into());
         }
         if self.dead_letter_after == Some(0) {
             return Err("dead-letter-after must be at least 1 attempt".into());

@@ -21,11 +21,17 @@ pub trait EntryDecoder: Send + Sync + 'static {
     /// What a well-formed entry becomes.
     type Item: Send + Sync + 'static;
 
-    /// Decodes one entry. Must not panic on any input.
-    fn decode(&self, id: EntryId, fields: &[(Vec<u8>, Vec<u8>)]) -> Decoded<Self::Item>;
+    /// Decodes one entry from its field/value pairs. Must not panic on any
+    /// input.
+    fn decode(&self, id: EntryId, fields: &[(&[u8], &[u8])]) -> Decoded<Self::Item>;
 
     /// The item's type name, for logs (`event_type`).
     fn event_type<'a>(&self, item: &'a Self::Item) -> &'a str;
+
+    /// The key whose items must be handled one at a time, in stream order
+    /// (the user id for user-lifecycle events). Items of different keys may
+    /// be handled concurrently.
+    fn ordering_key<'a>(&self, item: &'a Self::Item) -> &'a str;
 }
 
 /// Handles decoded items of type `T`; must be idempotent (delivery is

@@ -1,20 +1,33 @@
 //! The consumer loop.
 //!
-//! One [`StreamConsumer::run`] call is a session: it loads the offset, then
-//! reads batches with `XREAD COUNT <batch> BLOCK <timeout>` on a dedicated
-//! connection (its response timeout is longer than the block), hands each
-//! entry to the decoder and the handler in stream order, and saves the offset
-//! after each batch (or each entry). Every await that can wait, reads and
-//! back-off sleeps alike, is raced against the cancellation token; the loop
-//! has one way out, after which the offset is saved.
+//! One [`StreamConsumer::run`] call is a session. It loads the offset, then
+//! reads batches with `XREAD COUNT <batch> BLOCK <timeout>` on a connection of
+//! its own ([`ReadConnection`]), whose replies are scanned in place. As soon as
+//! a batch has arrived the next read is sent, so Redis prepares it while the
+//! batch is handled. Each entry is decoded and handed to the handler:
+//!
+//! - with `concurrency` 1, one at a time, in stream order;
+//! - with more, up to that many at once, never two of the same ordering key
+//!   (user) at once, each key's entries in stream order ([`KeyQueues`]).
+//!
+//! The offset saved is the low watermark ([`Watermark`]): the highest id with
+//! every earlier entry finished, so a crash never skips an unfinished entry.
+//! Reading pauses while too many entries are held.
+//!
+//! Every await that can wait (reads, completions, back-off delays) is raced
+//! against the cancellation token. The loop has one way out; after it, the
+//! handler calls in flight may finish within the grace period and the offset
+//! is saved.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use lifecycle_domain::{EntryId, HandlerError, StoreError, StreamOffsetStore};
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, RedisError, Value};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -22,12 +35,15 @@ use crate::backoff::Backoff;
 use crate::config::{Checkpoint, ConsumerConfig, StartFrom};
 use crate::decoder::{Decoded, EntryDecoder, EntryHandler};
 use crate::error::ConsumerError;
-use crate::fault::{classify, FaultClass};
-use crate::reply::{parse_range_reply, parse_xread_reply, StreamEntry};
+use crate::fault::{classify, classify_read, FaultClass};
+use crate::read_conn::{ReadConnection, ReadError};
+use crate::reply::parse_range_reply;
+use crate::resp::Batch;
 use crate::stats::ConsumerStats;
+use crate::window::{KeyQueues, Watermark};
 
 /// A reply larger than this halves the next read's count, so a backlog of
-/// large entries cannot make one reply unbounded.
+/// large entries cannot make replies grow without bound.
 const LARGE_REPLY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Why a session ended without an error.
@@ -109,21 +125,28 @@ impl<D: EntryDecoder> StreamConsumer<D> {
     where
         H: EntryHandler<D::Item> + ?Sized,
     {
-        let span = tracing::info_span!("consumer", stream = %self.config.stream, label = %self.config.label);
-        let mut session = Session {
+        let commands = ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(self.config.connect_timeout))
+                .set_response_timeout(Some(Duration::from_secs(10)))
+                .set_number_of_retries(1),
+        )
+        .map_err(|source| ConsumerError::Redis {
+            action: "set up a command connection",
+            source: Box::new(source),
+        })?;
+        let ctx = Ctx {
             consumer: self,
             handler,
             cancel,
-            conn: None,
-            redis_backoff: Backoff::new(self.config.redis_retry),
-            outage: None,
-            finished: EntryId::ZERO,
-            saved: None,
-            dirty: false,
-            batch_size: self.config.batch_size,
+            commands,
         };
+        let span = tracing::info_span!("consumer", stream = %self.config.stream, label = %self.config.label);
+        let mut session = Session::new(&ctx);
         async move {
             let outcome = session.consume().await;
+            session.finish_running().await;
             let unsaved = session.final_checkpoint().await;
             let reason = outcome?;
             info!(offset = ?session.saved.map(|id| id.to_string()), reason = ?reason, "consumer stopped");
@@ -138,10 +161,195 @@ impl<D: EntryDecoder> StreamConsumer<D> {
     }
 }
 
-/// A fault met while talking to Redis or the offset store.
-enum Fault {
-    Redis(RedisError),
-    Store(StoreError),
+/// What the handling of one entry came to.
+enum Progress {
+    /// Its handling finished: the offset may move past it.
+    Finished,
+    /// Shutdown came first: the offset stays before it.
+    Interrupted,
+}
+
+/// One decoded entry waiting for, or in, the handler.
+struct Job<T> {
+    id: EntryId,
+    item: T,
+    /// The reply it came in, kept for a dead letter's copy of its fields.
+    batch: Arc<Batch>,
+    index: usize,
+}
+
+/// A finished job.
+struct Done {
+    id: EntryId,
+    /// Its ordering key (only tracked when handling concurrently).
+    key: Option<String>,
+    outcome: Result<Progress, ConsumerError>,
+}
+
+type JobFuture<'a> = Pin<Box<dyn Future<Output = Done> + Send + 'a>>;
+
+/// What every job shares: read-only for the whole session.
+struct Ctx<'a, D: EntryDecoder, H: ?Sized> {
+    consumer: &'a StreamConsumer<D>,
+    handler: &'a H,
+    cancel: &'a CancellationToken,
+    /// For the stream's last id and dead letters; reconnects by itself.
+    commands: ConnectionManager,
+}
+
+impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
+    fn config(&self) -> &ConsumerConfig {
+        &self.consumer.config
+    }
+
+    /// Handles one job: retries a failing handler with back-off, dead-letters
+    /// it after the configured attempts. The handler call itself is never
+    /// interrupted; the caller bounds it by the grace period at shutdown.
+    async fn run_job(&self, job: Job<D::Item>, key: Option<String>) -> Done {
+        let mut backoff = Backoff::new(self.config().handler_retry);
+        let mut attempts: u32 = 0;
+        let outcome = loop {
+            attempts = attempts.saturating_add(1);
+            let err = match self.handler.handle(&job.item).await {
+                Ok(()) => {
+                    self.consumer.stats.handled();
+                    break Ok(Progress::Finished);
+                }
+                Err(err) => err,
+            };
+            self.consumer.stats.handler_failure();
+            if self
+                .config()
+                .dead_letter_after
+                .is_some_and(|limit| attempts >= limit)
+            {
+                break self.dead_letter(&job, &err, attempts).await;
+            }
+            let delay = backoff.next_delay();
+            warn!(
+                stream_entry_id = %job.id,
+                event_type = ?self.consumer.decoder.event_type(&job.item),
+                attempt = attempts,
+                retry_in_ms = delay.as_millis() as u64,
+                err = %err,
+                "handler failed; holding the offset and retrying"
+            );
+            if !sleep_unless_cancelled(self.cancel, delay).await {
+                break Ok(Progress::Interrupted);
+            }
+        };
+        Done {
+            id: job.id,
+            key,
+            outcome,
+        }
+    }
+
+    /// Copies a job's entry to the dead-letter stream with the failure, then
+    /// lets the offset move past it.
+    async fn dead_letter(
+        &self,
+        job: &Job<D::Item>,
+        err: &HandlerError,
+        attempts: u32,
+    ) -> Result<Progress, ConsumerError> {
+        let config = self.config();
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&config.dead_letter_stream).arg("*");
+        if let Some(view) = job.batch.entry(job.index) {
+            let mut fields = Vec::new();
+            view.fields_into(&mut fields);
+            for (name, value) in fields {
+                cmd.arg(name).arg(value);
+            }
+        }
+        cmd.arg("dead_letter_entry_id")
+            .arg(job.id.to_string())
+            .arg("dead_letter_stream")
+            .arg(&config.stream)
+            .arg("dead_letter_error")
+            .arg(err.to_string())
+            .arg("dead_letter_attempts")
+            .arg(attempts);
+        let added = self
+            .command(
+                "add to the dead-letter stream",
+                &config.dead_letter_stream,
+                &cmd,
+            )
+            .await?;
+        if added.is_none() {
+            return Ok(Progress::Interrupted);
+        }
+        error!(
+            stream_entry_id = %job.id,
+            dead_letter_stream = %config.dead_letter_stream,
+            attempts,
+            err = %err,
+            "entry dead-lettered after repeated handler failures; moving past it"
+        );
+        self.consumer.stats.dead_lettered();
+        Ok(Progress::Finished)
+    }
+
+    /// Runs `cmd` on the command connection through transient faults, backing
+    /// off between attempts. `None` when cancelled first.
+    async fn command(
+        &self,
+        action: &'static str,
+        key: &str,
+        cmd: &redis::Cmd,
+    ) -> Result<Option<Value>, ConsumerError> {
+        let mut backoff = Backoff::new(self.config().redis_retry);
+        loop {
+            let mut conn = self.commands.clone();
+            let result = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => return Ok(None),
+                result = cmd.query_async::<Value>(&mut conn) => result,
+            };
+            let err = match result {
+                Ok(value) => return Ok(Some(value)),
+                Err(err) => err,
+            };
+            permanent_redis(action, key, &err)?;
+            self.consumer.stats.redis_fault();
+            let delay = backoff.next_delay();
+            if backoff.attempts() == 1 {
+                warn!(action, err = %err, "Redis unavailable; retrying with back-off");
+            }
+            if !sleep_unless_cancelled(self.cancel, delay).await {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// The error to end the session with, when `err` is permanent.
+fn permanent_redis(action: &'static str, key: &str, err: &RedisError) -> Result<(), ConsumerError> {
+    match classify(err) {
+        FaultClass::Transient => Ok(()),
+        FaultClass::WrongType => Err(ConsumerError::WrongType {
+            key: key.to_owned(),
+        }),
+        FaultClass::Auth => Err(ConsumerError::Auth {
+            action,
+            source: Box::new(err.clone()),
+        }),
+        FaultClass::Permanent => Err(ConsumerError::Redis {
+            action,
+            source: Box::new(err.clone()),
+        }),
+    }
+}
+
+/// Sleeps unless cancelled first; `false` when cancelled.
+async fn sleep_unless_cancelled(cancel: &CancellationToken, delay: Duration) -> bool {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => false,
+        () = tokio::time::sleep(delay) => true,
+    }
 }
 
 /// A run of consecutive faults, logged once when it starts and once when it
@@ -151,24 +359,32 @@ struct Outage {
     retries: u32,
 }
 
-/// What became of one entry.
-enum Progress {
-    /// Its handling finished: the offset may move past it.
-    Finished,
-    /// Shutdown came first: the offset stays before it.
-    Interrupted,
+/// Why the dispatch of a batch stopped early.
+enum Dispatch {
+    /// Every entry was dispatched (or drain's end was reached).
+    Done,
+    /// Shutdown was requested.
+    Cancelled,
 }
 
 /// The mutable state of one `run`.
 struct Session<'a, D: EntryDecoder, H: ?Sized> {
-    consumer: &'a StreamConsumer<D>,
-    handler: &'a H,
-    cancel: &'a CancellationToken,
+    ctx: &'a Ctx<'a, D, H>,
     /// The reading connection; `None` after a fault, until reconnected.
-    conn: Option<MultiplexedConnection>,
+    reader: Option<ReadConnection>,
+    /// Whether an `XREAD` was sent whose reply has not been received.
+    read_in_flight: bool,
+    /// Where the next read starts: the last entry received.
+    read_after: EntryId,
+    /// Not before this instant is Redis tried again after a fault.
+    retry_at: Option<tokio::time::Instant>,
     redis_backoff: Backoff,
     outage: Option<Outage>,
-    /// The last entry whose handling finished; reads continue after it.
+    /// Drain mode's last entry; `None` outside drain mode.
+    drain_target: Option<EntryId>,
+    /// Drain mode has read everything it will handle.
+    reading_done: bool,
+    /// The low watermark: every entry up to it is finished.
     finished: EntryId,
     /// The offset known to be stored.
     saved: Option<EntryId>,
@@ -177,15 +393,44 @@ struct Session<'a, D: EntryDecoder, H: ?Sized> {
     /// The current read count: the configured batch size, lowered while
     /// replies are very large.
     batch_size: usize,
+    window: Watermark,
+    queues: KeyQueues<Job<D::Item>>,
+    running: FuturesUnordered<JobFuture<'a>>,
 }
 
-impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
-    fn config(&self) -> &ConsumerConfig {
-        &self.consumer.config
+impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
+    fn new(ctx: &'a Ctx<'a, D, H>) -> Self {
+        let config = ctx.config();
+        Self {
+            ctx,
+            reader: None,
+            read_in_flight: false,
+            read_after: EntryId::ZERO,
+            retry_at: None,
+            redis_backoff: Backoff::new(config.redis_retry),
+            outage: None,
+            drain_target: None,
+            reading_done: false,
+            finished: EntryId::ZERO,
+            saved: None,
+            dirty: false,
+            batch_size: config.batch_size,
+            window: Watermark::new(),
+            queues: KeyQueues::new(),
+            running: FuturesUnordered::new(),
+        }
     }
 
-    fn stats(&self) -> &ConsumerStats {
-        &self.consumer.stats
+    fn config(&self) -> &'a ConsumerConfig {
+        &self.ctx.consumer.config
+    }
+
+    fn stats(&self) -> &'a ConsumerStats {
+        &self.ctx.consumer.stats
+    }
+
+    fn cancel(&self) -> &'a CancellationToken {
+        self.ctx.cancel
     }
 
     /// The loop. Returns when cancelled, drained, or on a permanent fault.
@@ -194,64 +439,280 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
             return Ok(StopReason::Cancelled);
         };
         self.finished = start;
+        self.read_after = start;
         // A start position resolved from the start option (end, or a given
         // id) is stored before the first read, so a restart before the first
         // new entry cannot resolve it again and skip what arrived meanwhile.
         self.checkpoint().await?;
-        let drain_target = if self.config().drain {
+        if self.config().drain {
             match self.last_entry_id().await? {
-                Some(target) => target,
                 None => return Ok(StopReason::Cancelled),
+                Some(target) => {
+                    self.reading_done = target.is_none_or(|target| target <= start);
+                    self.drain_target = Some(target.unwrap_or(start));
+                }
             }
-        } else {
-            None
-        };
+        }
         info!(
             start_after = %start,
             block_timeout_ms = self.config().block_timeout.as_millis() as u64,
             batch_size = self.config().batch_size,
-            drain_until = ?drain_target.map(|id| id.to_string()),
+            concurrency = self.config().concurrency,
+            drain_until = ?self.drain_target.map(|id| id.to_string()),
             "consumer started"
         );
         loop {
-            if self.cancel.is_cancelled() {
+            if self.cancel().is_cancelled() {
                 return Ok(StopReason::Cancelled);
             }
-            if let Some(target) = drain_target {
-                if self.finished >= target {
-                    return Ok(StopReason::Drained);
-                }
+            if self.reading_done && self.running.is_empty() && self.window.is_empty() {
+                return Ok(StopReason::Drained);
             }
-            let Some(entries) = self.read_batch().await? else {
-                return Ok(StopReason::Cancelled);
+            let may_read =
+                !self.reading_done && self.window.len() < self.config().max_held_entries();
+            if may_read && !self.read_in_flight {
+                self.send_read().await?;
+            }
+            let cancel = self.cancel();
+            let waiting_to_retry = self.retry_at;
+            let reader = if self.read_in_flight {
+                self.reader.as_mut()
+            } else {
+                None
             };
-            if entries.is_empty() {
-                if drain_target.is_some() {
-                    // Nothing after our position although the target lies
-                    // ahead: the rest was deleted. Done all the same.
-                    return Ok(StopReason::Drained);
+            let running = &mut self.running;
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Ok(StopReason::Cancelled),
+                Some(done) = running.next(), if !running.is_empty() => {
+                    self.complete(done).await?;
                 }
-                self.checkpoint().await?;
+                received = receive(reader), if self.read_in_flight => {
+                    self.read_in_flight = false;
+                    match received {
+                        Ok(batch) => self.on_batch(batch).await?,
+                        Err(err) => self.read_fault(err)?,
+                    }
+                }
+                () = sleep_until(waiting_to_retry), if waiting_to_retry.is_some() && !self.read_in_flight => {
+                    self.retry_at = None;
+                }
+            }
+        }
+    }
+
+    /// Sends the next `XREAD`, connecting first if needed. Faults set a
+    /// retry time rather than blocking, so completions keep flowing.
+    async fn send_read(&mut self) -> Result<(), ConsumerError> {
+        if self
+            .retry_at
+            .is_some_and(|at| at > tokio::time::Instant::now())
+        {
+            return Ok(());
+        }
+        if self.reader.is_none() {
+            let info = self.ctx.consumer.client.get_connection_info();
+            let connect = ReadConnection::connect(info, self.config().connect_timeout);
+            let connected = tokio::select! {
+                biased;
+                () = self.cancel().cancelled() => return Ok(()),
+                connected = connect => connected,
+            };
+            match connected {
+                Ok(conn) => {
+                    if self.outage.is_some() {
+                        self.stats().reconnect();
+                    }
+                    self.reader = Some(conn);
+                }
+                Err(err) => return self.read_fault(err),
+            }
+        }
+        let block = (!self.config().drain).then_some(self.config().block_timeout);
+        let stream = &self.config().stream;
+        let (after, count) = (self.read_after, self.batch_size);
+        let Some(reader) = self.reader.as_mut() else {
+            return Ok(());
+        };
+        match reader.send_xread(stream, after, count, block).await {
+            Ok(()) => {
+                self.stats().read();
+                self.read_in_flight = true;
+                Ok(())
+            }
+            Err(err) => self.read_fault(err),
+        }
+    }
+
+    /// A batch arrived: send the next read at once, then dispatch it.
+    async fn on_batch(&mut self, batch: Batch) -> Result<(), ConsumerError> {
+        self.recovered();
+        if batch.is_empty() {
+            if self.drain_target.is_some() {
+                // Nothing after our position although the target lies ahead:
+                // the rest was deleted. Done all the same.
+                self.reading_done = true;
+            }
+            return self.checkpoint().await;
+        }
+        self.adapt_batch_size(batch.reply_bytes());
+        if let Some(last) = batch.last_id() {
+            self.read_after = last;
+            if self.drain_target.is_some_and(|target| last >= target) {
+                self.reading_done = true;
+            }
+        }
+        if !self.reading_done && self.window.len() < self.config().max_held_entries() {
+            self.send_read().await?;
+        }
+        match self.dispatch(Arc::new(batch)).await? {
+            Dispatch::Done => self.checkpoint().await,
+            Dispatch::Cancelled => Ok(()),
+        }
+    }
+
+    /// Decodes and dispatches every entry of `batch` in stream order.
+    async fn dispatch(&mut self, batch: Arc<Batch>) -> Result<Dispatch, ConsumerError> {
+        let decoder = &self.ctx.consumer.decoder;
+        let concurrency = self.config().concurrency;
+        let mut fields = Vec::new();
+        for (index, view) in batch.iter().enumerate() {
+            if self.cancel().is_cancelled() {
+                return Ok(Dispatch::Cancelled);
+            }
+            let id = view.id();
+            if self.drain_target.is_some_and(|target| id > target) {
+                break;
+            }
+            while self.window.len() >= self.config().max_held_entries() {
+                if !self.complete_one().await? {
+                    return Ok(Dispatch::Cancelled);
+                }
+            }
+            view.fields_into(&mut fields);
+            let decoded = decoder.decode(id, &fields);
+            if !self.window.push(id) {
+                // Never from Redis: ids grow along a stream.
+                warn!(stream_entry_id = %id, "entry id not after the previous one; skipped");
                 continue;
             }
-            for entry in entries {
-                // Shutdown lets the handler call in flight finish, but starts
-                // no new one (each would get its own grace period).
-                if self.cancel.is_cancelled() {
-                    return Ok(StopReason::Cancelled);
+            let item = match decoded {
+                Decoded::Handle(item) => item,
+                Decoded::Malformed(reason) => {
+                    warn!(stream_entry_id = %id, err = %reason, "malformed entry absorbed");
+                    self.stats().malformed();
+                    self.settle(id).await?;
+                    continue;
                 }
-                if drain_target.is_some_and(|target| entry.id > target) {
-                    break;
+                Decoded::UnknownType(event_type) => {
+                    info!(stream_entry_id = %id, event_type = ?event_type, "entry of unknown type absorbed");
+                    self.stats().unknown_type();
+                    self.settle(id).await?;
+                    continue;
                 }
-                match self.process(entry).await? {
-                    Progress::Finished => {}
-                    Progress::Interrupted => return Ok(StopReason::Cancelled),
+            };
+            let job = Job {
+                id,
+                item,
+                batch: Arc::clone(&batch),
+                index,
+            };
+            if concurrency == 1 {
+                let done = run_with_grace(self.ctx, job).await;
+                let interrupted = matches!(done.outcome, Ok(Progress::Interrupted));
+                self.complete(done).await?;
+                if interrupted {
+                    return Ok(Dispatch::Cancelled);
                 }
-                if self.config().checkpoint == Checkpoint::EveryEntry {
-                    self.checkpoint().await?;
+                continue;
+            }
+            let key = decoder.ordering_key(&job.item).to_owned();
+            let Some(job) = self.queues.offer(&key, job) else {
+                continue;
+            };
+            while self.running.len() >= concurrency {
+                if !self.complete_one().await? {
+                    return Ok(Dispatch::Cancelled);
                 }
             }
-            self.checkpoint().await?;
+            self.start(job, key);
+        }
+        Ok(Dispatch::Done)
+    }
+
+    fn start(&mut self, job: Job<D::Item>, key: String) {
+        let ctx = self.ctx;
+        self.running.push(Box::pin(ctx.run_job(job, Some(key))));
+    }
+
+    /// Waits for one running job and settles it; `false` when cancelled first.
+    async fn complete_one(&mut self) -> Result<bool, ConsumerError> {
+        let cancel = self.cancel();
+        let done = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Ok(false),
+            done = self.running.next() => done,
+        };
+        match done {
+            Some(done) => self.complete(done).await.map(|()| true),
+            None => Ok(true),
+        }
+    }
+
+    /// Settles a finished job: moves the watermark, starts the next job of
+    /// its key.
+    async fn complete(&mut self, done: Done) -> Result<(), ConsumerError> {
+        let progress = done.outcome?;
+        if let Progress::Interrupted = progress {
+            return Ok(());
+        }
+        if let Some(key) = &done.key {
+            if let Some(next) = self.queues.release(key) {
+                if !self.cancel().is_cancelled() {
+                    self.start(next, key.clone());
+                }
+            }
+        }
+        self.settle(done.id).await
+    }
+
+    /// Records that `id` is finished and moves the watermark if it can.
+    async fn settle(&mut self, id: EntryId) -> Result<(), ConsumerError> {
+        if let Some(watermark) = self.window.finish(id) {
+            self.finished = watermark;
+            self.dirty = true;
+            if self.config().checkpoint == Checkpoint::EveryEntry {
+                self.checkpoint().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After shutdown or a fault: lets running jobs finish within the grace
+    /// period, settling those that do.
+    async fn finish_running(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        let grace = self.config().shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.running.is_empty() {
+            match tokio::time::timeout_at(deadline, self.running.next()).await {
+                Ok(Some(done)) => {
+                    if let Err(err) = self.complete(done).await {
+                        error!(err = %err, "an entry failed while shutting down");
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(
+                        running = self.running.len(),
+                        grace_ms = grace.as_millis() as u64,
+                        "handler calls did not finish within the shutdown grace period; their entries will be handled again"
+                    );
+                    break;
+                }
+            }
         }
     }
 
@@ -260,19 +721,19 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
     async fn start_position(&mut self) -> Result<Option<EntryId>, ConsumerError> {
         let stored = loop {
             let label = self.config().label.as_str();
-            let load = self.consumer.offsets.load(label);
+            let load = self.ctx.consumer.offsets.load(label);
             let result = tokio::select! {
                 biased;
-                () = self.cancel.cancelled() => return Ok(None),
+                () = self.cancel().cancelled() => return Ok(None),
                 result = load => result,
             };
             match result {
                 Ok(stored) => break stored,
+                Err(err) if err.permanent => return Err(ConsumerError::Store(err)),
                 Err(err) => {
-                    if !self
-                        .fault("load the stored offset", Fault::Store(err))
-                        .await?
-                    {
+                    self.note_fault(&err.to_string());
+                    let delay = self.redis_backoff.next_delay();
+                    if !sleep_unless_cancelled(self.cancel(), delay).await {
                         return Ok(None);
                     }
                 }
@@ -292,8 +753,6 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
             StartFrom::End => match self.last_entry_id().await? {
                 None => return Ok(None),
                 Some(last) => {
-                    // Stored at once, so a restart before the first new entry
-                    // does not skip what arrives meanwhile.
                     self.dirty = true;
                     last.unwrap_or(EntryId::ZERO)
                 }
@@ -305,21 +764,12 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
     /// The id of the stream's last entry (`Some(None)`: the stream is empty
     /// or absent), or `None` when cancelled first.
     async fn last_entry_id(&mut self) -> Result<Option<Option<EntryId>>, ConsumerError> {
-        let stream = self.config().stream.clone();
+        let stream = &self.config().stream;
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(stream).arg("+").arg("-").arg("COUNT").arg(1);
         let reply = self
-            .with_redis("find the stream's last entry", |mut conn| {
-                let stream = stream.clone();
-                async move {
-                    redis::cmd("XREVRANGE")
-                        .arg(&stream)
-                        .arg("+")
-                        .arg("-")
-                        .arg("COUNT")
-                        .arg(1)
-                        .query_async::<Value>(&mut conn)
-                        .await
-                }
-            })
+            .ctx
+            .command("find the stream's last entry", stream, &cmd)
             .await?;
         match reply {
             None => Ok(None),
@@ -329,38 +779,7 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
         }
     }
 
-    /// One `XREAD`; `None` when cancelled first.
-    async fn read_batch(&mut self) -> Result<Option<Vec<StreamEntry>>, ConsumerError> {
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT").arg(self.batch_size);
-        if !self.config().drain {
-            cmd.arg("BLOCK")
-                .arg(self.config().block_timeout.as_millis() as u64);
-        }
-        cmd.arg("STREAMS")
-            .arg(&self.config().stream)
-            .arg(self.finished.to_string());
-        let stats = Arc::clone(&self.consumer.stats);
-        let reply = self
-            .with_redis("read the stream", |mut conn| {
-                let cmd = cmd.clone();
-                stats.read();
-                async move { cmd.query_async::<Value>(&mut conn).await }
-            })
-            .await?;
-        let Some(reply) = reply else {
-            return Ok(None);
-        };
-        let entries = parse_xread_reply(reply)?;
-        self.adapt_batch_size(&entries);
-        Ok(Some(entries))
-    }
-
-    fn adapt_batch_size(&mut self, entries: &[StreamEntry]) {
-        let bytes = entries
-            .iter()
-            .map(StreamEntry::size)
-            .fold(0usize, usize::saturating_add);
+    fn adapt_batch_size(&mut self, bytes: usize) {
         let configured = self.config().batch_size;
         if bytes > LARGE_REPLY_BYTES && self.batch_size > 1 {
             self.batch_size = (self.batch_size / 2).max(1);
@@ -374,127 +793,39 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
         }
     }
 
-    /// Decodes and handles one entry.
-    async fn process(&mut self, entry: StreamEntry) -> Result<Progress, ConsumerError> {
-        let entry_id = entry.id.to_string();
-        let item = match self.consumer.decoder.decode(entry.id, &entry.fields) {
-            Decoded::Handle(item) => item,
-            Decoded::Malformed(reason) => {
-                warn!(stream_entry_id = %entry_id, err = %reason, "malformed entry absorbed");
-                self.stats().malformed();
-                self.finish(entry.id);
-                return Ok(Progress::Finished);
+    /// Handles a failure of the reading connection: permanent ones end the
+    /// session; transient ones drop the connection and schedule a retry.
+    fn read_fault(&mut self, err: ReadError) -> Result<(), ConsumerError> {
+        match classify_read(&err) {
+            FaultClass::Transient => {}
+            FaultClass::WrongType => {
+                return Err(ConsumerError::WrongType {
+                    key: self.config().stream.clone(),
+                })
             }
-            Decoded::UnknownType(event_type) => {
-                info!(stream_entry_id = %entry_id, event_type = ?event_type, "entry of unknown type absorbed");
-                self.stats().unknown_type();
-                self.finish(entry.id);
-                return Ok(Progress::Finished);
+            FaultClass::Auth => {
+                return Err(ConsumerError::Auth {
+                    action: "read the stream",
+                    source: Box::new(err),
+                })
             }
-        };
-        let mut backoff = Backoff::new(self.config().handler_retry);
-        let mut attempts: u32 = 0;
-        loop {
-            attempts = attempts.saturating_add(1);
-            let err = match self.call_handler(&item).await {
-                None => return Ok(Progress::Interrupted),
-                Some(Ok(())) => {
-                    self.stats().handled();
-                    self.finish(entry.id);
-                    return Ok(Progress::Finished);
-                }
-                Some(Err(err)) => err,
-            };
-            self.stats().handler_failure();
-            let event_type = self.consumer.decoder.event_type(&item);
-            if self
-                .config()
-                .dead_letter_after
-                .is_some_and(|limit| attempts >= limit)
-            {
-                return self.dead_letter(&entry, &err, attempts).await;
-            }
-            let delay = backoff.next_delay();
-            warn!(
-                stream_entry_id = %entry_id,
-                event_type = ?event_type,
-                attempt = attempts,
-                retry_in_ms = delay.as_millis() as u64,
-                err = %err,
-                "handler failed; holding the offset and retrying"
-            );
-            if !self.sleep(delay).await {
-                return Ok(Progress::Interrupted);
+            FaultClass::Permanent => {
+                return Err(ConsumerError::Redis {
+                    action: "read the stream",
+                    source: Box::new(err),
+                })
             }
         }
-    }
-
-    /// Calls the handler; on shutdown the call may finish within the grace
-    /// period. `None`: it did not, and the entry stays unfinished.
-    async fn call_handler(&self, item: &D::Item) -> Option<Result<(), HandlerError>> {
-        let call = self.handler.handle(item);
-        tokio::pin!(call);
-        tokio::select! {
-            biased;
-            result = &mut call => Some(result),
-            () = self.cancel.cancelled() => {
-                let grace = self.config().shutdown_grace;
-                match tokio::time::timeout(grace, &mut call).await {
-                    Ok(result) => Some(result),
-                    Err(_) => {
-                        warn!(grace_ms = grace.as_millis() as u64, "handler did not finish within the shutdown grace period; its entry will be handled again");
-                        None
-                    }
-                }
-            }
-        }
-    }
-
-    /// Copies `entry` to the dead-letter stream with the failure, then moves
-    /// past it.
-    async fn dead_letter(
-        &mut self,
-        entry: &StreamEntry,
-        err: &HandlerError,
-        attempts: u32,
-    ) -> Result<Progress, ConsumerError> {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&self.config().dead_letter_stream).arg("*");
-        for (name, value) in &entry.fields {
-            cmd.arg(name.as_slice()).arg(value.as_slice());
-        }
-        cmd.arg("dead_letter_entry_id")
-            .arg(entry.id.to_string())
-            .arg("dead_letter_stream")
-            .arg(&self.config().stream)
-            .arg("dead_letter_error")
-            .arg(err.to_string())
-            .arg("dead_letter_attempts")
-            .arg(attempts);
-        let added = self
-            .with_redis("add to the dead-letter stream", |mut conn| {
-                let cmd = cmd.clone();
-                async move { cmd.query_async::<Value>(&mut conn).await }
-            })
-            .await?;
-        if added.is_none() {
-            return Ok(Progress::Interrupted);
-        }
-        error!(
-            stream_entry_id = %entry.id,
-            dead_letter_stream = %self.config().dead_letter_stream,
-            attempts,
-            err = %err,
-            "entry dead-lettered after repeated handler failures; moving past it"
+        self.reader = None;
+        self.read_in_flight = false;
+        self.note_fault(&err.to_string());
+        let delay = self.redis_backoff.next_delay();
+        debug!(
+            retry_in_ms = delay.as_millis() as u64,
+            "retrying after a Redis fault"
         );
-        self.stats().dead_lettered();
-        self.finish(entry.id);
-        Ok(Progress::Finished)
-    }
-
-    fn finish(&mut self, id: EntryId) {
-        self.finished = id;
-        self.dirty = true;
+        self.retry_at = Some(tokio::time::Instant::now() + delay);
+        Ok(())
     }
 
     /// Saves the offset if it moved. A transient failure is left for the next
@@ -504,25 +835,24 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
             return Ok(());
         }
         let offset = self.finished;
-        match self
-            .consumer
-            .offsets
-            .save(&self.consumer.config.label, offset)
-            .await
-        {
+        let label = &self.config().label;
+        match self.ctx.consumer.offsets.save(label, offset).await {
             Ok(()) => {
                 self.saved = Some(offset);
                 self.dirty = false;
                 self.stats().offset_saved();
-                debug!(offset = %offset, "offset saved");
                 Ok(())
             }
             Err(err) if err.permanent => Err(ConsumerError::Store(err)),
             Err(err) => {
-                self.note_fault(&Fault::Store(err));
+                self.note_store_fault(&err);
                 Ok(())
             }
         }
+    }
+
+    fn note_store_fault(&mut self, err: &StoreError) {
+        self.note_fault(&err.to_string());
     }
 
     /// The last save, retried within the grace period. Returns whether an
@@ -551,128 +881,9 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
         self.dirty
     }
 
-    /// Runs `command` on the reading connection, reconnecting and backing off
-    /// through transient faults. `None` when cancelled first.
-    async fn with_redis<T, F, Fut>(
-        &mut self,
-        action: &'static str,
-        mut command: F,
-    ) -> Result<Option<T>, ConsumerError>
-    where
-        F: FnMut(MultiplexedConnection) -> Fut,
-        Fut: Future<Output = Result<T, RedisError>>,
-    {
-        loop {
-            let result = match self.connection().await {
-                Err(err) => Err(err),
-                Ok(None) => return Ok(None),
-                Ok(Some(conn)) => {
-                    tokio::select! {
-                        biased;
-                        () = self.cancel.cancelled() => return Ok(None),
-                        result = command(conn) => result,
-                    }
-                }
-            };
-            match result {
-                Ok(value) => {
-                    self.recovered();
-                    return Ok(Some(value));
-                }
-                Err(err) => {
-                    if let FaultClass::WrongType = classify(&err) {
-                        return Err(ConsumerError::WrongType {
-                            key: self.wrong_type_key(action),
-                        });
-                    }
-                    if !self.fault(action, Fault::Redis(err)).await? {
-                        return Ok(None);
-                    }
-                }
-            }
-        }
-    }
-
-    fn wrong_type_key(&self, action: &str) -> String {
-        if action.contains("dead-letter") {
-            self.config().dead_letter_stream.clone()
-        } else {
-            self.config().stream.clone()
-        }
-    }
-
-    /// The reading connection, connecting if needed. `Ok(None)` when
-    /// cancelled first.
-    async fn connection(&mut self) -> Result<Option<MultiplexedConnection>, RedisError> {
-        if let Some(conn) = &self.conn {
-            return Ok(Some(conn.clone()));
-        }
-        let settings = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.config().connect_timeout))
-            .set_response_timeout(Some(self.config().read_response_timeout()));
-        let connect = self
-            .consumer
-            .client
-            .get_multiplexed_async_connection_with_config(&settings);
-        let conn = tokio::select! {
-            biased;
-            () = self.cancel.cancelled() => return Ok(None),
-            conn = connect => conn?,
-        };
-        if self.outage.is_some() {
-            self.stats().reconnect();
-        }
-        self.conn = Some(conn.clone());
-        Ok(Some(conn))
-    }
-
-    /// Handles a fault: a permanent one ends the session with an error that
-    /// says what to fix; a transient one drops the connection, is logged once
-    /// per outage and waits out a back-off delay. Returns `false` when
-    /// cancelled during the delay.
-    async fn fault(&mut self, action: &'static str, fault: Fault) -> Result<bool, ConsumerError> {
-        match &fault {
-            Fault::Redis(err) => match classify(err) {
-                FaultClass::Transient => {}
-                FaultClass::Auth => {
-                    let Fault::Redis(source) = fault else {
-                        unreachable_fault()
-                    };
-                    return Err(ConsumerError::Auth { action, source });
-                }
-                FaultClass::WrongType | FaultClass::Permanent => {
-                    let Fault::Redis(source) = fault else {
-                        unreachable_fault()
-                    };
-                    return Err(ConsumerError::Redis { action, source });
-                }
-            },
-            Fault::Store(err) if err.permanent => {
-                let Fault::Store(err) = fault else {
-                    unreachable_fault()
-                };
-                return Err(ConsumerError::Store(err));
-            }
-            Fault::Store(_) => {}
-        }
-        self.conn = None;
-        self.note_fault(&fault);
-        let delay = self.redis_backoff.next_delay();
-        debug!(
-            action,
-            retry_in_ms = delay.as_millis() as u64,
-            "retrying after a Redis fault"
-        );
-        Ok(self.sleep(delay).await)
-    }
-
     /// Counts a transient fault and logs it if it starts an outage.
-    fn note_fault(&mut self, fault: &Fault) {
+    fn note_fault(&mut self, cause: &str) {
         self.stats().redis_fault();
-        let cause = match fault {
-            Fault::Redis(err) => err.to_string(),
-            Fault::Store(err) => err.to_string(),
-        };
         match &mut self.outage {
             Some(outage) => {
                 outage.retries = outage.retries.saturating_add(1);
@@ -699,20 +910,45 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'_, D, H> {
         }
         self.redis_backoff.reset();
     }
+}
 
-    /// Sleeps unless cancelled first; `false` when cancelled.
-    async fn sleep(&self, delay: Duration) -> bool {
-        tokio::select! {
-            biased;
-            () = self.cancel.cancelled() => false,
-            () = tokio::time::sleep(delay) => true,
+/// Runs one job to its end; at shutdown the handler call in flight may
+/// finish within the grace period.
+async fn run_with_grace<D, H>(ctx: &Ctx<'_, D, H>, job: Job<D::Item>) -> Done
+where
+    D: EntryDecoder,
+    H: EntryHandler<D::Item> + ?Sized,
+{
+    let id = job.id;
+    let call = ctx.run_job(job, None);
+    tokio::pin!(call);
+    tokio::select! {
+        biased;
+        done = &mut call => done,
+        () = ctx.cancel.cancelled() => {
+            let grace = ctx.config().shutdown_grace;
+            match tokio::time::timeout(grace, &mut call).await {
+                Ok(done) => done,
+                Err(_) => {
+                    warn!(stream_entry_id = %id, grace_ms = grace.as_millis() as u64, "handler did not finish within the shutdown grace period; its entry will be handled again");
+                    Done { id, key: None, outcome: Ok(Progress::Interrupted) }
+                }
+            }
         }
     }
 }
 
-/// `fault` is matched twice (to classify, then to move its error out); the
-/// second match cannot disagree with the first.
-#[cold]
-fn unreachable_fault() -> ! {
-    unreachable!("fault variant changed between two matches of the same value")
+/// Receives the reply of the read in flight.
+async fn receive(reader: Option<&mut ReadConnection>) -> Result<Batch, ReadError> {
+    match reader {
+        Some(reader) => reader.receive_batch().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }

@@ -2,9 +2,11 @@
 //! to fix.
 
 use lifecycle_domain::StoreError;
-use redis::RedisError;
 
 use crate::reply::ReplyError;
+
+/// The underlying failure of a permanent fault.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A fault that retrying cannot fix.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +30,7 @@ pub enum ConsumerError {
         action: &'static str,
         /// The server's answer.
         #[source]
-        source: RedisError,
+        source: BoxError,
     },
     /// Redis rejected a command in a way retrying cannot change.
     #[error("Redis rejected the attempt to {action}: {source}")]
@@ -37,7 +39,7 @@ pub enum ConsumerError {
         action: &'static str,
         /// The server's answer.
         #[source]
-        source: RedisError,
+        source: BoxError,
     },
     /// The offset store failed permanently.
     #[error(transparent)]

@@ -3,6 +3,8 @@
 
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
+use crate::read_conn::ReadError;
+
 /// Whether a Redis failure can pass by itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultClass {
@@ -57,19 +59,35 @@ pub fn classify(err: &RedisError) -> FaultClass {
         _ => {}
     }
     match err.code() {
-        Some("WRONGTYPE") => FaultClass::WrongType,
-        Some("NOAUTH" | "WRONGPASS" | "NOPERM") => FaultClass::Auth,
-        Some(code) if TRANSIENT_CODES.contains(&code) => FaultClass::Transient,
-        // An unclassified server reply (`ERR ...`) to a well-formed command
-        // means the server or its configuration rejects it: retrying would
-        // loop forever.
-        Some(_) => FaultClass::Permanent,
+        Some(code) => classify_code(code),
         // No code and not I/O: a client-side state such as a closed
         // connection handle; a fresh connection fixes it.
         None => match err.retry_method() {
             redis::RetryMethod::NoRetry => FaultClass::Permanent,
             _ => FaultClass::Transient,
         },
+    }
+}
+
+/// Classifies a server error by its code (the first word of the reply).
+pub fn classify_code(code: &str) -> FaultClass {
+    match code {
+        "WRONGTYPE" => FaultClass::WrongType,
+        "NOAUTH" | "WRONGPASS" | "NOPERM" => FaultClass::Auth,
+        code if TRANSIENT_CODES.contains(&code) => FaultClass::Transient,
+        // An unclassified server reply (`ERR ...`) to a well-formed command
+        // means the server or its configuration rejects it: retrying would
+        // loop forever.
+        _ => FaultClass::Permanent,
+    }
+}
+
+/// Classifies a failure of the reading connection.
+pub fn classify_read(err: &ReadError) -> FaultClass {
+    match err {
+        ReadError::Io(_) | ReadError::Timeout(_) | ReadError::Protocol(_) => FaultClass::Transient,
+        ReadError::Server(reply) => classify_code(&reply.code),
+        ReadError::Unsupported(_) => FaultClass::Permanent,
     }
 }
 
@@ -89,6 +107,17 @@ mod tests {
             let err = RedisError::from(std::io::Error::from(kind));
             assert_eq!(classify(&err), FaultClass::Transient, "{kind:?}");
         }
+    }
+
+    #[test]
+    fn server_codes_are_classified() {
+        assert_eq!(classify_code("LOADING"), FaultClass::Transient);
+        assert_eq!(classify_code("READONLY"), FaultClass::Transient);
+        assert_eq!(classify_code("MASTERDOWN"), FaultClass::Transient);
+        assert_eq!(classify_code("WRONGTYPE"), FaultClass::WrongType);
+        assert_eq!(classify_code("WRONGPASS"), FaultClass::Auth);
+        assert_eq!(classify_code("NOAUTH"), FaultClass::Auth);
+        assert_eq!(classify_code("ERR"), FaultClass::Permanent);
     }
 
     #[test]

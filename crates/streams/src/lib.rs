@@ -30,9 +30,11 @@ pub mod decoder;
 pub mod engine;
 pub mod error;
 pub mod fault;
+pub mod read_conn;
 pub mod reply;
 pub mod resp;
 pub mod stats;
+pub mod window;
 
 pub use backoff::{Backoff, BackoffPolicy};
 pub use config::{Checkpoint, ConsumerConfig, StartFrom};

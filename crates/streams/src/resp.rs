@@ -404,6 +404,14 @@ impl Batch {
         })
     }
 
+    /// The entry at `index` (in stream order).
+    pub fn entry(&self, index: usize) -> Option<EntryView<'_>> {
+        self.entries.get(index).map(|slot| EntryView {
+            batch: self,
+            slot: *slot,
+        })
+    }
+
     /// The id of the last entry.
     pub fn last_id(&self) -> Option<EntryId> {
         self.entries.last().map(|slot| slot.id)

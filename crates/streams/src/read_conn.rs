@@ -1,0 +1,188 @@
+//! The consumer's reading connection: its own socket, `XREAD` commands written
+//! by hand and replies scanned in place by [`XreadParser`].
+//!
+//! It carries nothing but reads, so a blocking `XREAD` never delays another
+//! command, and the next read can be sent before the current batch is handled
+//! (the server prepares it while we work).
+
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use lifecycle_domain::EntryId;
+use redis::{ConnectionAddr, ConnectionInfo};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::resp::{encode_command, Batch, Parsed, ProtocolError, ServerReplyError, XreadParser};
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A transport the connection runs over.
+trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The socket failed or closed.
+    #[error("connection to Redis failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// No answer within the response timeout.
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The server answered with an error.
+    #[error("Redis answered: {}", .0.message)]
+    Server(ServerReplyError),
+    /// The server's bytes are not a reply we understand.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The URL asks for a transport the reader does not speak.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// A connection that only reads the stream.
+pub struct ReadConnection {
+    io: Box<dyn Transport>,
+    buf: BytesMut,
+    parser: XreadParser,
+    out: Vec<u8>,
+}
+
+impl std::fmt::Debug for ReadConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadConnection").finish_non_exhaustive()
+    }
+}
+
+impl ReadConnection {
+    /// Connects per `info` (TCP or a Unix socket), authenticates and selects
+    /// the database, all within `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`ReadError`] when the server cannot be reached or refuses.
+    pub async fn connect(info: &ConnectionInfo, timeout: Duration) -> Result<Self, ReadError> {
+        tokio::time::timeout(timeout, Self::connect_inner(info))
+            .await
+            .map_err(|_| ReadError::Timeout(timeout))?
+    }
+
+    async fn connect_inner(info: &ConnectionInfo) -> Result<Self, ReadError> {
+        let io: Box<dyn Transport> = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => {
+                let stream = TcpStream::connect((host.as_str(), *port)).await?;
+                stream.set_nodelay(true)?;
+                Box::new(stream)
+            }
+            ConnectionAddr::Unix(path) => Box::new(UnixStream::connect(path).await?),
+            _ => {
+                return Err(ReadError::Unsupported(
+                    "the stream reader does not support TLS (rediss://) yet: use redis:// or a unix socket".into(),
+                ))
+            }
+        };
+        let mut conn = Self {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            parser: XreadParser::new(),
+            out: Vec::with_capacity(256),
+        };
+        let settings = info.redis_settings();
+        if let Some(password) = settings.password() {
+            let mut args: Vec<&[u8]> = vec![b"AUTH"];
+            if let Some(user) = settings.username() {
+                args.push(user.as_bytes());
+            }
+            args.push(password.as_bytes());
+            conn.command_ok(&args).await?;
+        }
+        if settings.db() != 0 {
+            let db = settings.db().to_string();
+            conn.command_ok(&[b"SELECT", db.as_bytes()]).await?;
+        }
+        Ok(conn)
+    }
+
+    /// Sends one command and expects a simple `+OK`-like answer.
+    async fn command_ok(&mut self, args: &[&[u8]]) -> Result<(), ReadError> {
+        self.out.clear();
+        encode_command(&mut self.out, args);
+        self.io.write_all(&self.out).await?;
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|pair| pair == b"\r\n") {
+                let line = self.buf.split_to(end + 2);
+                return match line.first() {
+                    Some(b'-') => {
+                        let message = String::from_utf8_lossy(line.get(1..end).unwrap_or_default())
+                            .into_owned();
+                        let code = message.split(' ').next().unwrap_or_default().to_owned();
+                        Err(ReadError::Server(ServerReplyError { code, message }))
+                    }
+                    Some(b'+') => Ok(()),
+                    _ => Err(ProtocolError("unexpected answer to a setup command".into()).into()),
+                };
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn fill(&mut self) -> Result<(), ReadError> {
+        self.buf.reserve(READ_CHUNK);
+        if self.io.read_buf(&mut self.buf).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        Ok(())
+    }
+
+    /// Sends `XREAD COUNT <count> [BLOCK <block>] STREAMS <stream> <after>`
+    /// without waiting for the answer.
+    ///
+    /// # Errors
+    ///
+    /// [`ReadError::Io`] when the socket fails.
+    pub async fn send_xread(
+        &mut self,
+        stream: &str,
+        after: EntryId,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<(), ReadError> {
+        let count = count.to_string();
+        let after = after.to_string();
+        let block_ms = block.map(|block| block.as_millis().max(1).to_string());
+        let mut args: Vec<&[u8]> = vec![b"XREAD", b"COUNT", count.as_bytes()];
+        if let Some(block_ms) = &block_ms {
+            args.extend([b"BLOCK".as_slice(), block_ms.as_bytes()]);
+        }
+        args.extend([b"STREAMS".as_slice(), stream.as_bytes(), after.as_bytes()]);
+        self.out.clear();
+        encode_command(&mut self.out, &args);
+        self.io.write_all(&self.out).await?;
+        Ok(())
+    }
+
+    /// Receives the answer to the oldest `XREAD` sent.
+    ///
+    /// # Errors
+    ///
+    /// [`ReadError`] when the socket fails, the server answers with an
+    /// error, or the reply is malformed.
+    pub async fn receive_batch(&mut self) -> Result<Batch, ReadError> {
+        loop {
+            match self.parser.parse(&self.buf)? {
+                Parsed::Incomplete => self.fill().await?,
+                Parsed::Complete(len) => {
+                    let data = self.buf.split_to(len).freeze();
+                    return Ok(self.parser.take_batch(data));
+                }
+                Parsed::Error(len, err) => {
+                    self.buf.advance(len);
+                    self.parser.reset();
+                    return Err(ReadError::Server(err));
+                }
+            }
+        }
+    }
+}
