@@ -931,18 +931,13 @@ async fn a_key_of_the_wrong_type_fails_the_whole_cascade() {
     let games = small_lobby();
     let entry = EntryId::new(100, 0);
 
-    // Each lobby key the script reads, broken in turn. The broken game is
-    // the one the script visits last (SMEMBERS order, which no write changes
-    // before the script runs), so a script writing as it goes would already
-    // have touched the others.
+    // Each lobby key the cascade writes, broken in turn: those of the
+    // running game g2 (members, invitees, and dropped, where the user moves;
+    // applicants, which it would leave), the game hash, the index and the
+    // record. The script reads everything before its first write, so the
+    // other games must be untouched too.
     put_lobby(&lobby, &games).await;
-    let order: Vec<String> = redis::cmd("SMEMBERS")
-        .arg("lobby:user:u:games")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let last = order.last().unwrap().clone();
-    println!("index order {order:?}");
+    let last = "g2";
     for (broken, how) in [
         (format!("lobby:game:{last}:members"), ["SET", "oops"]),
         (format!("lobby:game:{last}:applicants"), ["SET", "oops"]),
@@ -1181,4 +1176,27 @@ async fn the_lobby_store_port_applies_cascades() {
     );
     assert_eq!(read_back(&lobby, &games).await, model(&games, "u", DELETED));
     done("the_lobby_store_port_applies_cascades", started);
+}
+
+#[tokio::test]
+async fn a_broken_key_the_rules_leave_alone_does_not_block_the_cascade() {
+    let server = RedisServer::start();
+    let lobby = store(&server, "lobby");
+    put_lobby(&lobby, &small_lobby()).await;
+    // g3 is finished: its members are history the cascade never touches.
+    server.cli(&["DEL", "lobby:game:g3:members"]);
+    server.cli(&["SET", "lobby:game:g3:members", "oops"]);
+    let outcome = lobby
+        .apply(&cascade("u", DELETED, EntryId::new(7, 0)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, CascadeOutcome::Applied { games: 3, .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(server.cli(&["GET", "lobby:game:g3:members"]), "oops");
+    assert_eq!(
+        server.cli(&["SISMEMBER", "lobby:game:g3:applicants", "u"]),
+        "0"
+    );
 }

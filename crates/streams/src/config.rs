@@ -76,7 +76,7 @@ impl ConsumerConfig {
             stream,
             label: label.into(),
             block_timeout: Duration::from_secs(5),
-            batch_size: 256,
+            batch_size: 1024,
             start_from: StartFrom::Beginning,
             checkpoint: Checkpoint::EveryBatch,
             handler_retry: BackoffPolicy {

@@ -208,6 +208,15 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
     async fn run_job(&self, job: Job<D::Item>, key: Option<String>) -> Done {
         let mut backoff = Backoff::new(self.config().handler_retry);
         let mut attempts: u32 = 0;
+        // A job queued behind its key starts only when polled; after shutdown
+        // was requested it must not start at all.
+        if self.cancel.is_cancelled() {
+            return Done {
+                id: job.id,
+                key,
+                outcome: Ok(Progress::Interrupted),
+            };
+        }
         let outcome = loop {
             attempts = attempts.saturating_add(1);
             let err = match self.handler.handle(&job.item).await {
@@ -486,6 +495,11 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
                 () = cancel.cancelled() => return Ok(StopReason::Cancelled),
                 Some(done) = running.next(), if !running.is_empty() => {
                     self.complete(done).await?;
+                    // Everything dispatched is done: save now rather than
+                    // after the next (possibly long) blocking read.
+                    if self.running.is_empty() {
+                        self.checkpoint().await?;
+                    }
                 }
                 received = receive(reader), if self.read_in_flight => {
                     self.read_in_flight = false;
@@ -634,6 +648,9 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
                 if !self.complete_one().await? {
                     return Ok(Dispatch::Cancelled);
                 }
+            }
+            if self.cancel().is_cancelled() {
+                return Ok(Dispatch::Cancelled);
             }
             self.start(job, key);
         }

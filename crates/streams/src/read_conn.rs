@@ -16,7 +16,7 @@ use tokio::net::{TcpStream, UnixStream};
 use crate::resp::{encode_command, Batch, Parsed, ProtocolError, ServerReplyError, XreadParser};
 
 /// Bytes asked of the socket per read.
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
 
 /// A transport the connection runs over.
 trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}

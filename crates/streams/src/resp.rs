@@ -119,26 +119,36 @@ enum Line<'a> {
 impl<'a> Cursor<'a> {
     fn line(&mut self) -> Result<Option<Line<'a>>, ProtocolError> {
         let rest = self.buf.get(self.pos..).unwrap_or_default();
-        let Some(cr) = rest.iter().position(|&byte| byte == b'\r') else {
+        let Some((&kind, body)) = rest.split_first() else {
             return Ok(None);
         };
-        if rest.get(cr + 1).is_none() {
+        // Lengths and counts, the common case, are parsed in the same pass
+        // that finds the end of the line.
+        if kind == b'*' || kind == b'$' {
+            let Some((value, used)) = parse_length_line(body)? else {
+                return Ok(None);
+            };
+            self.pos += 1 + used;
+            return Ok(Some(if kind == b'*' {
+                Line::Array(value)
+            } else {
+                Line::Bulk(value)
+            }));
+        }
+        let Some(cr) = body.iter().position(|&byte| byte == b'\r') else {
             return Ok(None);
-        }
-        if rest.get(cr + 1) != Some(&b'\n') {
-            return Err(protocol("a line does not end with CRLF"));
-        }
-        let (kind, body) = match rest.get(..cr).and_then(|line| line.split_first()) {
-            Some((kind, body)) => (*kind, body),
-            None => return Err(protocol("an empty line")),
         };
-        self.pos += cr + 2;
+        match body.get(cr + 1) {
+            None => return Ok(None),
+            Some(b'\n') => {}
+            Some(_) => return Err(protocol("a line does not end with CRLF")),
+        }
+        let text = body.get(..cr).unwrap_or_default();
+        self.pos += cr + 3;
         Ok(Some(match kind {
-            b'*' => Line::Array(number(body)?),
-            b'$' => Line::Bulk(number(body)?),
-            b'+' => Line::Simple(body),
-            b':' => Line::Integer(body),
-            b'-' => Line::Error(body),
+            b'+' => Line::Simple(text),
+            b':' => Line::Integer(text),
+            b'-' => Line::Error(text),
             other => {
                 return Err(protocol(format!(
                     "unexpected type byte {:?}",
@@ -188,11 +198,38 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn number(digits: &[u8]) -> Result<i64, ProtocolError> {
-    std::str::from_utf8(digits)
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .ok_or_else(|| protocol("a length is not a number"))
+/// Parses `<digits>\r\n` or `-1\r\n` at the start of `body`: the value and
+/// the bytes used, or `None` when the line has not fully arrived.
+fn parse_length_line(body: &[u8]) -> Result<Option<(i64, usize)>, ProtocolError> {
+    let (negative, digits_start) = match body.first() {
+        None => return Ok(None),
+        Some(b'-') => (true, 1),
+        Some(_) => (false, 0),
+    };
+    let mut value: i64 = 0;
+    let mut index = digits_start;
+    loop {
+        match body.get(index) {
+            None => return Ok(None),
+            Some(digit @ b'0'..=b'9') => {
+                value = value
+                    .checked_mul(10)
+                    .and_then(|value| value.checked_add(i64::from(digit - b'0')))
+                    .ok_or_else(|| protocol("a length overflows"))?;
+                index += 1;
+            }
+            Some(b'\r') => break,
+            Some(_) => return Err(protocol("a length is not a number")),
+        }
+    }
+    if index == digits_start {
+        return Err(protocol("a length is not a number"));
+    }
+    match body.get(index + 1) {
+        None => Ok(None),
+        Some(b'\n') => Ok(Some((if negative { -value } else { value }, index + 2))),
+        Some(_) => Err(protocol("a line does not end with CRLF")),
+    }
 }
 
 fn count(value: i64, what: &str) -> Result<usize, ProtocolError> {

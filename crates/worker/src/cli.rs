@@ -48,6 +48,44 @@ pub enum Command {
     /// A self-contained tour: a private Redis, a seeded lobby, a mix of
     /// events, the worker catching up, the lobby before and after.
     Demo(DemoArgs),
+    /// Measure throughput and latency against baselines in the same run.
+    Bench(BenchArgs),
+}
+
+/// `bench`'s settings.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Use this Redis instead of starting a private one (keys under `bench`).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Events in the backlog for `raw` and `default`.
+    #[arg(long, default_value_t = 200_000)]
+    pub events: u64,
+
+    /// Events for `reference` (at most --events): it is slow by design.
+    #[arg(long, default_value_t = 20_000)]
+    pub reference_events: u64,
+
+    /// Events for `cascade_c1` and `cascade_c64` (at most --events).
+    #[arg(long, default_value_t = 50_000)]
+    pub cascade_events: u64,
+
+    /// Events per second published while measuring latency.
+    #[arg(long, default_value_t = 2_000)]
+    pub latency_rate: u64,
+
+    /// How long latency is measured.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub latency_duration: Duration,
+
+    /// Backlog for the peak-memory measurement of `run --drain` (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub memory_events: u64,
+
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `demo`'s settings.
@@ -110,7 +148,7 @@ pub struct RunArgs {
 
     /// Entries read per round trip; 1 with --checkpoint every-entry is the
     /// reference's behaviour.
-    #[arg(long, env = "LOBBY_BATCH_SIZE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, env = "LOBBY_BATCH_SIZE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
 
     /// When no offset is stored: `beginning` (0-0), `end` (only new
@@ -146,6 +184,11 @@ pub struct RunArgs {
     /// Handle the entries present at start-up, save the offset and exit 0.
     #[arg(long, env = "LOBBY_DRAIN")]
     pub drain: bool,
+
+    /// How many events are handled at once; one user's events never
+    /// concurrently and always in stream order. 1 keeps strict stream order.
+    #[arg(long, env = "LOBBY_CONCURRENCY", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
 }
 
 /// `publish`'s fields.

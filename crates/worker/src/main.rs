@@ -17,14 +17,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo's own output is its story; its log shows only problems.
     let default_level = match cli.command {
-        Command::Demo(_) => "error",
+        Command::Demo(_) | Command::Bench(_) => "error",
         _ => "info",
     };
     if let Err(err) = telemetry::init(cli.log_level.as_deref(), default_level, cli.log_format) {
         eprintln!("error: {err}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the work is waiting on Redis, and on a small machine the
+    // other core is better left to Redis than spent on cross-thread wake-ups.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
             Command::Tail(args) => commands::tail::run(args).await,
             Command::Offsets(args) => commands::offsets::run(args).await,
             Command::Demo(args) => commands::demo::run(args).await,
+            Command::Bench(args) => commands::bench::run(args).await,
         }
     });
     match result {

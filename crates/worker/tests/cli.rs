@@ -370,7 +370,17 @@ fn run_drain_handles_the_backlog_saves_and_exits_zero() {
     }
     server.cli(&["XADD", "user:lifecycle_events", "*", "junk", "1"]);
     let last = publish(&url, "user.permanently_blocked", "final");
-    let output = worker(&url, &["run", "--drain", "--batch-size", "4"]);
+    let output = worker(
+        &url,
+        &[
+            "run",
+            "--drain",
+            "--batch-size",
+            "4",
+            "--log-level",
+            "debug",
+        ],
+    );
     assert_success(&output);
     assert_eq!(
         server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]),
@@ -381,7 +391,7 @@ fn run_drain_handles_the_backlog_saves_and_exits_zero() {
     assert!(log.contains("malformed entry absorbed"), "{log}");
 
     // A second drain has nothing to do and keeps the offset.
-    let output = worker(&url, &["run", "--drain"]);
+    let output = worker(&url, &["run", "--drain", "--log-level", "debug"]);
     assert_success(&output);
     assert_eq!(stderr(&output).matches("cascade applied").count(), 0);
     assert_eq!(
@@ -395,7 +405,7 @@ fn sigterm_and_sigint_stop_run_gracefully_with_status_zero() {
     let server = RedisServer::start();
     let url = server.url();
     for signal in ["TERM", "INT"] {
-        let mut running = Running::start(&url, &["--block-timeout", "30s"]);
+        let mut running = Running::start(&url, &["--block-timeout", "30s", "--log-level", "debug"]);
         running.wait_for_log("consumer started");
         let id = publish(&url, "user.deleted", signal);
         running.wait_for_log(&id);

@@ -32,6 +32,7 @@ pub fn consumer_config(args: &RunArgs) -> ConsumerConfig {
     }
     config.shutdown_grace = args.shutdown_grace;
     config.drain = args.drain;
+    config.concurrency = args.concurrency as usize;
     config
 }
 
@@ -54,6 +55,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         checkpoint = ?config.checkpoint,
         dead_letter_after = ?config.dead_letter_after,
         drain = config.drain,
+        concurrency = config.concurrency,
         "lobby-worker starting"
     );
     let cancel = consumer.cancellation();
@@ -65,9 +67,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let report = consumer.run_to_end().await;
     signals.abort();
     let report = report?;
+    let stats = consumer.stats().snapshot();
+    let peak_rss_kib = peak_rss_kib();
     match report.reason {
-        StopReason::Drained => info!(offset = ?report.offset.map(|id| id.to_string()), "drained"),
-        StopReason::Cancelled => info!("stopped"),
+        StopReason::Drained => {
+            info!(offset = ?report.offset.map(|id| id.to_string()), handled = stats.handled, malformed = stats.malformed, unknown_type = stats.unknown_type, dead_lettered = stats.dead_lettered, peak_rss_kib, "drained")
+        }
+        StopReason::Cancelled => info!(handled = stats.handled, peak_rss_kib, "stopped"),
     }
     Ok(())
+}
+
+/// The process's peak resident memory (VmHWM), in KiB; 0 where unknown.
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
