@@ -1,7 +1,12 @@
 //! The consumer's per-entry CPU cost, without Redis: scanning an `XREAD`
 //! reply of 1024 entries, and decoding each entry per the contract.
 
-#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
