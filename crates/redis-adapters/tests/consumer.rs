@@ -1088,3 +1088,67 @@ async fn a_slow_handler_call_finishes_within_the_shutdown_grace() {
         );
     }
 }
+
+#[tokio::test]
+async fn entries_trimmed_past_the_offset_are_noticed_and_counted() {
+    let env = Env::start().await;
+    let ids = env.publish_many(10).await;
+    // The worker had handled up to the third entry...
+    env.offset_store()
+        .set(USER_LIFECYCLE_LABEL, ids[2])
+        .await
+        .unwrap();
+    // ...when the producer trimmed the stream to its last four entries:
+    // the fourth to sixth were deleted before they were handled.
+    env.server
+        .cli(&["XTRIM", "user:lifecycle_events", "MAXLEN", "4"]);
+    let recorder = Recorder::new();
+    let mut config = config();
+    config.drain = true;
+    let consumer = env.consumer(config, &recorder);
+    let report = join(spawn_run(&consumer), PATIENCE).await.unwrap();
+    assert_eq!(report.offset, Some(ids[9]));
+    assert_eq!(recorder.handled_ids(), ids[6..].to_vec());
+    assert_eq!(consumer.stats().snapshot().trimmed, 1);
+}
+
+#[tokio::test]
+async fn trimming_behind_the_offset_is_not_a_loss() {
+    let env = Env::start().await;
+    let ids = env.publish_many(10).await;
+    env.offset_store()
+        .set(USER_LIFECYCLE_LABEL, ids[5])
+        .await
+        .unwrap();
+    // Only entries already handled are trimmed away.
+    env.server
+        .cli(&["XTRIM", "user:lifecycle_events", "MAXLEN", "5"]);
+    let recorder = Recorder::new();
+    let mut config = config();
+    config.drain = true;
+    let consumer = env.consumer(config, &recorder);
+    join(spawn_run(&consumer), PATIENCE).await.unwrap();
+    assert_eq!(recorder.handled_ids(), ids[6..].to_vec());
+    assert_eq!(consumer.stats().snapshot().trimmed, 0);
+}
+
+#[tokio::test]
+async fn entries_deleted_ahead_of_the_offset_are_noticed() {
+    let env = Env::start().await;
+    let ids = env.publish_many(10).await;
+    env.offset_store()
+        .set(USER_LIFECYCLE_LABEL, ids[2])
+        .await
+        .unwrap();
+    env.server
+        .cli(&["XDEL", "user:lifecycle_events", &ids[4].to_string()]);
+    let recorder = Recorder::new();
+    let mut config = config();
+    config.drain = true;
+    let consumer = env.consumer(config, &recorder);
+    join(spawn_run(&consumer), PATIENCE).await.unwrap();
+    let mut expected = vec![ids[3]];
+    expected.extend_from_slice(&ids[5..]);
+    assert_eq!(recorder.handled_ids(), expected);
+    assert_eq!(consumer.stats().snapshot().trimmed, 1);
+}

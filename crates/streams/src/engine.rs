@@ -403,6 +403,8 @@ struct Session<'a, D: EntryDecoder, H: ?Sized> {
     /// replies are very large.
     batch_size: usize,
     window: Watermark,
+    /// The largest deleted id already reported as a trim past our position.
+    trim_reported: EntryId,
     queues: KeyQueues<Job<D::Item>>,
     running: FuturesUnordered<JobFuture<'a>>,
 }
@@ -425,6 +427,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
             dirty: false,
             batch_size: config.batch_size,
             window: Watermark::new(),
+            trim_reported: EntryId::ZERO,
             queues: KeyQueues::new(),
             running: FuturesUnordered::new(),
         }
@@ -570,6 +573,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
             return self.checkpoint().await;
         }
         self.adapt_batch_size(batch.reply_bytes());
+        let read_from = self.read_after;
         if let Some(last) = batch.last_id() {
             self.read_after = last;
             if self.drain_target.is_some_and(|target| last >= target) {
@@ -579,10 +583,67 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
         if !self.reading_done && self.window.len() < self.config().max_held_entries() {
             self.send_read().await?;
         }
+        self.detect_trim(read_from, &batch).await?;
         match self.dispatch(Arc::new(batch)).await? {
             Dispatch::Done => self.checkpoint().await,
             Dispatch::Cancelled => Ok(()),
         }
+    }
+
+    /// Notices entries deleted before they were read, two ways:
+    ///
+    /// - trimming (`XTRIM`, `XADD MAXLEN`) removes the oldest entries: when
+    ///   the stream's first entry is now after where this read started (and
+    ///   that was a real entry, not `0-0`), the trim reached our position and
+    ///   what lay between is gone;
+    /// - deleting (`XDEL`): when the stream's largest deleted id lies after
+    ///   where this read started, up to the last entry returned, and is not
+    ///   among them, it was deleted before we read it.
+    ///
+    /// Logged as an error with how far the stream moved past us, counted,
+    /// reported once per trim or deletion seen; consuming goes on.
+    async fn detect_trim(
+        &mut self,
+        read_from: EntryId,
+        batch: &Batch,
+    ) -> Result<(), ConsumerError> {
+        let (Some(first), Some(last)) =
+            (batch.iter().next().map(|entry| entry.id()), batch.last_id())
+        else {
+            return Ok(());
+        };
+        let stream = &self.config().stream;
+        let mut cmd = redis::cmd("XINFO");
+        cmd.arg("STREAM").arg(stream);
+        let Some(reply) = self.ctx.command("inspect the stream", stream, &cmd).await? else {
+            return Ok(());
+        };
+        let info = StreamInfo::parse(reply);
+        let trimmed_past = info
+            .first_entry_id
+            .filter(|stream_first| read_from > EntryId::ZERO && *stream_first > read_from);
+        let deleted_past = info.max_deleted_entry_id.filter(|deleted| {
+            *deleted > read_from
+                && *deleted <= last
+                && !batch.iter().any(|entry| entry.id() == *deleted)
+        });
+        let Some(evidence) = trimmed_past.or(deleted_past) else {
+            return Ok(());
+        };
+        if evidence <= self.trim_reported {
+            return Ok(());
+        }
+        self.trim_reported = evidence;
+        self.stats().trimmed();
+        error!(
+            read_from = %read_from,
+            first_entry_after = %first,
+            stream_first_entry_id = ?info.first_entry_id.map(|id| id.to_string()),
+            max_deleted_entry_id = ?info.max_deleted_entry_id.map(|id| id.to_string()),
+            gap_ms = first.ms.saturating_sub(read_from.ms),
+            "the stream was trimmed or entries deleted past our position before they were handled; those entries are lost to this worker"
+        );
+        Ok(())
     }
 
     /// Decodes and dispatches every entry of `batch` in stream order.
@@ -955,6 +1016,64 @@ where
     }
 }
 
+/// What `XINFO STREAM` says about deletions.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct StreamInfo {
+    /// The oldest entry still in the stream (`recorded-first-entry-id` in
+    /// Redis 7, else the first entry's id).
+    first_entry_id: Option<EntryId>,
+    /// The largest id removed by `XDEL` (Redis 7); `0-0` reads as `None`.
+    max_deleted_entry_id: Option<EntryId>,
+}
+
+impl StreamInfo {
+    fn parse(reply: Value) -> Self {
+        let items = match reply {
+            Value::Map(pairs) => pairs
+                .into_iter()
+                .flat_map(|(name, value)| [name, value])
+                .collect(),
+            Value::Array(items) => items,
+            _ => Vec::new(),
+        };
+        let mut info = StreamInfo::default();
+        let mut first_entry = None;
+        let mut items = items.into_iter();
+        while let (Some(name), Some(value)) = (items.next(), items.next()) {
+            let name = match &name {
+                Value::BulkString(raw) => raw.as_slice(),
+                Value::SimpleString(text) => text.as_bytes(),
+                _ => continue,
+            };
+            match name {
+                b"recorded-first-entry-id" => info.first_entry_id = id_value(&value),
+                b"max-deleted-entry-id" => info.max_deleted_entry_id = id_value(&value),
+                b"first-entry" => {
+                    first_entry = match value {
+                        Value::Array(entry) => entry.first().and_then(id_value),
+                        _ => None,
+                    }
+                }
+                _ => {}
+            }
+        }
+        info.first_entry_id = info
+            .first_entry_id
+            .filter(|id| *id > EntryId::ZERO)
+            .or(first_entry);
+        info.max_deleted_entry_id = info.max_deleted_entry_id.filter(|id| *id > EntryId::ZERO);
+        info
+    }
+}
+
+fn id_value(value: &Value) -> Option<EntryId> {
+    match value {
+        Value::BulkString(raw) => EntryId::from_bytes(raw).ok(),
+        Value::SimpleString(text) => text.parse().ok(),
+        _ => None,
+    }
+}
+
 /// Receives the reply of the read in flight.
 async fn receive(reader: Option<&mut ReadConnection>) -> Result<Batch, ReadError> {
     match reader {
@@ -967,5 +1086,54 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(text: &str) -> Value {
+        Value::BulkString(text.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn stream_info_reads_the_ids_that_reveal_deletions() {
+        let reply = Value::Array(vec![
+            bulk("length"),
+            Value::Int(3),
+            bulk("max-deleted-entry-id"),
+            bulk("7-1"),
+            bulk("recorded-first-entry-id"),
+            bulk("5-0"),
+            bulk("first-entry"),
+            Value::Array(vec![bulk("5-0"), Value::Array(vec![])]),
+        ]);
+        assert_eq!(
+            StreamInfo::parse(reply),
+            StreamInfo {
+                first_entry_id: Some(EntryId::new(5, 0)),
+                max_deleted_entry_id: Some(EntryId::new(7, 1)),
+            }
+        );
+    }
+
+    #[test]
+    fn older_servers_and_odd_replies_give_what_they_can() {
+        let reply = Value::Array(vec![
+            bulk("max-deleted-entry-id"),
+            bulk("0-0"),
+            bulk("first-entry"),
+            Value::Array(vec![bulk("9-9")]),
+            bulk("dangling"),
+        ]);
+        assert_eq!(
+            StreamInfo::parse(reply),
+            StreamInfo {
+                first_entry_id: Some(EntryId::new(9, 9)),
+                max_deleted_entry_id: None,
+            }
+        );
+        assert_eq!(StreamInfo::parse(Value::Int(1)), StreamInfo::default());
     }
 }

@@ -14,6 +14,7 @@ pub struct ConsumerStats {
     reconnects: AtomicU64,
     offset_saves: AtomicU64,
     reads: AtomicU64,
+    trimmed: AtomicU64,
 }
 
 /// A copy of [`ConsumerStats`] at one moment.
@@ -37,6 +38,8 @@ pub struct StatsSnapshot {
     pub offset_saves: u64,
     /// `XREAD` round trips.
     pub reads: u64,
+    /// Times entries were found deleted before they were handled.
+    pub trimmed: u64,
 }
 
 impl StatsSnapshot {
@@ -78,6 +81,9 @@ impl ConsumerStats {
     pub(crate) fn read(&self) {
         bump(&self.reads);
     }
+    pub(crate) fn trimmed(&self) {
+        bump(&self.trimmed);
+    }
 
     /// The counters now.
     pub fn snapshot(&self) -> StatsSnapshot {
@@ -92,6 +98,7 @@ impl ConsumerStats {
             reconnects: get(&self.reconnects),
             offset_saves: get(&self.offset_saves),
             reads: get(&self.reads),
+            trimmed: get(&self.trimmed),
         }
     }
 }
