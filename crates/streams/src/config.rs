@@ -64,6 +64,9 @@ pub struct ConsumerConfig {
     /// How many items may be handled at once; items with the same ordering
     /// key never concurrently. 1 keeps strict stream order.
     pub concurrency: usize,
+    /// The most bytes of one `XREAD` reply held in memory. Reads are sized to
+    /// stay well below it; an entry larger than it is absorbed unread.
+    pub max_reply_bytes: usize,
 }
 
 impl ConsumerConfig {
@@ -92,6 +95,7 @@ impl ConsumerConfig {
             drain: false,
             connect_timeout: Duration::from_secs(5),
             concurrency: 1,
+            max_reply_bytes: 32 * 1024 * 1024,
         }
     }
 
@@ -127,6 +131,9 @@ impl ConsumerConfig {
         }
         if self.concurrency == 0 || self.concurrency > 10_000 {
             return Err("concurrency must be between 1 and 10000".into());
+        }
+        if self.max_reply_bytes < 64 * 1024 {
+            return Err("the reply limit must be at least 64 KiB".into());
         }
         if self.dead_letter_after == Some(0) {
             return Err("dead-letter-after must be at least 1 attempt".into());

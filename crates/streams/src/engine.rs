@@ -42,10 +42,6 @@ use crate::resp::Batch;
 use crate::stats::ConsumerStats;
 use crate::window::{KeyQueues, Watermark};
 
-/// A reply larger than this halves the next read's count, so a backlog of
-/// large entries cannot make replies grow without bound.
-const LARGE_REPLY_BYTES: usize = 16 * 1024 * 1024;
-
 /// Why a session ended without an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopReason {
@@ -405,6 +401,8 @@ struct Session<'a, D: EntryDecoder, H: ?Sized> {
     window: Watermark,
     /// The largest deleted id already reported as a trim past our position.
     trim_reported: EntryId,
+    /// An entry found larger than the reply limit, to absorb unread.
+    oversized: Option<EntryId>,
     queues: KeyQueues<Job<D::Item>>,
     running: FuturesUnordered<JobFuture<'a>>,
 }
@@ -428,6 +426,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
             batch_size: config.batch_size,
             window: Watermark::new(),
             trim_reported: EntryId::ZERO,
+            oversized: None,
             queues: KeyQueues::new(),
             running: FuturesUnordered::new(),
         }
@@ -480,6 +479,9 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
             if self.reading_done && self.running.is_empty() && self.window.is_empty() {
                 return Ok(StopReason::Drained);
             }
+            if let Some(id) = self.oversized.take() {
+                self.absorb_oversized(id).await?;
+            }
             let may_read =
                 !self.reading_done && self.window.len() < self.config().max_held_entries();
             if may_read && !self.read_in_flight {
@@ -487,6 +489,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
             }
             let cancel = self.cancel();
             let waiting_to_retry = self.retry_at;
+            let reply_limit = self.config().max_reply_bytes;
             let reader = if self.read_in_flight {
                 self.reader.as_mut()
             } else {
@@ -504,7 +507,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
                         self.checkpoint().await?;
                     }
                 }
-                received = receive(reader), if self.read_in_flight => {
+                received = receive(reader, reply_limit), if self.read_in_flight => {
                     self.read_in_flight = false;
                     match received {
                         Ok(batch) => self.on_batch(batch).await?,
@@ -563,6 +566,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
 
     /// A batch arrived: send the next read at once, then dispatch it.
     async fn on_batch(&mut self, batch: Batch) -> Result<(), ConsumerError> {
+        self.stats().read_completed();
         self.recovered();
         if batch.is_empty() {
             if self.drain_target.is_some() {
@@ -572,7 +576,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
             }
             return self.checkpoint().await;
         }
-        self.adapt_batch_size(batch.reply_bytes());
+        self.adapt_batch_size(batch.reply_bytes(), batch.len());
         let read_from = self.read_after;
         if let Some(last) = batch.last_id() {
             self.read_after = last;
@@ -644,6 +648,24 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
             "the stream was trimmed or entries deleted past our position before they were handled; those entries are lost to this worker"
         );
         Ok(())
+    }
+
+    /// Moves past an entry larger than the reply limit without reading it.
+    async fn absorb_oversized(&mut self, id: EntryId) -> Result<(), ConsumerError> {
+        warn!(
+            stream_entry_id = %id,
+            err = %format!("entry too large: over the {} byte reply limit", self.config().max_reply_bytes),
+            "malformed entry absorbed"
+        );
+        self.stats().malformed();
+        self.read_after = id;
+        if self.drain_target.is_some_and(|target| id >= target) {
+            self.reading_done = true;
+        }
+        if self.window.push(id) {
+            self.settle(id).await?;
+        }
+        self.checkpoint().await
     }
 
     /// Decodes and dispatches every entry of `batch` in stream order.
@@ -857,23 +879,62 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
         }
     }
 
-    fn adapt_batch_size(&mut self, bytes: usize) {
+    /// Sizes the next read so that its reply stays near a quarter of the
+    /// reply limit, judging by the entries of this one: a backlog of large
+    /// entries is read a few at a time, small ones a full batch at a time.
+    fn adapt_batch_size(&mut self, reply_bytes: usize, entries: usize) {
         let configured = self.config().batch_size;
-        if bytes > LARGE_REPLY_BYTES && self.batch_size > 1 {
-            self.batch_size = (self.batch_size / 2).max(1);
-            warn!(
-                reply_bytes = bytes,
-                batch_size = self.batch_size,
+        let per_entry = (reply_bytes / entries.max(1)).max(1);
+        let fitting = (self.config().max_reply_bytes / 4 / per_entry).clamp(1, configured);
+        if fitting < self.batch_size {
+            debug!(
+                reply_bytes,
+                batch_size = fitting,
                 "large entries: reading fewer per batch"
             );
-        } else if bytes < LARGE_REPLY_BYTES / 4 && self.batch_size < configured {
-            self.batch_size = self.batch_size.saturating_mul(2).min(configured);
+            self.batch_size = fitting;
+        } else if self.batch_size < configured {
+            self.batch_size = self.batch_size.saturating_mul(2).min(fitting);
         }
     }
 
     /// Handles a failure of the reading connection: permanent ones end the
     /// session; transient ones drop the connection and schedule a retry.
     fn read_fault(&mut self, err: ReadError) -> Result<(), ConsumerError> {
+        if let ReadError::ReplyTooLarge {
+            entries,
+            partial_entry_id,
+            limit,
+        } = err
+        {
+            // Not an outage: read again at once, fewer at a time.
+            self.reader = None;
+            self.read_in_flight = false;
+            if entries > 0 || self.batch_size > 1 {
+                self.batch_size = entries.clamp(1, self.batch_size / 2 + 1);
+                warn!(
+                    limit,
+                    batch_size = self.batch_size,
+                    "an XREAD reply outgrew the limit; reading fewer entries at a time"
+                );
+                return Ok(());
+            }
+            // One entry alone is larger than the limit: it is absorbed
+            // unread, as an entry too large to decode would be.
+            match partial_entry_id {
+                Some(id) => self.oversized = Some(id),
+                None => {
+                    return Err(ConsumerError::Redis {
+                        action: "read the stream",
+                        source: format!(
+                            "a reply larger than {limit} bytes arrived before its first entry's id"
+                        )
+                        .into(),
+                    })
+                }
+            }
+            return Ok(());
+        }
         match classify_read(&err) {
             FaultClass::Transient => {}
             FaultClass::WrongType => {
@@ -1075,9 +1136,9 @@ fn id_value(value: &Value) -> Option<EntryId> {
 }
 
 /// Receives the reply of the read in flight.
-async fn receive(reader: Option<&mut ReadConnection>) -> Result<Batch, ReadError> {
+async fn receive(reader: Option<&mut ReadConnection>, limit: usize) -> Result<Batch, ReadError> {
     match reader {
-        Some(reader) => reader.receive_batch().await,
+        Some(reader) => reader.receive_batch(limit).await,
         None => std::future::pending().await,
     }
 }

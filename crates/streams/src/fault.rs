@@ -85,7 +85,10 @@ pub fn classify_code(code: &str) -> FaultClass {
 /// Classifies a failure of the reading connection.
 pub fn classify_read(err: &ReadError) -> FaultClass {
     match err {
-        ReadError::Io(_) | ReadError::Timeout(_) | ReadError::Protocol(_) => FaultClass::Transient,
+        ReadError::Io(_)
+        | ReadError::Timeout(_)
+        | ReadError::Protocol(_)
+        | ReadError::ReplyTooLarge { .. } => FaultClass::Transient,
         ReadError::Server(reply) => classify_code(&reply.code),
         ReadError::Unsupported(_) => FaultClass::Permanent,
     }

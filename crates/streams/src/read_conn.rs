@@ -40,6 +40,17 @@ pub enum ReadError {
     /// The URL asks for a transport the reader does not speak.
     #[error("{0}")]
     Unsupported(String),
+    /// The reply grew past the limit before it was complete; the connection
+    /// must be dropped.
+    #[error("an XREAD reply exceeded {limit} bytes after {entries} complete entries")]
+    ReplyTooLarge {
+        /// The limit it exceeded.
+        limit: usize,
+        /// Entries complete before the limit was reached.
+        entries: usize,
+        /// The entry that was arriving, if its id had arrived.
+        partial_entry_id: Option<EntryId>,
+    },
 }
 
 /// A connection that only reads the stream.
@@ -163,15 +174,23 @@ impl ReadConnection {
         Ok(())
     }
 
-    /// Receives the answer to the oldest `XREAD` sent.
+    /// Receives the answer to the oldest `XREAD` sent, holding at most
+    /// about `limit` bytes of it.
     ///
     /// # Errors
     ///
     /// [`ReadError`] when the socket fails, the server answers with an
-    /// error, or the reply is malformed.
-    pub async fn receive_batch(&mut self) -> Result<Batch, ReadError> {
+    /// error, the reply is malformed or grows past `limit`.
+    pub async fn receive_batch(&mut self, limit: usize) -> Result<Batch, ReadError> {
         loop {
             match self.parser.parse(&self.buf)? {
+                Parsed::Incomplete if self.buf.len() > limit => {
+                    return Err(ReadError::ReplyTooLarge {
+                        limit,
+                        entries: self.parser.entries_parsed(),
+                        partial_entry_id: self.parser.partial_entry_id(),
+                    })
+                }
                 Parsed::Incomplete => self.fill().await?,
                 Parsed::Complete(len) => {
                     let data = self.buf.split_to(len).freeze();

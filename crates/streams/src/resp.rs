@@ -90,6 +90,8 @@ pub struct XreadParser {
     need: usize,
     entries: Vec<EntrySlot>,
     spans: Vec<Span>,
+    /// The id of the entry being parsed, once its id has arrived.
+    partial_id: Option<EntryId>,
 }
 
 impl Default for XreadParser {
@@ -245,7 +247,18 @@ impl XreadParser {
             need: 0,
             entries: Vec::new(),
             spans: Vec::new(),
+            partial_id: None,
         }
+    }
+
+    /// Entries of the current reply parsed so far.
+    pub fn entries_parsed(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The id of the entry whose fields are still arriving, if any.
+    pub fn partial_entry_id(&self) -> Option<EntryId> {
+        self.partial_id
     }
 
     /// Scans `buf`, which holds the reply from its first byte (and possibly
@@ -315,6 +328,7 @@ impl XreadParser {
             let spans_before = self.spans.len();
             match self.entry(cursor) {
                 Ok(Some(slot)) => {
+                    self.partial_id = None;
                     self.entries.push(slot);
                     self.pos = cursor.pos;
                     self.stage = Stage::Entries {
@@ -348,6 +362,7 @@ impl XreadParser {
             .get(id_span.start..id_span.end)
             .unwrap_or_default();
         let id = EntryId::from_bytes(raw_id).map_err(|err| protocol(err.to_string()))?;
+        self.partial_id = Some(id);
         let elements = match cursor.line()? {
             None => return Ok(None),
             // A deleted entry can come back with nil fields.
@@ -676,6 +691,22 @@ mod tests {
         let views: Vec<_> = batch.iter().collect();
         assert!(pairs(&views[0]).is_empty());
         assert_eq!(pairs(&views[1]), vec![(b"lone".to_vec(), Vec::new())]);
+    }
+
+    #[test]
+    fn an_entry_still_arriving_is_known_by_its_id() {
+        let big = vec![b'x'; 1000];
+        let bytes = reply(&[("1-0", &[b"k", b"v"]), ("2-7", &[b"k", &big])]);
+        let mut parser = XreadParser::new();
+        let cut = bytes.len() - 500;
+        assert!(matches!(
+            parser.parse(&bytes[..cut]).unwrap(),
+            Parsed::Incomplete
+        ));
+        assert_eq!(parser.entries_parsed(), 1);
+        assert_eq!(parser.partial_entry_id(), Some(EntryId::new(2, 7)));
+        assert!(matches!(parser.parse(&bytes).unwrap(), Parsed::Complete(_)));
+        assert_eq!(parser.partial_entry_id(), None);
     }
 
     #[test]

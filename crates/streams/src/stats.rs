@@ -1,6 +1,7 @@
 //! Counters a consumer keeps about itself, for tests, `demo` and metrics.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Live counters of one consumer, shared with whoever observes it.
 #[derive(Debug, Default)]
@@ -15,6 +16,8 @@ pub struct ConsumerStats {
     offset_saves: AtomicU64,
     reads: AtomicU64,
     trimmed: AtomicU64,
+    last_read_ms: AtomicU64,
+    last_fault_ms: AtomicU64,
 }
 
 /// A copy of [`ConsumerStats`] at one moment.
@@ -40,6 +43,12 @@ pub struct StatsSnapshot {
     pub reads: u64,
     /// Times entries were found deleted before they were handled.
     pub trimmed: u64,
+    /// When the last `XREAD` reply arrived (ms since the Unix epoch; 0:
+    /// never), entries or not: the read connection works.
+    pub last_read_ms: u64,
+    /// When the last Redis failure was met (ms since the Unix epoch; 0:
+    /// never). After `last_read_ms`: an outage is going on.
+    pub last_fault_ms: u64,
 }
 
 impl StatsSnapshot {
@@ -51,6 +60,14 @@ impl StatsSnapshot {
 
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 impl ConsumerStats {
@@ -71,6 +88,7 @@ impl ConsumerStats {
     }
     pub(crate) fn redis_fault(&self) {
         bump(&self.redis_faults);
+        self.last_fault_ms.store(now_ms(), Ordering::Relaxed);
     }
     pub(crate) fn reconnect(&self) {
         bump(&self.reconnects);
@@ -83,6 +101,9 @@ impl ConsumerStats {
     }
     pub(crate) fn trimmed(&self) {
         bump(&self.trimmed);
+    }
+    pub(crate) fn read_completed(&self) {
+        self.last_read_ms.store(now_ms(), Ordering::Relaxed);
     }
 
     /// The counters now.
@@ -99,6 +120,8 @@ impl ConsumerStats {
             offset_saves: get(&self.offset_saves),
             reads: get(&self.reads),
             trimmed: get(&self.trimmed),
+            last_read_ms: get(&self.last_read_ms),
+            last_fault_ms: get(&self.last_fault_ms),
         }
     }
 }
