@@ -400,7 +400,8 @@ async fn raw_read(
     let mut seen = 0u64;
     loop {
         reader.send_xread(stream, after, batch, None).await?;
-        let reply = reader.receive_batch().await?;
+        // The bench's own entries are small: no reply limit to enforce.
+        let reply = reader.receive_batch(usize::MAX).await?;
         let Some(last) = reply.last_id() else {
             break;
         };
