@@ -31,9 +31,17 @@ use lifecycle_streams::{classify, FaultClass};
 /// Wraps a Redis failure into the domain's [`StoreError`], classified by the
 /// client's own predicates.
 pub(crate) fn store_error(action: String, err: redis::RedisError) -> StoreError {
+    let class = classify(&err);
+    let source: Box<dyn std::error::Error + Send + Sync> = match class {
+        FaultClass::Auth => format!(
+            "Redis refused access ({err}): check the user name and password in the Redis URL (--redis-url, REDIS_URL) and the user's ACL permissions"
+        )
+        .into(),
+        _ => Box::new(err),
+    };
     StoreError {
         action,
-        permanent: classify(&err) != FaultClass::Transient,
-        source: Box::new(err),
+        permanent: class != FaultClass::Transient,
+        source,
     }
 }
