@@ -490,6 +490,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
             let cancel = self.cancel();
             let waiting_to_retry = self.retry_at;
             let reply_limit = self.config().max_reply_bytes;
+            let response_timeout = self.config().read_response_timeout();
             let reader = if self.read_in_flight {
                 self.reader.as_mut()
             } else {
@@ -507,7 +508,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
                         self.checkpoint().await?;
                     }
                 }
-                received = receive(reader, reply_limit), if self.read_in_flight => {
+                received = receive(reader, reply_limit, response_timeout), if self.read_in_flight => {
                     self.read_in_flight = false;
                     match received {
                         Ok(batch) => self.on_batch(batch).await?,
@@ -1135,10 +1136,18 @@ fn id_value(value: &Value) -> Option<EntryId> {
     }
 }
 
-/// Receives the reply of the read in flight.
-async fn receive(reader: Option<&mut ReadConnection>, limit: usize) -> Result<Batch, ReadError> {
+/// Receives the reply of the read in flight, giving up after `timeout`: a
+/// connection that went silent (a dead peer, a stalled network) is then
+/// dropped and reconnected like any other fault.
+async fn receive(
+    reader: Option<&mut ReadConnection>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Batch, ReadError> {
     match reader {
-        Some(reader) => reader.receive_batch(limit).await,
+        Some(reader) => tokio::time::timeout(timeout, reader.receive_batch(limit))
+            .await
+            .unwrap_or(Err(ReadError::Timeout(timeout))),
         None => std::future::pending().await,
     }
 }
