@@ -1,5 +1,7 @@
 //! The command line: every flag, its environment variable and its help.
 
+use std::fmt;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -45,6 +47,9 @@ pub enum Command {
     Tail(TailArgs),
     /// Inspect or change a stored offset.
     Offsets(OffsetsArgs),
+    /// Where the worker stands: the stream, the saved offset, the lag, the
+    /// dead letters.
+    Status(StatusArgs),
     /// A self-contained tour: a private Redis, a seeded lobby, a mix of
     /// events, the worker catching up, the lobby before and after.
     Demo(DemoArgs),
@@ -189,6 +194,58 @@ pub struct RunArgs {
     /// concurrently and always in stream order. 1 keeps strict stream order.
     #[arg(long, env = "LOBBY_CONCURRENCY", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub concurrency: u32,
+
+    /// Where /metrics, /healthz and /readyz are served (`IP:PORT`), or `off`
+    /// [default: 127.0.0.1:9464; if that port is taken, the worker runs
+    /// without them and says so].
+    #[arg(long, env = "LOBBY_METRICS_ADDR", value_parser = parse_metrics_addr)]
+    pub metrics_addr: Option<MetricsAddr>,
+
+    /// Print the effective configuration (passwords redacted) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// The metrics address used when none is given.
+pub const DEFAULT_METRICS_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
+
+/// Where the HTTP endpoints listen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsAddr {
+    /// No HTTP listener.
+    Off,
+    /// This address.
+    At(SocketAddr),
+}
+
+impl fmt::Display for MetricsAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetricsAddr::Off => f.write_str("off"),
+            MetricsAddr::At(addr) => addr.fmt(f),
+        }
+    }
+}
+
+/// `status`'s settings.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Redis connection and keys.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// The consumer label whose offset to use.
+    #[arg(long, default_value = "user_lifecycle")]
+    pub label: String,
+
+    /// The dead-letter stream (default: `<stream>:dead`).
+    #[arg(long, env = "LOBBY_DEAD_LETTER_STREAM")]
+    pub dead_letter_stream: Option<String>,
+
+    /// One JSON object instead of `key: value` lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `publish`'s fields.
@@ -319,6 +376,31 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(MetricsAddr::Off);
+    }
+    text.trim().parse().map(MetricsAddr::At).map_err(|_| {
+        format!("{text:?} is not an address like 127.0.0.1:9464 or [::1]:9464, nor `off`")
+    })
+}
+
+/// Formats a duration the way [`parse_duration`] reads it back.
+pub fn format_duration(duration: Duration) -> String {
+    let ms = duration.as_millis();
+    if ms % 1000 != 0 || ms == 0 {
+        return format!("{ms}ms");
+    }
+    let secs = ms / 1000;
+    if secs % 3600 == 0 {
+        format!("{}h", secs / 3600)
+    } else if secs % 60 == 0 {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
 fn parse_entry_id(text: &str) -> Result<EntryId, String> {
     text.parse()
         .map_err(|err: lifecycle_domain::ParseEntryIdError| err.to_string())
@@ -353,6 +435,34 @@ mod tests {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         for bad in ["", "5", "s", "1.5s", "-1s", "2 s", "1d", "ms5"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn metrics_addresses_parse_or_turn_off() {
+        assert_eq!(parse_metrics_addr("off").unwrap(), MetricsAddr::Off);
+        assert_eq!(
+            parse_metrics_addr("127.0.0.1:9464").unwrap(),
+            MetricsAddr::At(DEFAULT_METRICS_ADDR)
+        );
+        assert_eq!(
+            parse_metrics_addr("[::1]:80").unwrap().to_string(),
+            "[::1]:80"
+        );
+        for bad in ["", "9464", "localhost:9464", "127.0.0.1", "on"] {
+            assert!(parse_metrics_addr(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn durations_print_as_they_parse() {
+        for text in ["250ms", "5s", "90s", "1m", "2h", "0ms", "1500ms"] {
+            let duration = parse_duration(text).unwrap();
+            assert_eq!(format_duration(duration), text);
+            assert_eq!(
+                parse_duration(&format_duration(duration)).unwrap(),
+                duration
+            );
         }
     }
 

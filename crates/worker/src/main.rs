@@ -4,7 +4,11 @@
 
 mod cli;
 mod commands;
+mod health;
+mod http;
+mod metrics;
 mod redis_conn;
+mod stream_status;
 mod telemetry;
 
 use std::process::ExitCode;
@@ -36,12 +40,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let logging = commands::run::Logging {
+        level: cli.log_level.as_deref(),
+        format: cli.log_format,
+    };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => commands::run::run(args).await,
+            Command::Run(args) => commands::run::run(args, logging).await,
             Command::Publish(args) => commands::publish::run(args).await,
             Command::Tail(args) => commands::tail::run(args).await,
             Command::Offsets(args) => commands::offsets::run(args).await,
+            Command::Status(args) => commands::status::run(args).await,
             Command::Demo(args) => commands::demo::run(args).await,
             Command::Bench(args) => commands::bench::run(args).await,
         }

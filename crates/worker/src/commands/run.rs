@@ -1,16 +1,37 @@
 //! `lobby-worker run`: the worker.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use lifecycle_domain::{CascadeHandler, UserLifecycleConsumer, USER_LIFECYCLE_LABEL};
 use lifecycle_redis::{
     open_client, redact_url, RedisLobbyStore, RedisOffsetStore, RedisUserLifecycleConsumer,
 };
-use lifecycle_streams::{BackoffPolicy, Checkpoint, ConsumerConfig, StopReason};
-use tracing::info;
+use lifecycle_streams::{
+    BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerStats, StartFrom, StopReason,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
 
-use crate::cli::{CheckpointArg, RunArgs};
+use crate::cli::{
+    format_duration, CheckpointArg, LogFormat, MetricsAddr, RunArgs, DEFAULT_METRICS_ADDR,
+};
+use crate::health::Health;
+use crate::metrics::{lag_task, HandlerMetrics, InstrumentedHandler, LagProbe, Metrics};
+
+/// The logging settings, for `--print-config`.
+#[derive(Clone, Copy, Debug)]
+pub struct Logging<'a> {
+    /// `--log-level`, if given.
+    pub level: Option<&'a str>,
+    /// `--log-format`.
+    pub format: LogFormat,
+}
+
+/// How long the HTTP endpoints may take to finish their requests at exit.
+const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// The consumer settings `args` describe.
 pub fn consumer_config(args: &RunArgs) -> ConsumerConfig {
@@ -36,16 +57,49 @@ pub fn consumer_config(args: &RunArgs) -> ConsumerConfig {
     config
 }
 
-/// Runs the worker until SIGINT/SIGTERM, drain's end or a permanent fault.
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// Runs the worker until SIGINT/SIGTERM, drain's end or a permanent fault;
+/// with `--print-config`, prints the settings instead.
+pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     let config = consumer_config(&args);
     let client = open_client(&args.redis.redis_url)?;
+    if args.print_config {
+        config
+            .validate()
+            .map_err(|reason| anyhow::anyhow!("invalid settings: {reason}"))?;
+        print_config(&args, &config, logging)?;
+        return Ok(());
+    }
     let offsets = RedisOffsetStore::new(client.clone(), &args.redis.key_prefix)
         .context("cannot set up the offset store")?;
     let lobby = RedisLobbyStore::new(client.clone(), &args.redis.key_prefix)
         .context("cannot set up the lobby store")?;
-    let consumer = RedisUserLifecycleConsumer::new(client, Arc::new(offsets), config.clone())?;
-    consumer.on_event(Arc::new(CascadeHandler::new(lobby)));
+    let consumer =
+        RedisUserLifecycleConsumer::new(client.clone(), Arc::new(offsets.clone()), config.clone())?;
+    let handler_metrics = Arc::new(HandlerMetrics::default());
+    consumer.on_event(Arc::new(InstrumentedHandler::new(
+        CascadeHandler::new(lobby),
+        Arc::clone(&handler_metrics),
+    )));
+    let cancel = consumer.cancellation();
+    // Stops with the consumer's cancellation, and after drain's end too.
+    let http_stop = cancel.child_token();
+    let endpoints = start_endpoints(
+        args.metrics_addr,
+        Endpoints {
+            stats: consumer.stats(),
+            handler: handler_metrics,
+            block_timeout: config.block_timeout,
+            lag: LagSettings {
+                client,
+                offsets,
+                stream: config.stream.clone(),
+                label: config.label.clone(),
+                start_from: config.start_from,
+            },
+        },
+        &http_stop,
+    )
+    .await?;
     info!(
         redis_url = %redact_url(&args.redis.redis_url),
         stream = %config.stream,
@@ -56,9 +110,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         dead_letter_after = ?config.dead_letter_after,
         drain = config.drain,
         concurrency = config.concurrency,
+        metrics_addr = %endpoints.as_ref().map_or_else(|| "off".to_owned(), |served| served.addr.to_string()),
         "lobby-worker starting"
     );
-    let cancel = consumer.cancellation();
     let signals = tokio::spawn(async move {
         crate::commands::shutdown_signal().await;
         info!("shutdown requested; finishing the entry in flight");
@@ -66,6 +120,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let report = consumer.run_to_end().await;
     signals.abort();
+    http_stop.cancel();
+    if let Some(served) = endpoints {
+        served.stop().await;
+    }
     let report = report?;
     let stats = consumer.stats().snapshot();
     let peak_rss_kib = peak_rss_kib();
@@ -76,6 +134,178 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         StopReason::Cancelled => info!(handled = stats.handled, peak_rss_kib, "stopped"),
     }
     Ok(())
+}
+
+/// What the HTTP endpoints and the lag task need.
+struct Endpoints {
+    stats: Arc<ConsumerStats>,
+    handler: Arc<HandlerMetrics>,
+    block_timeout: Duration,
+    lag: LagSettings,
+}
+
+struct LagSettings {
+    client: redis::Client,
+    offsets: RedisOffsetStore,
+    stream: String,
+    label: String,
+    start_from: StartFrom,
+}
+
+/// The running HTTP server and lag task.
+struct Served {
+    addr: std::net::SocketAddr,
+    server: JoinHandle<std::io::Result<()>>,
+    lag: JoinHandle<()>,
+}
+
+impl Served {
+    /// Waits for the server's graceful end (requests in progress finish)
+    /// and the lag task's; `stop` must have fired.
+    async fn stop(self) {
+        let Served {
+            mut server, lag, ..
+        } = self;
+        match tokio::time::timeout(HTTP_SHUTDOWN_GRACE, &mut server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(err))) => error!(err = %err, "the HTTP endpoints failed"),
+            Ok(Err(err)) => error!(err = %err, "the HTTP endpoints' task failed"),
+            Err(_) => {
+                warn!("HTTP requests still running at exit; closing them");
+                server.abort();
+            }
+        }
+        lag.abort();
+        drop(lag.await);
+    }
+}
+
+/// Binds the metrics address and starts the endpoints and the lag task.
+/// `None` when turned off, or when the default address is taken (then with
+/// a warning: several workers on one machine should not fail for it). An
+/// address given explicitly that cannot be bound is an error.
+async fn start_endpoints(
+    addr: Option<MetricsAddr>,
+    endpoints: Endpoints,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<Served>> {
+    let listener = match addr {
+        Some(MetricsAddr::Off) => return Ok(None),
+        Some(MetricsAddr::At(addr)) => crate::http::bind(addr).await.map_err(|err| {
+            anyhow::anyhow!("{err}; choose another --metrics-addr (LOBBY_METRICS_ADDR), or `off`")
+        })?,
+        None => match crate::http::bind(DEFAULT_METRICS_ADDR).await {
+            Ok(listener) => listener,
+            Err(err) => {
+                warn!(
+                    err = %err,
+                    "running without /metrics, /healthz and /readyz; choose a free address with --metrics-addr (LOBBY_METRICS_ADDR), or `off`"
+                );
+                return Ok(None);
+            }
+        },
+    };
+    let addr = listener
+        .local_addr()
+        .context("cannot tell the metrics listener's address")?;
+    let Endpoints {
+        stats,
+        handler,
+        block_timeout,
+        lag,
+    } = endpoints;
+    let health = Arc::new(Health::new(
+        Arc::clone(&stats),
+        Arc::clone(&handler),
+        Health::stale_after(block_timeout),
+    ));
+    let metrics = Metrics::new(stats, handler, Arc::clone(&health));
+    let probe = LagProbe {
+        conn: lifecycle_redis::connect::lazy_manager(lag.client, Duration::from_secs(5))
+            .context("cannot set up the lag probe's connection")?,
+        offsets: lag.offsets,
+        stream: lag.stream,
+        label: lag.label,
+        start_from: lag.start_from,
+        gauges: Arc::clone(&metrics.lag),
+    };
+    let lag = tokio::spawn(lag_task(probe, stop.clone()));
+    let server = tokio::spawn(crate::http::serve(listener, metrics, health, stop.clone()));
+    info!(%addr, "serving /metrics, /healthz and /readyz");
+    Ok(Some(Served { addr, server, lag }))
+}
+
+/// Prints the effective settings, one aligned `key: value` line each.
+fn print_config(
+    args: &RunArgs,
+    config: &ConsumerConfig,
+    logging: Logging<'_>,
+) -> anyhow::Result<()> {
+    let optional = |value: Option<String>| value.unwrap_or_else(|| "unset".to_owned());
+    let log_level = logging
+        .level
+        .map(str::to_owned)
+        .or_else(|| {
+            std::env::var("RUST_LOG")
+                .ok()
+                .filter(|level| !level.is_empty())
+        })
+        .unwrap_or_else(|| "info".to_owned());
+    let rows = [
+        ("redis_url", redact_url(&args.redis.redis_url)),
+        ("stream", config.stream.clone()),
+        ("key_prefix", args.redis.key_prefix.clone()),
+        ("label", config.label.clone()),
+        (
+            "offset_key",
+            format!("{}:stream_offsets:{}", args.redis.key_prefix, config.label),
+        ),
+        ("block_timeout", format_duration(config.block_timeout)),
+        ("batch_size", config.batch_size.to_string()),
+        (
+            "checkpoint",
+            match config.checkpoint {
+                Checkpoint::EveryBatch => "every-batch".to_owned(),
+                Checkpoint::EveryEntry => "every-entry".to_owned(),
+            },
+        ),
+        (
+            "start_from",
+            match config.start_from {
+                StartFrom::Beginning => "beginning".to_owned(),
+                StartFrom::End => "end".to_owned(),
+                StartFrom::Id(id) => id.to_string(),
+            },
+        ),
+        (
+            "retry_initial",
+            format_duration(config.handler_retry.initial),
+        ),
+        ("retry_max", format_duration(config.handler_retry.max)),
+        (
+            "dead_letter_after",
+            optional(config.dead_letter_after.map(|n| n.to_string())),
+        ),
+        ("dead_letter_stream", config.dead_letter_stream.clone()),
+        ("shutdown_grace", format_duration(config.shutdown_grace)),
+        ("drain", config.drain.to_string()),
+        ("concurrency", config.concurrency.to_string()),
+        (
+            "metrics_addr",
+            args.metrics_addr
+                .unwrap_or(MetricsAddr::At(DEFAULT_METRICS_ADDR))
+                .to_string(),
+        ),
+        ("log_level", log_level),
+        (
+            "log_format",
+            match logging.format {
+                LogFormat::Text => "text".to_owned(),
+                LogFormat::Json => "json".to_owned(),
+            },
+        ),
+    ];
+    crate::commands::print_aligned(&rows).context("cannot print the configuration")
 }
 
 /// The process's peak resident memory (VmHWM), in KiB; 0 where unknown.

@@ -1,0 +1,477 @@
+//! Prometheus metrics of `run`, all named `lobby_*`.
+//!
+//! The consumer's counters are read from [`ConsumerStats`] at scrape time by
+//! a collector, so the hot path pays nothing for them. The handler's timing
+//! comes from a decorator around the handler ([`InstrumentedHandler`]); the
+//! lag gauges from a task that looks at the stream every few seconds
+//! ([`lag_task`]). Labels are fixed words (`outcome`), never values taken
+//! from entries, users or errors.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lifecycle_domain::{
+    BoxFuture, EntryId, HandlerError, UserLifecycleEvent, UserLifecycleHandler,
+};
+use lifecycle_redis::RedisOffsetStore;
+use lifecycle_streams::{ConsumerStats, StartFrom};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::health::Health;
+use crate::stream_status::{lag, stream_state};
+
+/// How often the lag gauges are refreshed.
+pub const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Upper bounds of the handler-duration buckets, in seconds: a cascade
+/// takes well under a millisecond on a quiet Redis, seconds when it is in
+/// trouble.
+const HANDLER_BUCKETS: [f64; 16] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+/// What the handler decorator measures.
+#[derive(Debug)]
+pub struct HandlerMetrics {
+    duration: Histogram,
+    in_flight: Gauge,
+    /// When a handler call last succeeded (ms since the epoch; 0: never).
+    last_success_ms: AtomicU64,
+}
+
+impl Default for HandlerMetrics {
+    fn default() -> Self {
+        Self {
+            duration: Histogram::new(HANDLER_BUCKETS),
+            in_flight: Gauge::default(),
+            last_success_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl HandlerMetrics {
+    /// When a handler call last succeeded (ms since the epoch; 0: never).
+    pub fn last_success_ms(&self) -> u64 {
+        self.last_success_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// Decrements the in-flight gauge however the call ends (even dropped at
+/// the end of the shutdown grace period).
+struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A handler that times every call of the handler it wraps.
+pub struct InstrumentedHandler<H> {
+    inner: H,
+    metrics: Arc<HandlerMetrics>,
+}
+
+impl<H> InstrumentedHandler<H> {
+    /// Wraps `inner`, recording into `metrics`.
+    pub fn new(inner: H, metrics: Arc<HandlerMetrics>) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+impl<H: UserLifecycleHandler> UserLifecycleHandler for InstrumentedHandler<H> {
+    fn handle<'a>(
+        &'a self,
+        event: &'a UserLifecycleEvent,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let _in_flight = InFlight::enter(&self.metrics.in_flight);
+            let started = Instant::now();
+            let result = self.inner.handle(event).await;
+            self.metrics
+                .duration
+                .observe(started.elapsed().as_secs_f64());
+            if result.is_ok() {
+                self.metrics
+                    .last_success_ms
+                    .store(now_ms(), Ordering::Relaxed);
+            }
+            result
+        })
+    }
+}
+
+/// The gauges the lag task sets.
+#[derive(Debug, Default)]
+pub struct LagGauges {
+    length: Gauge,
+    lag_entries: Gauge,
+    lag_saturated: Gauge,
+    lag_seconds: Gauge<f64, AtomicU64>,
+    offset_timestamp_seconds: Gauge<f64, AtomicU64>,
+    probe_failures: Counter,
+}
+
+/// Everything `/metrics` shows.
+pub struct Metrics {
+    registry: Registry,
+    /// Fed by the lag task.
+    pub lag: Arc<LagGauges>,
+}
+
+impl Metrics {
+    /// The registry of a worker whose consumer keeps `stats`, whose handler
+    /// decorator records into `handler` and whose readiness `health` tells.
+    pub fn new(
+        stats: Arc<ConsumerStats>,
+        handler: Arc<HandlerMetrics>,
+        health: Arc<Health>,
+    ) -> Self {
+        let lag = Arc::new(LagGauges::default());
+        let mut registry = Registry::with_prefix("lobby");
+        registry.register_with_unit(
+            "handler_duration",
+            "Duration of each handler call (one attempt; the cascade of one event)",
+            Unit::Seconds,
+            handler.duration.clone(),
+        );
+        registry.register(
+            "handler_calls_in_flight",
+            "Handler calls running now",
+            handler.in_flight.clone(),
+        );
+        registry.register(
+            "stream_length",
+            "Entries in the stream (refreshed every 5s)",
+            lag.length.clone(),
+        );
+        registry.register(
+            "lag_entries",
+            "Entries after the saved offset, counted up to 10000 (refreshed every 5s)",
+            lag.lag_entries.clone(),
+        );
+        registry.register(
+            "lag_entries_saturated",
+            "1 when more than 10000 entries follow the saved offset (lobby_lag_entries then holds 10000)",
+            lag.lag_saturated.clone(),
+        );
+        registry.register_with_unit(
+            "lag",
+            "The stream's last entry time minus the saved offset's entry time (refreshed every 5s)",
+            Unit::Seconds,
+            lag.lag_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "offset_timestamp",
+            "Time part of the saved offset's entry id, as a Unix time (refreshed every 5s)",
+            Unit::Seconds,
+            lag.offset_timestamp_seconds.clone(),
+        );
+        registry.register(
+            "lag_probe_failures",
+            "Failed refreshes of the lag gauges (they then keep their last values)",
+            lag.probe_failures.clone(),
+        );
+        registry.register_collector(Box::new(StatsCollector { stats, health }));
+        Self { registry, lag }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    ///
+    /// # Errors
+    ///
+    /// When encoding fails (it writes to a string: never in practice).
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut body = String::with_capacity(4096);
+        prometheus_client::encoding::prometheus_text::encode(&mut body, &self.registry)?;
+        Ok(body)
+    }
+}
+
+/// The consumer's counters, read at scrape time.
+#[derive(Debug)]
+struct StatsCollector {
+    stats: Arc<ConsumerStats>,
+    health: Arc<Health>,
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let metric = ConstCounter::new(value);
+    let metric_encoder = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+    metric.encode(metric_encoder)
+}
+
+fn gauge<T>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: T,
+) -> Result<(), std::fmt::Error>
+where
+    ConstGauge<T>: EncodeMetric,
+{
+    let metric = ConstGauge::new(value);
+    let metric_encoder = encoder.encode_descriptor(name, help, unit, metric.metric_type())?;
+    metric.encode(metric_encoder)
+}
+
+impl Collector for StatsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.stats.snapshot();
+        {
+            let entries = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(
+                "entries",
+                "Stream entries whose handling finished, by outcome.",
+                None,
+                entries.metric_type(),
+            )?;
+            for (outcome, value) in [
+                ("handled", stats.handled),
+                ("malformed", stats.malformed),
+                ("unknown_type", stats.unknown_type),
+                ("dead_lettered", stats.dead_lettered),
+            ] {
+                let labels = [("outcome", outcome)];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        counter(
+            &mut encoder,
+            "handler_failures",
+            "Handler calls that returned an error (each retry counts).",
+            stats.handler_failures,
+        )?;
+        counter(
+            &mut encoder,
+            "redis_faults",
+            "Redis failures met (each retry counts).",
+            stats.redis_faults,
+        )?;
+        counter(
+            &mut encoder,
+            "redis_reconnects",
+            "Read connections re-established after a fault.",
+            stats.reconnects,
+        )?;
+        counter(
+            &mut encoder,
+            "offset_saves",
+            "Offsets written to Redis.",
+            stats.offset_saves,
+        )?;
+        counter(
+            &mut encoder,
+            "reads",
+            "XREAD round trips sent.",
+            stats.reads,
+        )?;
+        counter(
+            &mut encoder,
+            "trims_detected",
+            "Times the consumer found entries trimmed or deleted before it handled them.",
+            stats.trimmed,
+        )?;
+        gauge(
+            &mut encoder,
+            "last_read_timestamp",
+            "When the last XREAD reply arrived, as a Unix time (0: never).",
+            Some(&Unit::Seconds),
+            ms_to_seconds(stats.last_read_ms),
+        )?;
+        gauge(
+            &mut encoder,
+            "ready",
+            "1 while /readyz answers 200.",
+            None,
+            i64::from(self.health.readiness(now_ms()).is_ready()),
+        )?;
+        Ok(())
+    }
+}
+
+fn ms_to_seconds(ms: u64) -> f64 {
+    // Exact for any millisecond count below 2^53 (the year 285 616).
+    #[allow(clippy::cast_precision_loss)]
+    let seconds = ms as f64 / 1000.0;
+    seconds
+}
+
+fn to_gauge(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Where the worker will read from when no offset is stored yet: `None`
+/// when that is the stream's end (nothing is behind).
+fn implied_offset(start_from: StartFrom) -> Option<EntryId> {
+    match start_from {
+        StartFrom::Beginning => Some(EntryId::ZERO),
+        StartFrom::Id(id) => Some(id.predecessor().unwrap_or(EntryId::ZERO)),
+        StartFrom::End => None,
+    }
+}
+
+/// What the lag task needs.
+pub struct LagProbe {
+    /// Its own connection; reconnects by itself.
+    pub conn: redis::aio::ConnectionManager,
+    /// Where the offset is read.
+    pub offsets: RedisOffsetStore,
+    /// The stream.
+    pub stream: String,
+    /// The offset's label.
+    pub label: String,
+    /// The worker's start option, for the time before it saved an offset.
+    pub start_from: StartFrom,
+    /// What it sets.
+    pub gauges: Arc<LagGauges>,
+}
+
+impl LagProbe {
+    /// One refresh of the gauges.
+    async fn refresh(&mut self) -> Result<(), String> {
+        let state = stream_state(&mut self.conn, &self.stream)
+            .await
+            .map_err(|err| err.to_string())?;
+        let stored = self
+            .offsets
+            .get(&self.label)
+            .await
+            .map_err(|err| err.to_string())?;
+        let gauges = &self.gauges;
+        gauges.length.set(to_gauge(state.length));
+        let offset = match stored {
+            Some(offset) => {
+                gauges
+                    .offset_timestamp_seconds
+                    .set(ms_to_seconds(offset.ms));
+                Some(offset)
+            }
+            None => {
+                gauges.offset_timestamp_seconds.set(0.0);
+                // Before the worker's first save, it reads from where its
+                // start option says; "just before the first entry" for the
+                // beginning, so that the time lag spans the backlog.
+                implied_offset(self.start_from).map(|offset| match state.first_entry_id {
+                    Some(first) if offset < first => first.predecessor().unwrap_or(offset),
+                    _ => offset,
+                })
+            }
+        };
+        let measured = match offset {
+            Some(offset) => lag(&mut self.conn, &self.stream, &state, offset)
+                .await
+                .map_err(|err| err.to_string())?,
+            None => crate::stream_status::Lag::default(),
+        };
+        gauges.lag_entries.set(to_gauge(measured.entries));
+        gauges.lag_saturated.set(i64::from(measured.more_than));
+        gauges.lag_seconds.set(ms_to_seconds(measured.ms));
+        Ok(())
+    }
+}
+
+/// Refreshes the lag gauges every [`LAG_INTERVAL`] until `cancel` fires.
+/// Failures (Redis down) keep the last values and count in
+/// `lobby_lag_probe_failures_total`; the consumer reports outages itself.
+pub async fn lag_task(mut probe: LagProbe, cancel: CancellationToken) {
+    let mut ticks = tokio::time::interval(LAG_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let refreshed = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            refreshed = probe.refresh() => refreshed,
+        };
+        if let Err(err) = refreshed {
+            probe.gauges.probe_failures.inc();
+            debug!(err = %err, "cannot refresh the lag gauges");
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_names_every_metric_with_the_prefix() {
+        let stats = Arc::new(ConsumerStats::default());
+        let handler = Arc::new(HandlerMetrics::default());
+        let health = Arc::new(Health::new(
+            Arc::clone(&stats),
+            Arc::clone(&handler),
+            Duration::from_secs(5),
+        ));
+        let metrics = Metrics::new(stats, Arc::clone(&handler), health);
+        handler.duration.observe(0.002);
+        let body = metrics.render().unwrap();
+        for line in [
+            "lobby_entries_total{outcome=\"handled\"} 0",
+            "lobby_entries_total{outcome=\"malformed\"} 0",
+            "lobby_entries_total{outcome=\"unknown_type\"} 0",
+            "lobby_entries_total{outcome=\"dead_lettered\"} 0",
+            "lobby_handler_failures_total 0",
+            "lobby_redis_faults_total 0",
+            "lobby_redis_reconnects_total 0",
+            "lobby_offset_saves_total 0",
+            "lobby_reads_total 0",
+            "lobby_handler_duration_seconds_count 1",
+            "lobby_handler_calls_in_flight 0",
+            "lobby_lag_entries 0",
+            "lobby_lag_seconds 0.0",
+            "lobby_offset_timestamp_seconds 0.0",
+            "lobby_ready 0",
+        ] {
+            assert!(body.lines().any(|l| l == line), "no {line:?} in:\n{body}");
+        }
+        assert!(body.contains("# TYPE lobby_handler_duration_seconds histogram"));
+    }
+
+    #[test]
+    fn the_implied_offset_follows_the_start_option() {
+        assert_eq!(implied_offset(StartFrom::Beginning), Some(EntryId::ZERO));
+        assert_eq!(
+            implied_offset(StartFrom::Id(EntryId::new(5, 0))),
+            Some(EntryId::new(4, u64::MAX))
+        );
+        assert_eq!(implied_offset(StartFrom::End), None);
+    }
+}

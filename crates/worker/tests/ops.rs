@@ -1,0 +1,670 @@
+//! Operability of the `lobby-worker` binary: the metrics and health
+//! endpoints of `run`, `status`, and `run --print-config`, against private
+//! redis-servers.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    missing_docs
+)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lifecycle_test_support::{free_port, RedisServer};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lobby-worker");
+const STREAM: &str = "user:lifecycle_events";
+const OFFSET_KEY: &str = "lobby:stream_offsets:user_lifecycle";
+
+fn worker(url: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("REDIS_URL", url)
+        .env("LOBBY_LOG_LEVEL", "info")
+        .env_remove("LOBBY_METRICS_ADDR")
+        .output()
+        .expect("run lobby-worker")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status,
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// Asserts the process failed with exactly one line on stderr, an error.
+fn assert_one_error_line(output: &Output) -> String {
+    assert!(!output.status.success(), "succeeded: {}", stdout(output));
+    let err = stderr(output);
+    let lines: Vec<&str> = err.lines().filter(|line| !line.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "not one line: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    lines[0].to_owned()
+}
+
+fn status_json(url: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["status", "--json"];
+    args.extend_from_slice(extra);
+    let output = worker(url, &args);
+    assert_success(&output);
+    let text = stdout(&output);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    serde_json::from_str(text.trim()).expect("one JSON object")
+}
+
+/// A running `lobby-worker run` whose stderr is collected as it comes.
+struct Running {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Running {
+    fn start(url: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("run")
+            .args(args)
+            .env("REDIS_URL", url)
+            .env("LOBBY_LOG_LEVEL", "info")
+            .env_remove("LOBBY_METRICS_ADDR")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn lobby-worker run");
+        let log = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn wait_for_log(&self, needle: &str) {
+        wait_until(Duration::from_secs(15), || self.log().contains(needle))
+            .unwrap_or_else(|()| panic!("no {needle:?} in the log:\n{}", self.log()));
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_until(within: Duration, mut condition: impl FnMut() -> bool) -> Result<(), ()> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if condition() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if condition() {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// One HTTP/1.1 GET: the status code and the body, or `None` when nothing
+/// answers.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
+}
+
+/// The value of the sample named exactly `series` (name and labels).
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+}
+
+fn add_event(server: &RedisServer, event_type: &str, user: &str) {
+    server.cli(&[
+        "XADD",
+        STREAM,
+        "*",
+        "event_type",
+        event_type,
+        "user_id",
+        user,
+        "occurred_at_ms",
+        "1700000000000",
+    ]);
+}
+
+#[test]
+fn metrics_count_what_run_does_and_readiness_follows_redis() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut running = Running::start(
+        &url,
+        &["--metrics-addr", &addr, "--block-timeout", "250ms"],
+        &[],
+    );
+    running.wait_for_log("consumer started");
+    // Ready as soon as it reads, before the first (blocking) read returns.
+    wait_until(Duration::from_secs(10), || {
+        get(port, "/readyz").is_some_and(|(code, _)| code == 200)
+    })
+    .unwrap_or_else(|()| panic!("not ready: {:?}", get(port, "/readyz")));
+    const N: u64 = 7;
+    for i in 0..N {
+        add_event(&server, "user.deleted", &format!("secret-user-{i}"));
+    }
+    add_event(&server, "user.renamed", "secret-user-renamed");
+    // Malformed: no user id.
+    let last_id = server.cli(&[
+        "XADD",
+        STREAM,
+        "*",
+        "event_type",
+        "user.deleted",
+        "occurred_at_ms",
+        "1700000000000",
+    ]);
+
+    let mut body = String::new();
+    wait_until(Duration::from_secs(15), || {
+        body = get(port, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        sample(&body, "lobby_entries_total{outcome=\"malformed\"}") == Some(1.0)
+    })
+    .unwrap_or_else(|()| panic!("not all counted:\n{body}\nlog:\n{}", running.log()));
+    assert_eq!(
+        sample(&body, "lobby_entries_total{outcome=\"handled\"}"),
+        Some(N as f64),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "lobby_entries_total{outcome=\"unknown_type\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&body, "lobby_entries_total{outcome=\"dead_lettered\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&body, "lobby_handler_duration_seconds_count"),
+        Some(N as f64),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "lobby_handler_duration_seconds_bucket{le=\"+Inf\"}"),
+        Some(N as f64)
+    );
+    assert!(sample(&body, "lobby_handler_duration_seconds_sum").unwrap() > 0.0);
+    assert_eq!(sample(&body, "lobby_handler_failures_total"), Some(0.0));
+    assert_eq!(sample(&body, "lobby_handler_calls_in_flight"), Some(0.0));
+    assert!(sample(&body, "lobby_reads_total").unwrap() >= 1.0);
+    assert!(sample(&body, "lobby_offset_saves_total").unwrap() >= 1.0);
+    assert_eq!(sample(&body, "lobby_ready"), Some(1.0), "{body}");
+    for name in [
+        "lobby_redis_faults_total",
+        "lobby_redis_reconnects_total",
+        "lobby_lag_entries",
+        "lobby_lag_seconds",
+        "lobby_offset_timestamp_seconds",
+        "lobby_stream_length",
+    ] {
+        assert!(sample(&body, name).is_some(), "no {name}:\n{body}");
+    }
+    // Low cardinality: no user id, event type or error text anywhere.
+    for leaked in [
+        "secret-user",
+        "user.renamed",
+        "user.deleted",
+        "missing user_id",
+    ] {
+        assert!(!body.contains(leaked), "{leaked:?} in:\n{body}");
+    }
+    // Every sample is prefixed.
+    for line in body.lines().filter(|line| !line.starts_with('#')) {
+        assert!(line.starts_with("lobby_"), "{line}");
+    }
+
+    // The lag gauges catch up within their refresh period.
+    wait_until(Duration::from_secs(15), || {
+        server.cli(&["GET", OFFSET_KEY]) == last_id
+    })
+    .unwrap_or_else(|()| panic!("offset not saved; log:\n{}", running.log()));
+    let saved_ms: f64 = last_id.split('-').next().unwrap().parse().unwrap();
+    wait_until(Duration::from_secs(15), || {
+        body = get(port, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        sample(&body, "lobby_offset_timestamp_seconds") == Some(saved_ms / 1000.0)
+    })
+    .unwrap_or_else(|()| panic!("lag gauges not refreshed (offset {last_id}):\n{body}"));
+    assert_eq!(sample(&body, "lobby_lag_entries"), Some(0.0), "{body}");
+    assert_eq!(sample(&body, "lobby_lag_seconds"), Some(0.0), "{body}");
+    assert_eq!(sample(&body, "lobby_stream_length"), Some(N as f64 + 2.0));
+
+    assert_eq!(get(port, "/healthz"), Some((200, "ok\n".to_owned())));
+    let (code, text) = get(port, "/readyz").unwrap();
+    assert_eq!(code, 200, "{text}");
+
+    // Redis goes away: not ready, with a reason; still alive.
+    server.kill();
+    let mut readyz = None;
+    wait_until(Duration::from_secs(15), || {
+        readyz = get(port, "/readyz");
+        readyz.as_ref().is_some_and(|(code, _)| *code == 503)
+    })
+    .unwrap_or_else(|()| panic!("still {readyz:?}; log:\n{}", running.log()));
+    let reason = readyz.take().unwrap().1;
+    assert!(reason.contains("Redis unavailable"), "{reason}");
+    assert_eq!(reason.lines().count(), 1, "{reason}");
+    assert_eq!(get(port, "/healthz").unwrap().0, 200);
+    let body = get(port, "/metrics").unwrap().1;
+    assert_eq!(sample(&body, "lobby_ready"), Some(0.0), "{body}");
+    assert!(sample(&body, "lobby_redis_faults_total").unwrap() >= 1.0);
+
+    // And comes back: ready again.
+    server.restart();
+    wait_until(Duration::from_secs(30), || {
+        readyz = get(port, "/readyz");
+        readyz.as_ref().is_some_and(|(code, _)| *code == 200)
+    })
+    .unwrap_or_else(|()| panic!("still {readyz:?}; log:\n{}", running.log()));
+    let body = get(port, "/metrics").unwrap().1;
+    assert!(
+        sample(&body, "lobby_redis_reconnects_total").unwrap() >= 1.0,
+        "{body}"
+    );
+
+    // The endpoints stop with the worker.
+    running.signal("TERM");
+    assert_eq!(running.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    assert!(get(port, "/healthz").is_none());
+}
+
+#[test]
+fn metrics_addr_off_starts_no_listener() {
+    let server = RedisServer::start();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    // The flag wins over the environment.
+    let mut running = Running::start(
+        &server.url(),
+        &["--metrics-addr", "off", "--block-timeout", "250ms"],
+        &[("LOBBY_METRICS_ADDR", &addr)],
+    );
+    running.wait_for_log("consumer started");
+    add_event(&server, "user.deleted", "u-1");
+    wait_until(Duration::from_secs(15), || {
+        server.cli(&["EXISTS", OFFSET_KEY]) == "1"
+    })
+    .unwrap();
+    assert!(get(port, "/healthz").is_none());
+    TcpListener::bind(("127.0.0.1", port)).expect("the port is still free");
+    let log = running.log();
+    assert!(!log.contains("serving /metrics"), "{log}");
+    assert!(log.contains("metrics_addr=off"), "{log}");
+    running.signal("TERM");
+    assert_eq!(running.wait_exit(Duration::from_secs(15)).code(), Some(0));
+}
+
+#[test]
+fn a_metrics_addr_that_is_taken_is_one_clear_line() {
+    let server = RedisServer::start();
+    let taken = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = worker(&server.url(), &["run", "--metrics-addr", &addr]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    let last = err.lines().last().unwrap();
+    assert!(last.starts_with("error: "), "{err}");
+    assert!(
+        last.contains(&addr) && last.contains("--metrics-addr"),
+        "{last}"
+    );
+    let output = worker(&server.url(), &["run", "--metrics-addr", "localhost"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(
+        err.starts_with("error: ") && err.contains("--metrics-addr"),
+        "{err}"
+    );
+}
+
+#[test]
+fn status_of_a_missing_stream_is_empty() {
+    let server = RedisServer::start();
+    let status = status_json(&server.url(), &[]);
+    let expected: Value = serde_json::json!({
+        "stream": STREAM,
+        "length": 0,
+        "first_entry_id": null,
+        "last_entry_id": null,
+        "offset": null,
+        "lag_entries": null,
+        "lag_entries_more_than": false,
+        "lag_ms": null,
+        "trimmed_past_offset": false,
+        "dead_letter_stream": "user:lifecycle_events:dead",
+        "dead_letter_length": 0,
+    });
+    assert_eq!(status, expected);
+    // An offset without a stream: nothing to do.
+    server.cli(&["SET", OFFSET_KEY, "5-0"]);
+    let status = status_json(&server.url(), &[]);
+    assert_eq!(status["offset"], "5-0");
+    assert_eq!(status["lag_entries"], 0);
+    assert_eq!(status["lag_ms"], 0);
+    assert_eq!(status["trimmed_past_offset"], false);
+}
+
+fn add_ids(server: &RedisServer, stream: &str, ms: &[u64]) {
+    for ms in ms {
+        server.cli(&["XADD", stream, &format!("{ms}-0"), "f", "v"]);
+    }
+}
+
+#[test]
+fn status_reports_the_backlog_behind_the_offset() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let base = 1_700_000_000_000u64;
+    add_ids(
+        &server,
+        STREAM,
+        &[base, base + 1_000, base + 2_000, base + 3_000, base + 4_000],
+    );
+    server.cli(&["SET", OFFSET_KEY, &format!("{}-0", base + 1_000)]);
+    let status = status_json(&url, &[]);
+    assert_eq!(status["length"], 5);
+    assert_eq!(status["first_entry_id"], format!("{base}-0"));
+    assert_eq!(status["last_entry_id"], format!("{}-0", base + 4_000));
+    assert_eq!(status["offset"], format!("{}-0", base + 1_000));
+    assert_eq!(status["lag_entries"], 3);
+    assert_eq!(status["lag_entries_more_than"], false);
+    assert_eq!(status["lag_ms"], 3_000);
+    assert_eq!(status["trimmed_past_offset"], false);
+
+    // Behind every entry: the whole stream.
+    server.cli(&["SET", OFFSET_KEY, "1-0"]);
+    assert_eq!(status_json(&url, &[])["lag_entries"], 5);
+    // Caught up.
+    server.cli(&["SET", OFFSET_KEY, &format!("{}-0", base + 4_000)]);
+    let status = status_json(&url, &[]);
+    assert_eq!(
+        (status["lag_entries"].clone(), status["lag_ms"].clone()),
+        (0.into(), 0.into())
+    );
+
+    // The human form: aligned `key: value` lines.
+    server.cli(&["SET", OFFSET_KEY, &format!("{}-0", base + 1_000)]);
+    let output = worker(&url, &["status"]);
+    assert_success(&output);
+    let text = stdout(&output);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 10, "{text}");
+    let column = lines[0].find(STREAM).unwrap();
+    for line in &lines {
+        let (key, _) = line.split_once(':').unwrap();
+        assert!(!key.contains(' '), "{line}");
+        assert_eq!(
+            line.char_indices()
+                .find(|(i, c)| *i > key.len() && !c.is_whitespace())
+                .unwrap()
+                .0,
+            column,
+            "not aligned:\n{text}"
+        );
+    }
+    assert!(text.contains("lag_entries:         3\n"), "{text}");
+    assert!(text.contains("lag_ms:              3000\n"), "{text}");
+    assert!(text.contains("trimmed_past_offset: no\n"), "{text}");
+}
+
+#[test]
+fn status_bounds_the_count_of_a_long_backlog() {
+    let server = RedisServer::start();
+    server.cli(&[
+        "EVAL",
+        "for i = 1, tonumber(ARGV[1]) do redis.call('XADD', KEYS[1], i .. '-1', 'f', 'v') end",
+        "1",
+        STREAM,
+        "10003",
+    ]);
+    // The offset inside the stream: the entries after it are counted.
+    server.cli(&["SET", OFFSET_KEY, "1-1"]);
+    let status = status_json(&server.url(), &[]);
+    assert_eq!(status["length"], 10_003);
+    assert_eq!(status["lag_entries"], 10_000);
+    assert_eq!(status["lag_entries_more_than"], true);
+    assert_eq!(status["lag_ms"], 10_002);
+    let output = worker(&server.url(), &["status"]);
+    assert!(stdout(&output).contains("lag_entries:         more than 10000\n"));
+    // Exactly at the bound: exact.
+    server.cli(&["SET", OFFSET_KEY, "3-1"]);
+    let status = status_json(&server.url(), &[]);
+    assert_eq!(status["lag_entries"], 10_000);
+    assert_eq!(status["lag_entries_more_than"], false);
+}
+
+#[test]
+fn status_tells_when_entries_were_removed_past_the_offset() {
+    let server = RedisServer::start();
+    let url = server.url();
+    for id in ["1-0", "2-0", "2-1", "3-0", "4-0"] {
+        server.cli(&["XADD", STREAM, id, "f", "v"]);
+    }
+    server.cli(&["SET", OFFSET_KEY, "2-0"]);
+    // Trimmed, not up to the offset: nothing lost.
+    server.cli(&["XTRIM", STREAM, "MAXLEN", "4"]);
+    let status = status_json(&url, &[]);
+    assert_eq!(status["first_entry_id"], "2-0");
+    assert_eq!(status["trimmed_past_offset"], false, "{status}");
+    // Up to the entry right after the offset: nothing lost either.
+    server.cli(&["XTRIM", STREAM, "MAXLEN", "3"]);
+    let status = status_json(&url, &[]);
+    assert_eq!(status["first_entry_id"], "2-1");
+    assert_eq!(status["trimmed_past_offset"], false, "{status}");
+    // Past it: 2-1 was never handled.
+    server.cli(&["XTRIM", STREAM, "MAXLEN", "2"]);
+    let status = status_json(&url, &[]);
+    assert_eq!(status["trimmed_past_offset"], true, "{status}");
+    assert_eq!(status["lag_entries"], 2);
+    let output = worker(&url, &["status"]);
+    assert!(
+        stdout(&output).contains("trimmed_past_offset: yes"),
+        "{}",
+        stdout(&output)
+    );
+    // Trimmed to nothing.
+    server.cli(&["XTRIM", STREAM, "MAXLEN", "0"]);
+    let status = status_json(&url, &[]);
+    assert_eq!(status["length"], 0);
+    assert_eq!(status["first_entry_id"], Value::Null);
+    assert_eq!(status["lag_entries"], 0);
+    assert_eq!(status["trimmed_past_offset"], true, "{status}");
+
+    // A deletion after the offset, elsewhere.
+    let other = "other:events";
+    add_ids(&server, other, &[1, 2, 3, 4, 5]);
+    server.cli(&["SET", "lobby:stream_offsets:other", "2-0"]);
+    let args = ["--stream", other, "--label", "other"];
+    assert_eq!(status_json(&url, &args)["trimmed_past_offset"], false);
+    server.cli(&["XDEL", other, "1-0"]);
+    assert_eq!(status_json(&url, &args)["trimmed_past_offset"], false);
+    server.cli(&["XDEL", other, "4-0"]);
+    let status = status_json(&url, &args);
+    assert_eq!(status["trimmed_past_offset"], true, "{status}");
+    assert_eq!(status["lag_entries"], 2);
+}
+
+#[test]
+fn status_counts_dead_letters_and_refuses_keys_of_the_wrong_type() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let dead = "user:lifecycle_events:dead";
+    server.cli(&["XADD", dead, "*", "dead_letter_entry_id", "1-0"]);
+    server.cli(&["XADD", dead, "*", "dead_letter_entry_id", "2-0"]);
+    let status = status_json(&url, &[]);
+    assert_eq!(status["dead_letter_stream"], dead);
+    assert_eq!(status["dead_letter_length"], 2);
+    // Another dead-letter stream, by flag.
+    let status = status_json(&url, &["--dead-letter-stream", "elsewhere"]);
+    assert_eq!(status["dead_letter_stream"], "elsewhere");
+    assert_eq!(status["dead_letter_length"], 0);
+
+    server.cli(&["SET", STREAM, "oops"]);
+    let line = assert_one_error_line(&worker(&url, &["status"]));
+    assert!(
+        line.contains(STREAM) && line.contains("not a stream") && line.contains("--stream"),
+        "{line}"
+    );
+    server.cli(&["DEL", STREAM]);
+    server.cli(&["DEL", dead]);
+    server.cli(&["SADD", dead, "x"]);
+    let line = assert_one_error_line(&worker(&url, &["status", "--json"]));
+    assert!(
+        line.contains(dead) && line.contains("--dead-letter-stream"),
+        "{line}"
+    );
+    // Unreachable Redis: the usual advice.
+    let unreachable = format!("redis://127.0.0.1:{}", free_port());
+    let line = assert_one_error_line(&worker(&unreachable, &["status"]));
+    assert!(
+        line.contains("refused") && line.contains("--redis-url"),
+        "{line}"
+    );
+}
+
+#[test]
+fn print_config_shows_every_setting_with_the_password_redacted() {
+    let output = Command::new(BIN)
+        .args([
+            "run",
+            "--print-config",
+            "--batch-size",
+            "64",
+            "--block-timeout",
+            "250ms",
+        ])
+        .env("REDIS_URL", "redis://:s3cret@127.0.0.1:1")
+        .env("LOBBY_METRICS_ADDR", "off")
+        .output()
+        .expect("run lobby-worker");
+    assert_success(&output);
+    let text = stdout(&output);
+    assert!(
+        !text.contains("s3cret") && !stderr(&output).contains("s3cret"),
+        "{text}"
+    );
+    for line in [
+        "redis_url:          redis://:***@127.0.0.1:1",
+        "stream:             user:lifecycle_events",
+        "batch_size:         64",
+        "block_timeout:      250ms",
+        "dead_letter_stream: user:lifecycle_events:dead",
+        "metrics_addr:       off",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
+    for key in [
+        "key_prefix",
+        "label",
+        "offset_key",
+        "checkpoint",
+        "start_from",
+        "retry_initial",
+        "retry_max",
+        "dead_letter_after",
+        "shutdown_grace",
+        "drain",
+        "concurrency",
+        "log_level",
+        "log_format",
+    ] {
+        assert!(text.contains(&format!("\n{key}:")), "no {key} in:\n{text}");
+    }
+    // Nothing was connected to: port 1 refuses, yet it succeeded.
+    let output = Command::new(BIN)
+        .args(["run", "--print-config"])
+        .env("REDIS_URL", "redis://:s3cret@127.0.0.1:1")
+        .env_remove("LOBBY_METRICS_ADDR")
+        .output()
+        .unwrap();
+    assert_success(&output);
+    assert!(
+        stdout(&output).contains("metrics_addr:       127.0.0.1:9464\n"),
+        "{}",
+        stdout(&output)
+    );
+}
