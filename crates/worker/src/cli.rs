@@ -204,6 +204,11 @@ pub struct RunArgs {
     /// Print the effective configuration (passwords redacted) and exit.
     #[arg(long)]
     pub print_config: bool,
+
+    /// A TOML file of settings (keys as the flags, with `_` for `-`, such as
+    /// `batch_size = 512`); flags and environment variables win over it.
+    #[arg(long, env = "LOBBY_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
 }
 
 /// The metrics address used when none is given.

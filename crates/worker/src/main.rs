@@ -4,6 +4,7 @@
 
 mod cli;
 mod commands;
+mod config_file;
 mod health;
 mod http;
 mod metrics;
@@ -13,12 +14,20 @@ mod telemetry;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use std::ffi::OsString;
+
+use clap::{CommandFactory, FromArgMatches};
 
 use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_command_line() {
+        Ok(cli) => cli,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
     // The demo's own output is its story; its log shows only problems.
     let default_level = match cli.command {
         Command::Demo(_) | Command::Bench(_) => "error",
@@ -62,6 +71,37 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Parses the command line and, for `run --config FILE`, the file's settings
+/// that no flag or environment variable gave. Usage errors on the command
+/// line itself exit here, as clap does.
+fn parse_command_line() -> Result<Cli, String> {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let matches = Cli::command().get_matches_from(&argv);
+    let file = matches.subcommand_matches("run").and_then(|run| {
+        run.get_one::<std::path::PathBuf>("config")
+            .map(|path| (path.clone(), run))
+    });
+    let matches = match file {
+        None => matches,
+        Some((path, run)) => {
+            let extra =
+                config_file::arguments_from_file(&path, run).map_err(|err| err.to_string())?;
+            let mut full = argv;
+            full.extend(extra);
+            Cli::command().try_get_matches_from(full).map_err(|err| {
+                let text = err.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                format!(
+                    "in the configuration file {}: {}",
+                    path.display(),
+                    first.trim_start_matches("error: ")
+                )
+            })?
+        }
+    };
+    Cli::from_arg_matches(&matches).map_err(|err| err.to_string())
 }
 
 /// The error and its causes on one line, leaving out a cause whose text the

@@ -252,6 +252,10 @@ fn print_config(
         })
         .unwrap_or_else(|| "info".to_owned());
     let rows = [
+        (
+            "config",
+            optional(args.config.as_ref().map(|path| path.display().to_string())),
+        ),
         ("redis_url", redact_url(&args.redis.redis_url)),
         ("stream", config.stream.clone()),
         ("key_prefix", args.redis.key_prefix.clone()),
