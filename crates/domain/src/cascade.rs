@@ -241,7 +241,15 @@ impl<S: LobbyStore> UserLifecycleHandler for CascadeHandler<S> {
                 .apply_cascade(&cascade)
                 .await
                 .map(|_| ())
-                .map_err(|err| HandlerError::with_source("apply the lobby cascade", err))
+                .map_err(|err| {
+                    let permanent = err.permanent;
+                    let failure = HandlerError::with_source("apply the lobby cascade", err);
+                    if permanent {
+                        failure
+                    } else {
+                        failure.transient()
+                    }
+                })
         })
     }
 }
@@ -376,6 +384,73 @@ mod tests {
             ba.apply_cascade("b", "user.deleted");
             ba.apply_cascade("a", "user.deleted");
             assert_eq!(ab, ba, "{status}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod handler_tests {
+    use super::*;
+    use crate::entry_id::EntryId;
+    use crate::event::EventType;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    /// A store that fails as told.
+    struct FailingStore {
+        permanent: bool,
+    }
+
+    impl LobbyStore for FailingStore {
+        fn apply_cascade<'a>(
+            &'a self,
+            _cascade: &'a UserCascade,
+        ) -> BoxFuture<'a, Result<CascadeOutcome, StoreError>> {
+            let permanent = self.permanent;
+            Box::pin(async move {
+                Err(StoreError {
+                    action: "apply".into(),
+                    permanent,
+                    source: "boom".into(),
+                })
+            })
+        }
+    }
+
+    fn poll_once<T>(future: impl Future<Output = T>) -> T {
+        let mut future = pin!(future);
+        match future
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            Poll::Ready(value) => value,
+            Poll::Pending => panic!("the store answers at once"),
+        }
+    }
+
+    #[test]
+    fn store_outages_are_transient_handler_failures() {
+        let event = UserLifecycleEvent {
+            entry_id: EntryId::new(1, 0),
+            event_type: EventType::UserDeleted,
+            user_id: "u".into(),
+            occurred_at_ms: 1,
+            source: String::new(),
+            actor_type: String::new(),
+            actor_id: String::new(),
+            reason_code: String::new(),
+            trace_id: String::new(),
+        };
+        for (permanent, transient) in [(false, true), (true, false)] {
+            let handler = CascadeHandler::new(FailingStore { permanent });
+            let err = poll_once(handler.handle(&event)).unwrap_err();
+            assert_eq!(
+                err.is_transient(),
+                transient,
+                "permanent store error: {permanent}"
+            );
+            assert!(err.to_string().contains("boom"), "{err}");
         }
     }
 }

@@ -21,10 +21,16 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Why a handler could not finish an event. The consumer holds its offset on
 /// the event and retries it with back-off.
+///
+/// A *transient* failure (the handler's dependency is unreachable) says
+/// nothing about the event: it is retried for as long as it lasts and never
+/// counts towards dead-lettering. Any other failure may be the event's own
+/// fault, and counts.
 #[derive(Debug)]
 pub struct HandlerError {
     message: String,
     source: Option<Box<dyn StdError + Send + Sync>>,
+    transient: bool,
 }
 
 impl HandlerError {
@@ -33,6 +39,7 @@ impl HandlerError {
         Self {
             message: message.into(),
             source: None,
+            transient: false,
         }
     }
 
@@ -44,7 +51,21 @@ impl HandlerError {
         Self {
             message: message.into(),
             source: Some(source.into()),
+            transient: false,
         }
+    }
+
+    /// Marks the failure transient: a dependency outage, not the event's
+    /// fault.
+    pub fn transient(mut self) -> Self {
+        self.transient = true;
+        self
+    }
+
+    /// Whether the failure is a dependency outage rather than the event's
+    /// fault.
+    pub fn is_transient(&self) -> bool {
+        self.transient
     }
 }
 

@@ -12,7 +12,7 @@ use lifecycle_streams::{
     StreamConsumer,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// Decodes `user:lifecycle_events` entries per the contract.
 #[derive(Clone, Copy, Debug, Default)]
@@ -56,7 +56,9 @@ impl EntryHandler<UserLifecycleEvent> for LoggedHandler {
                     user_id = ?event.user_id,
                     "user lifecycle event processed"
                 ),
-                Err(err) => warn!(
+                // The engine logs the failure with its retry; this names the
+                // user, at debug level so one failure is one warning.
+                Err(err) => debug!(
                     stream_entry_id = %event.entry_id,
                     event_type = event.event_type.as_str(),
                     user_id = ?event.user_id,

@@ -1152,3 +1152,52 @@ async fn entries_deleted_ahead_of_the_offset_are_noticed() {
     assert_eq!(recorder.handled_ids(), expected);
     assert_eq!(consumer.stats().snapshot().trimmed, 1);
 }
+
+/// Fails the first `transient` calls as a dependency outage, then succeeds.
+struct Outage {
+    remaining: Mutex<u32>,
+    handled: Mutex<Vec<EntryId>>,
+}
+
+impl UserLifecycleHandler for Outage {
+    fn handle<'a>(
+        &'a self,
+        event: &'a UserLifecycleEvent,
+    ) -> lifecycle_domain::BoxFuture<'a, Result<(), HandlerError>> {
+        let mut remaining = self.remaining.lock().unwrap();
+        let result = if *remaining > 0 {
+            *remaining -= 1;
+            Err(HandlerError::msg("lobby store unreachable").transient())
+        } else {
+            self.handled.lock().unwrap().push(event.entry_id);
+            Ok(())
+        };
+        Box::pin(std::future::ready(result))
+    }
+}
+
+#[tokio::test]
+async fn a_dependency_outage_never_dead_letters_an_entry() {
+    let env = Env::start().await;
+    let ids = env.publish_many(3).await;
+    let handler = Arc::new(Outage {
+        remaining: Mutex::new(6),
+        handled: Mutex::new(Vec::new()),
+    });
+    let mut config = config();
+    config.drain = true;
+    config.dead_letter_after = Some(2);
+    config.redis_retry = BackoffPolicy {
+        initial: Duration::from_millis(5),
+        max: Duration::from_millis(20),
+    };
+    let consumer = env.consumer_without_handler(config);
+    consumer.on_event(handler.clone());
+    let report = join(spawn_run(&consumer), PATIENCE).await.unwrap();
+    assert_eq!(report.offset, ids.last().copied());
+    assert_eq!(*handler.handled.lock().unwrap(), ids);
+    let stats = consumer.stats().snapshot();
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    assert_eq!(stats.handler_failures, 6);
+    assert_eq!(env.server.cli(&["EXISTS", DEAD_LETTER_STREAM]), "0");
+}

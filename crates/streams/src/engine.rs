@@ -213,6 +213,11 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
                 outcome: Ok(Progress::Interrupted),
             };
         }
+        // Failures that may be the entry's own fault count towards
+        // dead-lettering; a dependency outage does not, and backs off like a
+        // Redis fault (shorter ceiling, so handling resumes soon after).
+        let mut own_faults: u32 = 0;
+        let mut outage = Backoff::new(self.config().redis_retry);
         let outcome = loop {
             attempts = attempts.saturating_add(1);
             let err = match self.handler.handle(&job.item).await {
@@ -223,22 +228,38 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
                 Err(err) => err,
             };
             self.consumer.stats.handler_failure();
-            if self
-                .config()
-                .dead_letter_after
-                .is_some_and(|limit| attempts >= limit)
-            {
-                break self.dead_letter(&job, &err, attempts).await;
+            let delay = if err.is_transient() {
+                backoff.reset();
+                outage.next_delay()
+            } else {
+                outage.reset();
+                own_faults = own_faults.saturating_add(1);
+                if self
+                    .config()
+                    .dead_letter_after
+                    .is_some_and(|limit| own_faults >= limit)
+                {
+                    break self.dead_letter(&job, &err, own_faults).await;
+                }
+                backoff.next_delay()
+            };
+            let event_type = self.consumer.decoder.event_type(&job.item);
+            let retry_in_ms = delay.as_millis() as u64;
+            // An outage is reported by its first failure; its retries, by
+            // the handler's dependency, at debug level.
+            if err.is_transient() && outage.attempts() > 1 {
+                debug!(stream_entry_id = %job.id, attempt = attempts, retry_in_ms, err = %err, "handler still failing on an unavailable dependency");
+            } else {
+                warn!(
+                    stream_entry_id = %job.id,
+                    event_type = ?event_type,
+                    attempt = attempts,
+                    transient = err.is_transient(),
+                    retry_in_ms,
+                    err = %err,
+                    "handler failed; holding the offset and retrying"
+                );
             }
-            let delay = backoff.next_delay();
-            warn!(
-                stream_entry_id = %job.id,
-                event_type = ?self.consumer.decoder.event_type(&job.item),
-                attempt = attempts,
-                retry_in_ms = delay.as_millis() as u64,
-                err = %err,
-                "handler failed; holding the offset and retrying"
-            );
             if !sleep_unless_cancelled(self.cancel, delay).await {
                 break Ok(Progress::Interrupted);
             }

@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod proxy;
+pub use proxy::TcpProxy;
+
 /// How long a freshly spawned server may take to answer `PING`.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval between readiness probes (and between exit checks).
