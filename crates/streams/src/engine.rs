@@ -36,9 +36,9 @@ use crate::config::{Checkpoint, ConsumerConfig, StartFrom};
 use crate::decoder::{Decoded, EntryDecoder, EntryHandler};
 use crate::error::ConsumerError;
 use crate::fault::{classify, classify_read, FaultClass};
-use crate::read_conn::{ReadConnection, ReadError};
+use crate::read_conn::{ReadConnection, ReadError, Received};
 use crate::reply::parse_range_reply;
-use crate::resp::Batch;
+use crate::resp::{Batch, DeletionProbe};
 use crate::stats::ConsumerStats;
 use crate::window::{KeyQueues, Watermark};
 
@@ -532,7 +532,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
                 received = receive(reader, reply_limit, response_timeout), if self.read_in_flight => {
                     self.read_in_flight = false;
                     match received {
-                        Ok(batch) => self.on_batch(batch).await?,
+                        Ok(received) => self.on_batch(received).await?,
                         Err(err) => self.read_fault(err)?,
                     }
                 }
@@ -576,7 +576,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
         let Some(reader) = self.reader.as_mut() else {
             return Ok(());
         };
-        match reader.send_xread(stream, after, count, block).await {
+        match reader.send_xread(stream, after, count, block, true).await {
             Ok(()) => {
                 self.stats().read();
                 self.read_in_flight = true;
@@ -587,7 +587,8 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
     }
 
     /// A batch arrived: send the next read at once, then dispatch it.
-    async fn on_batch(&mut self, batch: Batch) -> Result<(), ConsumerError> {
+    async fn on_batch(&mut self, received: Received) -> Result<(), ConsumerError> {
+        let Received { batch, probe } = received;
         self.stats().read_completed();
         self.recovered();
         if batch.is_empty() {
@@ -609,14 +610,17 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
         if !self.reading_done && self.window.len() < self.config().max_held_entries() {
             self.send_read().await?;
         }
-        self.detect_trim(read_from, &batch).await?;
+        if let Some(probe) = probe {
+            self.detect_trim(read_from, &batch, probe);
+        }
         match self.dispatch(Arc::new(batch)).await? {
             Dispatch::Done => self.checkpoint().await,
             Dispatch::Cancelled => Ok(()),
         }
     }
 
-    /// Notices entries deleted before they were read, two ways:
+    /// Notices entries deleted before they were read, from the deletion probe
+    /// run on the reading connection just before the read, two ways:
     ///
     /// - trimming (`XTRIM`, `XADD MAXLEN`) removes the oldest entries: when
     ///   the stream's first entry is now after where this read started (and
@@ -628,48 +632,36 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
     ///
     /// Logged as an error with how far the stream moved past us, counted,
     /// reported once per trim or deletion seen; consuming goes on.
-    async fn detect_trim(
-        &mut self,
-        read_from: EntryId,
-        batch: &Batch,
-    ) -> Result<(), ConsumerError> {
+    fn detect_trim(&mut self, read_from: EntryId, batch: &Batch, probe: DeletionProbe) {
         let (Some(first), Some(last)) =
             (batch.iter().next().map(|entry| entry.id()), batch.last_id())
         else {
-            return Ok(());
+            return;
         };
-        let stream = &self.config().stream;
-        let mut cmd = redis::cmd("XINFO");
-        cmd.arg("STREAM").arg(stream);
-        let Some(reply) = self.ctx.command("inspect the stream", stream, &cmd).await? else {
-            return Ok(());
-        };
-        let info = StreamInfo::parse(reply);
-        let trimmed_past = info
+        let trimmed_past = probe
             .first_entry_id
             .filter(|stream_first| read_from > EntryId::ZERO && *stream_first > read_from);
-        let deleted_past = info.max_deleted_entry_id.filter(|deleted| {
+        let deleted_past = probe.max_deleted_entry_id.filter(|deleted| {
             *deleted > read_from
                 && *deleted <= last
                 && !batch.iter().any(|entry| entry.id() == *deleted)
         });
         let Some(evidence) = trimmed_past.or(deleted_past) else {
-            return Ok(());
+            return;
         };
         if evidence <= self.trim_reported {
-            return Ok(());
+            return;
         }
         self.trim_reported = evidence;
         self.stats().trimmed();
         error!(
             read_from = %read_from,
             first_entry_after = %first,
-            stream_first_entry_id = ?info.first_entry_id.map(|id| id.to_string()),
-            max_deleted_entry_id = ?info.max_deleted_entry_id.map(|id| id.to_string()),
+            stream_first_entry_id = ?probe.first_entry_id.map(|id| id.to_string()),
+            max_deleted_entry_id = ?probe.max_deleted_entry_id.map(|id| id.to_string()),
             gap_ms = first.ms.saturating_sub(read_from.ms),
             "the stream was trimmed or entries deleted past our position before they were handled; those entries are lost to this worker"
         );
-        Ok(())
     }
 
     /// Moves past an entry larger than the reply limit without reading it.
@@ -1099,64 +1091,6 @@ where
     }
 }
 
-/// What `XINFO STREAM` says about deletions.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct StreamInfo {
-    /// The oldest entry still in the stream (`recorded-first-entry-id` in
-    /// Redis 7, else the first entry's id).
-    first_entry_id: Option<EntryId>,
-    /// The largest id removed by `XDEL` (Redis 7); `0-0` reads as `None`.
-    max_deleted_entry_id: Option<EntryId>,
-}
-
-impl StreamInfo {
-    fn parse(reply: Value) -> Self {
-        let items = match reply {
-            Value::Map(pairs) => pairs
-                .into_iter()
-                .flat_map(|(name, value)| [name, value])
-                .collect(),
-            Value::Array(items) => items,
-            _ => Vec::new(),
-        };
-        let mut info = StreamInfo::default();
-        let mut first_entry = None;
-        let mut items = items.into_iter();
-        while let (Some(name), Some(value)) = (items.next(), items.next()) {
-            let name = match &name {
-                Value::BulkString(raw) => raw.as_slice(),
-                Value::SimpleString(text) => text.as_bytes(),
-                _ => continue,
-            };
-            match name {
-                b"recorded-first-entry-id" => info.first_entry_id = id_value(&value),
-                b"max-deleted-entry-id" => info.max_deleted_entry_id = id_value(&value),
-                b"first-entry" => {
-                    first_entry = match value {
-                        Value::Array(entry) => entry.first().and_then(id_value),
-                        _ => None,
-                    }
-                }
-                _ => {}
-            }
-        }
-        info.first_entry_id = info
-            .first_entry_id
-            .filter(|id| *id > EntryId::ZERO)
-            .or(first_entry);
-        info.max_deleted_entry_id = info.max_deleted_entry_id.filter(|id| *id > EntryId::ZERO);
-        info
-    }
-}
-
-fn id_value(value: &Value) -> Option<EntryId> {
-    match value {
-        Value::BulkString(raw) => EntryId::from_bytes(raw).ok(),
-        Value::SimpleString(text) => text.parse().ok(),
-        _ => None,
-    }
-}
-
 /// Receives the reply of the read in flight, giving up after `timeout`: a
 /// connection that went silent (a dead peer, a stalled network) is then
 /// dropped and reconnected like any other fault.
@@ -1164,7 +1098,7 @@ async fn receive(
     reader: Option<&mut ReadConnection>,
     limit: usize,
     timeout: Duration,
-) -> Result<Batch, ReadError> {
+) -> Result<Received, ReadError> {
     match reader {
         Some(reader) => tokio::time::timeout(timeout, reader.receive_batch(limit))
             .await
@@ -1177,54 +1111,5 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn bulk(text: &str) -> Value {
-        Value::BulkString(text.as_bytes().to_vec())
-    }
-
-    #[test]
-    fn stream_info_reads_the_ids_that_reveal_deletions() {
-        let reply = Value::Array(vec![
-            bulk("length"),
-            Value::Int(3),
-            bulk("max-deleted-entry-id"),
-            bulk("7-1"),
-            bulk("recorded-first-entry-id"),
-            bulk("5-0"),
-            bulk("first-entry"),
-            Value::Array(vec![bulk("5-0"), Value::Array(vec![])]),
-        ]);
-        assert_eq!(
-            StreamInfo::parse(reply),
-            StreamInfo {
-                first_entry_id: Some(EntryId::new(5, 0)),
-                max_deleted_entry_id: Some(EntryId::new(7, 1)),
-            }
-        );
-    }
-
-    #[test]
-    fn older_servers_and_odd_replies_give_what_they_can() {
-        let reply = Value::Array(vec![
-            bulk("max-deleted-entry-id"),
-            bulk("0-0"),
-            bulk("first-entry"),
-            Value::Array(vec![bulk("9-9")]),
-            bulk("dangling"),
-        ]);
-        assert_eq!(
-            StreamInfo::parse(reply),
-            StreamInfo {
-                first_entry_id: Some(EntryId::new(9, 9)),
-                max_deleted_entry_id: None,
-            }
-        );
-        assert_eq!(StreamInfo::parse(Value::Int(1)), StreamInfo::default());
     }
 }

@@ -13,7 +13,10 @@ use redis::{ConnectionAddr, ConnectionInfo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::resp::{encode_command, Batch, Parsed, ProtocolError, ServerReplyError, XreadParser};
+use crate::resp::{
+    encode_command, parse_probe_reply, Batch, DeletionProbe, Parsed, ProtocolError,
+    ServerReplyError, XreadParser, DELETION_PROBE_SCRIPT,
+};
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 256 * 1024;
@@ -59,6 +62,18 @@ pub struct ReadConnection {
     buf: BytesMut,
     parser: XreadParser,
     out: Vec<u8>,
+    /// Whether a deletion probe precedes the read in flight.
+    probe_pending: bool,
+}
+
+/// A reply to one read: the batch, and what the probe sent just before the
+/// read saw (when one was sent).
+#[derive(Debug)]
+pub struct Received {
+    /// The entries read.
+    pub batch: Batch,
+    /// The stream's deletion markers just before the read.
+    pub probe: Option<DeletionProbe>,
 }
 
 impl std::fmt::Debug for ReadConnection {
@@ -99,6 +114,7 @@ impl ReadConnection {
             buf: BytesMut::with_capacity(READ_CHUNK),
             parser: XreadParser::new(),
             out: Vec::with_capacity(256),
+            probe_pending: false,
         };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
@@ -148,7 +164,8 @@ impl ReadConnection {
     }
 
     /// Sends `XREAD COUNT <count> [BLOCK <block>] STREAMS <stream> <after>`
-    /// without waiting for the answer.
+    /// without waiting for the answer; with `probe`, the deletion probe goes
+    /// just before it, so that it sees the stream as the read will.
     ///
     /// # Errors
     ///
@@ -159,6 +176,7 @@ impl ReadConnection {
         after: EntryId,
         count: usize,
         block: Option<Duration>,
+        probe: bool,
     ) -> Result<(), ReadError> {
         let count = count.to_string();
         let after = after.to_string();
@@ -169,8 +187,20 @@ impl ReadConnection {
         }
         args.extend([b"STREAMS".as_slice(), stream.as_bytes(), after.as_bytes()]);
         self.out.clear();
+        if probe {
+            encode_command(
+                &mut self.out,
+                &[
+                    b"EVAL",
+                    DELETION_PROBE_SCRIPT.as_bytes(),
+                    b"1",
+                    stream.as_bytes(),
+                ],
+            );
+        }
         encode_command(&mut self.out, &args);
         self.io.write_all(&self.out).await?;
+        self.probe_pending = probe;
         Ok(())
     }
 
@@ -181,7 +211,18 @@ impl ReadConnection {
     ///
     /// [`ReadError`] when the socket fails, the server answers with an
     /// error, the reply is malformed or grows past `limit`.
-    pub async fn receive_batch(&mut self, limit: usize) -> Result<Batch, ReadError> {
+    pub async fn receive_batch(&mut self, limit: usize) -> Result<Received, ReadError> {
+        let mut probe = None;
+        while self.probe_pending {
+            match parse_probe_reply(&self.buf)? {
+                Some((len, seen)) => {
+                    self.buf.advance(len);
+                    self.probe_pending = false;
+                    probe = Some(seen);
+                }
+                None => self.fill().await?,
+            }
+        }
         loop {
             match self.parser.parse(&self.buf)? {
                 Parsed::Incomplete if self.buf.len() > limit => {
@@ -194,7 +235,10 @@ impl ReadConnection {
                 Parsed::Incomplete => self.fill().await?,
                 Parsed::Complete(len) => {
                     let data = self.buf.split_to(len).freeze();
-                    return Ok(self.parser.take_batch(data));
+                    return Ok(Received {
+                        batch: self.parser.take_batch(data),
+                        probe,
+                    });
                 }
                 Parsed::Error(len, err) => {
                     self.buf.advance(len);

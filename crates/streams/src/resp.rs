@@ -417,6 +417,78 @@ impl XreadParser {
     }
 }
 
+/// What the deletion probe (run just before a read, on the same connection)
+/// saw of the stream: whether it was trimmed or had entries deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeletionProbe {
+    /// The oldest entry still in the stream, if any.
+    pub first_entry_id: Option<EntryId>,
+    /// The largest id ever removed by `XDEL` (Redis 7), if any.
+    pub max_deleted_entry_id: Option<EntryId>,
+}
+
+/// The probe's script: the two ids of `XINFO STREAM` that reveal deletions,
+/// without shipping the first and last entries `XINFO` also returns. A
+/// missing key or one of another type answers two empty strings (the read
+/// that follows reports the latter).
+pub const DELETION_PROBE_SCRIPT: &str = r"
+local ok, info = pcall(redis.call, 'XINFO', 'STREAM', KEYS[1])
+if not ok then return { '', '' } end
+local first, deleted = '', ''
+for i = 1, #info, 2 do
+  local name = info[i]
+  if name == 'recorded-first-entry-id' then
+    first = info[i + 1]
+  elseif name == 'max-deleted-entry-id' then
+    deleted = info[i + 1]
+  elseif name == 'first-entry' and first == '' and type(info[i + 1]) == 'table' then
+    first = info[i + 1][1]
+  end
+end
+return { first, deleted }
+";
+
+/// Parses the probe's reply at the start of `buf`: its length and content,
+/// or `None` when it has not fully arrived. An error reply reads as a probe
+/// that saw nothing.
+///
+/// # Errors
+///
+/// [`ProtocolError`] when the bytes are not such a reply.
+pub fn parse_probe_reply(buf: &[u8]) -> Result<Option<(usize, DeletionProbe)>, ProtocolError> {
+    let mut cursor = Cursor {
+        buf,
+        pos: 0,
+        need: 0,
+    };
+    match cursor.line()? {
+        None => return Ok(None),
+        Some(Line::Error(_)) => return Ok(Some((cursor.pos, DeletionProbe::default()))),
+        Some(Line::Array(2)) => {}
+        Some(_) => return Err(protocol("expected the deletion probe's two ids")),
+    }
+    let mut ids = [None, None];
+    for slot in &mut ids {
+        match cursor.string()? {
+            None => return Ok(None),
+            Some(span) => {
+                *slot = span
+                    .and_then(|span| buf.get(span.start..span.end))
+                    .and_then(|raw| EntryId::from_bytes(raw).ok())
+                    .filter(|id| *id > EntryId::ZERO);
+            }
+        }
+    }
+    let [first_entry_id, max_deleted_entry_id] = ids;
+    Ok(Some((
+        cursor.pos,
+        DeletionProbe {
+            first_entry_id,
+            max_deleted_entry_id,
+        },
+    )))
+}
+
 /// One `XREAD` reply: its bytes, shared by borrowed views of its entries.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -707,6 +779,25 @@ mod tests {
         assert_eq!(parser.partial_entry_id(), Some(EntryId::new(2, 7)));
         assert!(matches!(parser.parse(&bytes).unwrap(), Parsed::Complete(_)));
         assert_eq!(parser.partial_entry_id(), None);
+    }
+
+    #[test]
+    fn probe_replies_parse_whole_or_not_at_all() {
+        let reply = b"*2\r\n$3\r\n5-0\r\n$3\r\n7-1\r\nrest";
+        let (len, probe) = parse_probe_reply(reply).unwrap().unwrap();
+        assert_eq!(len, reply.len() - 4);
+        assert_eq!(probe.first_entry_id, Some(EntryId::new(5, 0)));
+        assert_eq!(probe.max_deleted_entry_id, Some(EntryId::new(7, 1)));
+        for end in 0..len {
+            assert!(parse_probe_reply(&reply[..end]).unwrap().is_none(), "{end}");
+        }
+        let (_, empty) = parse_probe_reply(b"*2\r\n$0\r\n\r\n$3\r\n0-0\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(empty, DeletionProbe::default());
+        let (len, failed) = parse_probe_reply(b"-ERR oops\r\n").unwrap().unwrap();
+        assert_eq!((len, failed), (11, DeletionProbe::default()));
+        assert!(parse_probe_reply(b":1\r\n").is_err());
     }
 
     #[test]

@@ -399,9 +399,9 @@ async fn raw_read(
     let mut after = EntryId::ZERO;
     let mut seen = 0u64;
     loop {
-        reader.send_xread(stream, after, batch, None).await?;
+        reader.send_xread(stream, after, batch, None, false).await?;
         // The bench's own entries are small: no reply limit to enforce.
-        let reply = reader.receive_batch(usize::MAX).await?;
+        let reply = reader.receive_batch(usize::MAX).await?.batch;
         let Some(last) = reply.last_id() else {
             break;
         };
