@@ -53,3 +53,36 @@ where
 {
     result.with_context(|| format!("Redis at {}", redact_url(url)))
 }
+
+/// Deletes every key matching `pattern` (a `SCAN MATCH` glob), a page at a
+/// time; `action` names the work in errors.
+pub async fn delete_matching(
+    conn: &mut MultiplexedConnection,
+    url: &str,
+    pattern: &str,
+    action: &str,
+) -> anyhow::Result<()> {
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1_000)
+            .query_async(conn)
+            .await
+            .map_err(|err| explain(url, action, &err))?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(conn)
+                .await
+                .map_err(|err| explain(url, action, &err))?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}

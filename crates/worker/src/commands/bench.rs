@@ -34,7 +34,7 @@ use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 
 use crate::cli::BenchArgs;
-use crate::redis_conn::{connect, explain};
+use crate::redis_conn::{connect, delete_matching, explain};
 
 /// Entries added per pipelined round trip while filling.
 const FILL_CHUNK: u64 = 2_000;
@@ -297,29 +297,7 @@ fn percentile(sorted: &[Duration], quantile: f64) -> f64 {
 /// Deletes every key under `prefix:` and `prefix-`.
 async fn clear(conn: &mut MultiplexedConnection, url: &str, prefix: &str) -> anyhow::Result<()> {
     for pattern in [format!("{prefix}:*"), format!("{prefix}-*")] {
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1_000)
-                .query_async(conn)
-                .await
-                .map_err(|err| explain(url, "clear the benchmark's keys", &err))?;
-            if !keys.is_empty() {
-                redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async::<()>(conn)
-                    .await
-                    .map_err(|err| explain(url, "clear the benchmark's keys", &err))?;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        delete_matching(conn, url, &pattern, "clear the benchmark's keys").await?;
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ use lifecycle_test_support::{RedisServer, RedisServerOptions};
 use redis::Value;
 
 use crate::cli::DemoArgs;
-use crate::redis_conn::{connect, explain};
+use crate::redis_conn::{connect, delete_matching, explain};
 
 /// The cascade handler, recording what each entry did for the report.
 struct RecordingHandler {
@@ -229,7 +229,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let mut conn = connect(&url).await?;
     if server.is_none() {
-        clear_prefix(&mut conn, &url, prefix).await?;
+        // A shared Redis: start clean, from the demo's own keys only.
+        delete_matching(
+            &mut conn,
+            &url,
+            &format!("{prefix}:*"),
+            "clear the demo's keys",
+        )
+        .await?;
     }
     let client = open_client(&url)?;
     let lobby =
@@ -352,36 +359,4 @@ async fn print_outcomes(
         println!("{}  {outcome}", entry.id);
     }
     Ok(())
-}
-
-/// Removes the demo's keys from a shared Redis, so a second run starts clean.
-async fn clear_prefix(
-    conn: &mut redis::aio::MultiplexedConnection,
-    url: &str,
-    prefix: &str,
-) -> anyhow::Result<()> {
-    let pattern = format!("{prefix}:*");
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(500)
-            .query_async(conn)
-            .await
-            .map_err(|err| explain(url, "clear the demo's keys", &err))?;
-        if !keys.is_empty() {
-            redis::cmd("DEL")
-                .arg(&keys)
-                .query_async::<()>(conn)
-                .await
-                .map_err(|err| explain(url, "clear the demo's keys", &err))?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
-    }
 }
