@@ -9,60 +9,21 @@
     missing_docs
 )]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{
+    assert_one_error_line, assert_success, stderr, stdout, wait_until, worker, Running, BIN,
+};
 use lifecycle_test_support::{free_port, RedisServer};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_lobby-worker");
 const STREAM: &str = "user:lifecycle_events";
 const OFFSET_KEY: &str = "lobby:stream_offsets:user_lifecycle";
-
-fn worker(url: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("REDIS_URL", url)
-        .env("LOBBY_LOG_LEVEL", "info")
-        .env_remove("LOBBY_METRICS_ADDR")
-        .output()
-        .expect("run lobby-worker")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn assert_success(output: &Output) {
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        output.status,
-        stdout(output),
-        stderr(output)
-    );
-}
-
-/// Asserts the process failed with exactly one line on stderr, an error.
-fn assert_one_error_line(output: &Output) -> String {
-    assert!(!output.status.success(), "succeeded: {}", stdout(output));
-    let err = stderr(output);
-    let lines: Vec<&str> = err.lines().filter(|line| !line.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "not one line: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("backtrace"),
-        "{err}"
-    );
-    lines[0].to_owned()
-}
 
 fn status_json(url: &str, extra: &[&str]) -> Value {
     let mut args = vec!["status", "--json"];
@@ -72,94 +33,6 @@ fn status_json(url: &str, extra: &[&str]) -> Value {
     let text = stdout(&output);
     assert_eq!(text.lines().count(), 1, "{text}");
     serde_json::from_str(text.trim()).expect("one JSON object")
-}
-
-/// A running `lobby-worker run` whose stderr is collected as it comes.
-struct Running {
-    child: Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl Running {
-    fn start(url: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("run")
-            .args(args)
-            .env("REDIS_URL", url)
-            .env("LOBBY_LOG_LEVEL", "info")
-            .env_remove("LOBBY_METRICS_ADDR")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn lobby-worker run");
-        let log = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().unwrap();
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        Self { child, log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn wait_for_log(&self, needle: &str) {
-        wait_until(Duration::from_secs(15), || self.log().contains(needle))
-            .unwrap_or_else(|()| panic!("no {needle:?} in the log:\n{}", self.log()));
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still running; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_until(within: Duration, mut condition: impl FnMut() -> bool) -> Result<(), ()> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if condition() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if condition() {
-        Ok(())
-    } else {
-        Err(())
-    }
 }
 
 /// One HTTP/1.1 GET: the status code and the body, or `None` when nothing
@@ -209,7 +82,7 @@ fn metrics_count_what_run_does_and_readiness_follows_redis() {
     let url = server.url();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut running = Running::start(
+    let mut running = Running::start_with_env(
         &url,
         &["--metrics-addr", &addr, "--block-timeout", "250ms"],
         &[],
@@ -358,7 +231,7 @@ fn metrics_addr_off_starts_no_listener() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     // The flag wins over the environment.
-    let mut running = Running::start(
+    let mut running = Running::start_with_env(
         &server.url(),
         &["--metrics-addr", "off", "--block-timeout", "250ms"],
         &[("LOBBY_METRICS_ADDR", &addr)],

@@ -1,0 +1,155 @@
+//! Helpers shared by the binary's integration tests: running `lobby-worker`
+//! once or in the background (its log collected as it comes), and polling
+//! with a deadline.
+
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_lobby-worker");
+
+pub fn worker(url: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("REDIS_URL", url)
+        .env("LOBBY_LOG_LEVEL", "info")
+        .env_remove("LOBBY_METRICS_ADDR")
+        .output()
+        .expect("run lobby-worker")
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status,
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// Asserts the process failed with exactly one line on stderr, an error.
+pub fn assert_one_error_line(output: &Output) -> String {
+    assert!(!output.status.success(), "succeeded: {}", stdout(output));
+    let err = stderr(output);
+    let lines: Vec<&str> = err.lines().filter(|line| !line.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "not one line: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    lines[0].to_owned()
+}
+
+/// A running `lobby-worker run` whose stderr is collected as it comes.
+pub struct Running {
+    /// The process.
+    pub child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Running {
+    /// Starts `lobby-worker run ARGS` against `url`.
+    pub fn start(url: &str, args: &[&str]) -> Self {
+        Self::start_with_env(url, args, &[])
+    }
+
+    /// Starts `lobby-worker run ARGS` against `url` with extra environment.
+    pub fn start_with_env(url: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("run")
+            .args(args)
+            .env("REDIS_URL", url)
+            .env("LOBBY_LOG_LEVEL", "info")
+            .env_remove("LOBBY_METRICS_ADDR")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn lobby-worker run");
+        let log = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Self { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn wait_for_log(&self, needle: &str) {
+        wait_until(Duration::from_secs(15), || self.log().contains(needle))
+            .unwrap_or_else(|()| panic!("no {needle:?} in the log:\n{}", self.log()));
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_until(within: Duration, mut condition: impl FnMut() -> bool) -> Result<(), ()> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if condition() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if condition() {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
