@@ -45,3 +45,18 @@ pub(crate) fn store_error(action: String, err: redis::RedisError) -> StoreError 
         source,
     }
 }
+
+/// Runs an idempotent command, and once more at once if the connection
+/// turned out to be dropped: after Redis restarts, the first command on a
+/// reconnecting connection fails although Redis is back, and that is no
+/// outage worth a back-off and a warning.
+pub(crate) async fn idempotent<T, F, Fut>(mut command: F) -> Result<T, redis::RedisError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
+{
+    match command().await {
+        Err(err) if err.is_connection_dropped() || err.is_connection_refusal() => command().await,
+        result => result,
+    }
+}

@@ -27,7 +27,7 @@ use redis::{AsyncCommands, Script, Value};
 use tracing::{debug, warn};
 
 use crate::connect::lazy_manager;
-use crate::store_error;
+use crate::{idempotent, store_error};
 
 /// The cascade executor. ARGV: prefix, user id, event type, entry id,
 /// occurred_at_ms, then the rule table: ten codes, for the statuses
@@ -239,10 +239,15 @@ impl RedisLobbyStore {
         for arg in &self.rule_args {
             invocation.arg(arg);
         }
-        let reply: Value = invocation
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|err| store_error(action(), err))?;
+        // Safe to send twice: a cascade whose record holds its entry changes
+        // nothing.
+        let reply: Value = idempotent(|| {
+            let mut conn = self.conn.clone();
+            let invocation = &invocation;
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await
+        .map_err(|err| store_error(action(), err))?;
         let Value::Array(items) = &reply else {
             return Err(unexpected(action(), &reply));
         };

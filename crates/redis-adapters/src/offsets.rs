@@ -13,7 +13,7 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
 use crate::connect::lazy_manager;
-use crate::store_error;
+use crate::{idempotent, store_error};
 
 /// The default key prefix of every key the lobby owns.
 pub const DEFAULT_KEY_PREFIX: &str = "lobby";
@@ -121,13 +121,14 @@ impl RedisOffsetStore {
     /// [`StoreError`] when Redis fails or the key is not a string.
     pub async fn save_if_larger(&self, label: &str, id: EntryId) -> Result<bool, StoreError> {
         let key = self.key(label);
-        let wrote: i64 = self
-            .save_script
-            .key(&key)
-            .arg(id.to_string())
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|err| store_error(format!("save the offset {id} at {key}"), err))?;
+        let wrote: i64 = idempotent(|| {
+            let mut conn = self.conn.clone();
+            let mut invocation = self.save_script.key(&key);
+            invocation.arg(id.to_string());
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await
+        .map_err(|err| store_error(format!("save the offset {id} at {key}"), err))?;
         Ok(wrote == 1)
     }
 
