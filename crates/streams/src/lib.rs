@@ -15,14 +15,23 @@
 //!   that need a person (authentication, a key of the wrong type) end `run`.
 //! - Shutdown interrupts the blocking read at once, lets the handler call in
 //!   flight finish within a grace period, saves the offset and returns.
+//! - With `concurrency` > 1, items of one ordering key (user) run one at a
+//!   time in stream order, and the saved offset is the low watermark.
+//! - Memory is bounded whatever the entries: replies are sized by entry size
+//!   and capped; an entry larger than a reply may be is absorbed unread.
 //!
 //! # Layout
 //!
 //! - [`engine`]: the loop ([`StreamConsumer`]).
 //! - [`decoder`]: the traits it is generic over.
+//! - [`read_conn`]: the reading connection (hand-written `XREAD`, the next
+//!   read pipelined, a deletion probe before each read); [`resp`]: its
+//!   zero-copy, resumable reply scanner.
+//! - [`window`]: the low watermark and the per-key queues.
 //! - [`config`]: its settings; [`backoff`]: retry delays; [`fault`]:
-//!   transient versus permanent Redis failures; [`reply`]: parsing replies
-//!   without trusting them; [`stats`]: counters.
+//!   transient versus permanent Redis failures; [`reply`]: parsing the
+//!   replies of the general client without trusting them; [`stats`]:
+//!   counters.
 
 pub mod backoff;
 pub mod config;
