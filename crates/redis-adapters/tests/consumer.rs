@@ -1201,3 +1201,25 @@ async fn a_dependency_outage_never_dead_letters_an_entry() {
     assert_eq!(stats.handler_failures, 6);
     assert_eq!(env.server.cli(&["EXISTS", DEAD_LETTER_STREAM]), "0");
 }
+
+#[tokio::test]
+async fn start_from_an_id_starts_at_that_entry_inclusive_and_only_without_an_offset() {
+    let env = Env::start().await;
+    let ids = env.publish_many(6).await;
+    let recorder = Recorder::new();
+    let mut config = config();
+    config.drain = true;
+    config.start_from = StartFrom::Id(ids[3]);
+    let consumer = env.consumer(config.clone(), &recorder);
+    join(spawn_run(&consumer), PATIENCE).await.unwrap();
+    assert_eq!(recorder.handled_ids(), ids[3..].to_vec());
+    assert_eq!(env.offset().await, Some(ids[5]));
+
+    // With an offset stored, the start option is ignored.
+    let more = env.publish_many(2).await;
+    let again = Recorder::new();
+    config.start_from = StartFrom::Id(ids[0]);
+    let consumer = env.consumer(config, &again);
+    join(spawn_run(&consumer), PATIENCE).await.unwrap();
+    assert_eq!(again.handled_ids(), more);
+}
