@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use lifecycle_domain::{EntryId, HandlerError, StoreError, StreamOffsetStore};
+use lifecycle_domain::{EntryId, HandlerError, StreamOffsetStore};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokio_util::sync::CancellationToken;
@@ -998,14 +998,10 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
             }
             Err(err) if err.permanent => Err(ConsumerError::Store(err)),
             Err(err) => {
-                self.note_store_fault(&err);
+                self.note_fault(&err.to_string());
                 Ok(())
             }
         }
-    }
-
-    fn note_store_fault(&mut self, err: &StoreError) {
-        self.note_fault(&err.to_string());
     }
 
     /// The last save, retried within the grace period. Returns whether an

@@ -14,16 +14,6 @@ pub struct StreamEntry {
     pub fields: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
-impl StreamEntry {
-    /// Bytes held by the entry's names and values.
-    pub fn size(&self) -> usize {
-        self.fields
-            .iter()
-            .map(|(name, value)| name.len().saturating_add(value.len()))
-            .fold(0usize, usize::saturating_add)
-    }
-}
-
 /// A reply that does not have the shape Redis documents for the command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unexpected reply from Redis: {0}")]

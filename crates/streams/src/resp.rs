@@ -15,8 +15,6 @@
 use bytes::Bytes;
 use lifecycle_domain::EntryId;
 
-use crate::reply::StreamEntry;
-
 /// The largest bulk string Redis can send (its `proto-max-bulk-len` ceiling).
 const MAX_BULK_LEN: usize = 512 * 1024 * 1024;
 /// Counts larger than this are not preallocated: memory grows with what
@@ -571,19 +569,6 @@ impl<'a> EntryView<'a> {
             _ => None,
         }));
     }
-
-    /// An owned copy, for the rare paths that keep an entry (dead letters).
-    pub fn to_owned_entry(&self) -> StreamEntry {
-        let mut pairs = Vec::new();
-        self.fields_into(&mut pairs);
-        StreamEntry {
-            id: self.slot.id,
-            fields: pairs
-                .into_iter()
-                .map(|(name, value)| (name.to_vec(), value.to_vec()))
-                .collect(),
-        }
-    }
 }
 
 /// Encodes a command as a RESP array of bulk strings.
@@ -638,7 +623,12 @@ mod tests {
     }
 
     fn pairs(view: &EntryView<'_>) -> Vec<(Vec<u8>, Vec<u8>)> {
-        view.to_owned_entry().fields
+        let mut fields = Vec::new();
+        view.fields_into(&mut fields);
+        fields
+            .into_iter()
+            .map(|(name, value)| (name.to_vec(), value.to_vec()))
+            .collect()
     }
 
     #[test]
