@@ -1223,3 +1223,67 @@ async fn start_from_an_id_starts_at_that_entry_inclusive_and_only_without_an_off
     join(spawn_run(&consumer), PATIENCE).await.unwrap();
     assert_eq!(again.handled_ids(), more);
 }
+
+/// Flushes the server's script cache and deletes an entry ahead while
+/// handling the entry `at`.
+struct FlushAndDelete {
+    client: redis::Client,
+    at: EntryId,
+    delete: EntryId,
+    handled: Mutex<Vec<EntryId>>,
+}
+
+impl UserLifecycleHandler for FlushAndDelete {
+    fn handle<'a>(
+        &'a self,
+        event: &'a UserLifecycleEvent,
+    ) -> lifecycle_domain::BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            if event.entry_id == self.at {
+                let mut conn = self
+                    .client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap();
+                redis::cmd("SCRIPT")
+                    .arg("FLUSH")
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .unwrap();
+                redis::cmd("XDEL")
+                    .arg(STREAM)
+                    .arg(self.delete.to_string())
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            self.handled.lock().unwrap().push(event.entry_id);
+            Ok(())
+        })
+    }
+}
+
+/// The deletion probe goes by its hash after the first read; when the
+/// server's script cache is flushed it is sent whole again, and deletions
+/// are still noticed.
+#[tokio::test]
+async fn deletions_are_noticed_after_the_script_cache_is_flushed() {
+    let env = Env::start().await;
+    let ids = env.publish_many(16).await;
+    let handler = Arc::new(FlushAndDelete {
+        client: env.client(),
+        at: ids[1],
+        delete: ids[13],
+        handled: Mutex::new(Vec::new()),
+    });
+    let mut config = config();
+    config.drain = true;
+    config.batch_size = 4;
+    let consumer = env.consumer_without_handler(config);
+    consumer.on_event(handler.clone());
+    join(spawn_run(&consumer), PATIENCE).await.unwrap();
+    let mut expected = ids[..13].to_vec();
+    expected.extend_from_slice(&ids[14..]);
+    assert_eq!(*handler.handled.lock().unwrap(), expected);
+    assert_eq!(consumer.stats().snapshot().trimmed, 1);
+}

@@ -64,7 +64,17 @@ pub struct ReadConnection {
     out: Vec<u8>,
     /// Whether a deletion probe precedes the read in flight.
     probe_pending: bool,
+    /// Whether this server has the probe's script cached, so that its hash
+    /// (`EVALSHA`) is sent rather than its text.
+    probe_cached: bool,
 }
+
+/// The SHA1 of the probe's script, computed once for the process.
+static PROBE_SHA: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    redis::Script::new(DELETION_PROBE_SCRIPT)
+        .get_hash()
+        .to_owned()
+});
 
 /// A reply to one read: the batch, and what the probe sent just before the
 /// read saw (when one was sent).
@@ -115,6 +125,7 @@ impl ReadConnection {
             parser: XreadParser::new(),
             out: Vec::with_capacity(256),
             probe_pending: false,
+            probe_cached: false,
         };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
@@ -188,15 +199,15 @@ impl ReadConnection {
         args.extend([b"STREAMS".as_slice(), stream.as_bytes(), after.as_bytes()]);
         self.out.clear();
         if probe {
-            encode_command(
-                &mut self.out,
-                &[
-                    b"EVAL",
-                    DELETION_PROBE_SCRIPT.as_bytes(),
-                    b"1",
-                    stream.as_bytes(),
-                ],
-            );
+            // The script's text goes once per connection (EVAL caches it);
+            // later reads send its hash.
+            let (command, script) = if self.probe_cached {
+                (b"EVALSHA".as_slice(), PROBE_SHA.as_bytes())
+            } else {
+                (b"EVAL".as_slice(), DELETION_PROBE_SCRIPT.as_bytes())
+            };
+            encode_command(&mut self.out, &[command, script, b"1", stream.as_bytes()]);
+            self.probe_cached = true;
         }
         encode_command(&mut self.out, &args);
         self.io.write_all(&self.out).await?;
@@ -214,6 +225,10 @@ impl ReadConnection {
     pub async fn receive_batch(&mut self, limit: usize) -> Result<Received, ReadError> {
         let mut probe = None;
         while self.probe_pending {
+            if self.buf.starts_with(b"-NOSCRIPT") {
+                // The script cache was flushed: send the text again next time.
+                self.probe_cached = false;
+            }
             match parse_probe_reply(&self.buf)? {
                 Some((len, seen)) => {
                     self.buf.advance(len);
