@@ -456,3 +456,63 @@ fn demo_without_redis_server_says_how_to_install_it() {
         "{line}"
     );
 }
+
+#[test]
+fn values_from_entries_cannot_forge_or_hide_log_lines() {
+    let server = RedisServer::start();
+    let url = server.url();
+    for (event_type, user) in [
+        (
+            "user.deleted",
+            "evil\n2026-01-01T00:00:00Z  INFO forged line",
+        ),
+        ("user.deleted", "\u{1b}[8mhidden\u{1b}[0m"),
+        ("evil\nERROR forged type", "u1"),
+    ] {
+        server.cli(&[
+            "XADD",
+            "user:lifecycle_events",
+            "*",
+            "event_type",
+            event_type,
+            "user_id",
+            user,
+            "occurred_at_ms",
+            "5",
+        ]);
+    }
+    server.cli(&[
+        "XADD",
+        "user:lifecycle_events",
+        "*",
+        "event_type",
+        "user.deleted",
+        "user_id",
+        "u",
+        "occurred_at_ms",
+        "1\n WARN forged reason",
+    ]);
+    let output = worker(&url, &["run", "--drain", "--log-level", "debug"]);
+    assert_success(&output);
+    let log = stderr(&output);
+    assert!(
+        log.contains("forged"),
+        "the values were logged at all: {log}"
+    );
+    for line in log.lines() {
+        assert!(
+            !line.contains("forged")
+                || line.contains("stream_entry_id")
+                || line.contains("user_id"),
+            "a forged line: {line:?}"
+        );
+        assert!(
+            !line.trim_start().starts_with("2026-01-01"),
+            "a forged line: {line:?}"
+        );
+    }
+    assert!(
+        !log.contains('\u{1b}'),
+        "a raw escape sequence reached the log"
+    );
+}
