@@ -25,6 +25,9 @@
     missing_docs
 )]
 
+#[macro_use]
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,30 +51,8 @@ use tokio_util::sync::CancellationToken;
 
 const STREAM: &str = "user:lifecycle_events";
 const OFFSET_KEY: &str = "lobby:stream_offsets:user_lifecycle";
-/// How often [`wait_until!`] re-checks its condition.
-const POLL: Duration = Duration::from_millis(5);
 /// The default patience of a wait: generous, since a passing test never waits it out.
 const PATIENCE: Duration = Duration::from_secs(8);
-
-/// Polls `$cond` (an expression that may `.await`) every [`POLL`] until it
-/// holds; panics naming `$what` when `$timeout` passes first.
-macro_rules! wait_until {
-    ($timeout:expr, $what:expr, $cond:expr) => {{
-        let timeout: Duration = $timeout;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if $cond {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting until {}",
-                $what
-            );
-            tokio::time::sleep(POLL).await;
-        }
-    }};
-}
 
 // ---------------------------------------------------------------------------
 // The test handler.
@@ -1107,7 +1088,7 @@ async fn reading_pauses_when_the_held_entries_reach_the_bound() {
             "the server executed {server_reads} XREADs; at most {read_bound} expected"
         );
         assert_eq!(recorder.started_in(0).len(), 2, "a third call started");
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(common::POLL).await;
     }
     assert!(
         observed >= 2,

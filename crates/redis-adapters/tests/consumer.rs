@@ -10,6 +10,9 @@
     missing_docs
 )]
 
+#[macro_use]
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,30 +37,8 @@ use tokio_util::sync::CancellationToken;
 const STREAM: &str = "user:lifecycle_events";
 const DEAD_LETTER_STREAM: &str = "user:lifecycle_events:dead";
 const OFFSET_KEY: &str = "lobby:stream_offsets:user_lifecycle";
-/// How often [`wait_until!`] re-checks its condition.
-const POLL: Duration = Duration::from_millis(5);
 /// The default patience of a wait: generous, since a passing test never waits it out.
 const PATIENCE: Duration = Duration::from_secs(10);
-
-/// Polls `$cond` (an expression that may `.await`) every [`POLL`] until it
-/// holds; panics naming `$what` when `$timeout` passes first.
-macro_rules! wait_until {
-    ($timeout:expr, $what:expr, $cond:expr) => {{
-        let timeout: Duration = $timeout;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if $cond {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting until {}",
-                $what
-            );
-            tokio::time::sleep(POLL).await;
-        }
-    }};
-}
 
 // ---------------------------------------------------------------------------
 // The test handler.
