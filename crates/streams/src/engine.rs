@@ -630,6 +630,10 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
     ///   where this read started, up to the last entry returned, and is not
     ///   among them, it was deleted before we read it.
     ///
+    /// The probe sees the stream as the read will, so a deletion made while a
+    /// blocking read waits is noticed only when a later read's range covers
+    /// it.
+    ///
     /// Logged as an error with how far the stream moved past us, counted,
     /// reported once per trim or deletion seen; consuming goes on.
     fn detect_trim(&mut self, read_from: EntryId, batch: &Batch, probe: DeletionProbe) {
