@@ -934,8 +934,10 @@ async fn a_key_of_the_wrong_type_fails_the_whole_cascade() {
     // Each lobby key the cascade writes, broken in turn: those of the
     // running game g2 (members, invitees, and dropped, where the user moves;
     // applicants, which it would leave), the game hash, the index and the
-    // record. The script reads everything before its first write, so the
-    // other games must be untouched too.
+    // record, and the applicants of g3. The script undoes its own writes
+    // when it meets a wrong type, so the games it walked before the broken
+    // key (in the set's order, which varies from server to server) must be
+    // as they were.
     put_lobby(&lobby, &games).await;
     let last = "g2";
     for (broken, how) in [
@@ -946,6 +948,7 @@ async fn a_key_of_the_wrong_type_fails_the_whole_cascade() {
         (format!("lobby:game:{last}"), ["RPUSH", "oops"]),
         ("lobby:user:u:games".to_owned(), ["SET", "oops"]),
         ("lobby:user:u:cascade".to_owned(), ["SET", "oops"]),
+        ("lobby:game:g3:applicants".to_owned(), ["SET", "oops"]),
     ] {
         let broken = broken.as_str();
         server.cli(&["FLUSHALL"]);
@@ -964,6 +967,43 @@ async fn a_key_of_the_wrong_type_fails_the_whole_cascade() {
         assert!(err.permanent, "{broken}: retrying cannot help");
         assert_eq!(dump(&mut conn).await, before, "{broken}: nothing changed");
     }
+
+    // Undone in a known order: a set of integer ids is walked ascending, so
+    // game 1 (open, the user's: cancelled first, over an earlier cancel
+    // reason) is changed before game 2's dropped set turns out to be a list.
+    server.cli(&["FLUSHALL"]);
+    let numbered = BTreeMap::from([
+        (
+            "1".to_owned(),
+            Game {
+                status: Some(GameStatus::Open),
+                owner_id: "u".to_owned(),
+                cancel_reason: Some("earlier".to_owned()),
+                members: ids(&["u", "m"]),
+                invitees: ids(&["u"]),
+                ..Game::default()
+            },
+        ),
+        (
+            "2".to_owned(),
+            Game {
+                status: Some(GameStatus::Running),
+                owner_id: "o".to_owned(),
+                members: ids(&["o", "u"]),
+                ..Game::default()
+            },
+        ),
+    ]);
+    put_lobby(&lobby, &numbered).await;
+    assert_eq!(server.cli(&["SMEMBERS", "lobby:user:u:games"]), "1\n2");
+    server.cli(&["RPUSH", "lobby:game:2:dropped", "oops"]);
+    let before = dump(&mut conn).await;
+    let err = lobby
+        .apply(&cascade("u", DELETED, entry))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("lobby:game:2:dropped"), "{err}");
+    assert_eq!(dump(&mut conn).await, before, "game 1 is as it was");
 
     // The brief's case, then the repair.
     server.cli(&["FLUSHALL"]);
