@@ -3,6 +3,9 @@
 # Settings come from the environment (REDIS_URL, LOBBY_*), so secrets stay out
 # of the command line; see `lobby-worker run --help` for every LOBBY_ variable.
 #   REDIS_URL='redis://:password@redis.internal:6379/0' ./deploy/run-lobby-worker.sh
+# Over TLS:
+#   REDIS_URL='rediss://:password@redis.internal:6380' \
+#   LOBBY_TLS_CA_FILE=/etc/lobby-worker/redis-ca.pem ./deploy/run-lobby-worker.sh
 set -euo pipefail
 bin="${LOBBY_WORKER_BIN:-$(dirname "$0")/../target/release/lobby-worker}"
 if [ ! -x "$bin" ]; then

@@ -2,11 +2,13 @@
 
 use std::time::Duration;
 
+use lifecycle_streams::TlsSettings;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::ConnectionAddr;
 
 /// A Redis URL that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid Redis URL {url}: {reason}; expected redis://[user:password@]host:port[/db]")]
+#[error("invalid Redis URL {url}: {reason}; expected redis[s]://[user:password@]host:port[/db]")]
 pub struct ConnectError {
     /// The URL with its password redacted.
     pub url: String,
@@ -21,14 +23,55 @@ pub struct ConnectError {
 /// [`ConnectError`] when the URL is malformed; the message never holds the
 /// password.
 pub fn open_client(url: &str) -> Result<redis::Client, ConnectError> {
-    redis::Client::open(url).map_err(|err| ConnectError {
+    let client = redis::Client::open(url).map_err(|err| client_error(url, &err))?;
+    refuse_insecure(url, &client)?;
+    Ok(client)
+}
+
+/// Parses a `rediss://` `url` into a client that trusts and presents what
+/// `tls` says; nothing is connected yet.
+///
+/// # Errors
+///
+/// [`ConnectError`] when the URL is malformed or does not ask for TLS.
+pub fn open_tls_client(url: &str, tls: &TlsSettings) -> Result<redis::Client, ConnectError> {
+    // Parsed plainly first, so that a redis:// URL gets a message of its own.
+    let plain = open_client(url)?;
+    if !matches!(
+        plain.get_connection_info().addr(),
+        ConnectionAddr::TcpTls { .. }
+    ) {
+        return Err(ConnectError {
+            url: redact_url(url),
+            reason:
+                "TLS certificate files are given but the URL does not ask for TLS; use rediss://"
+                    .into(),
+        });
+    }
+    redis::Client::build_with_tls(url, tls.redis_certificates())
+        .map_err(|err| client_error(url, &err))
+}
+
+fn client_error(url: &str, err: &redis::RedisError) -> ConnectError {
+    ConnectError {
         url: redact_url(url),
         // The client's message can quote the URL; keep only its category.
         reason: match err.detail() {
             Some(detail) if !detail.contains(url) => format!("{} ({detail})", err.category()),
             _ => err.category().to_owned(),
         },
-    })
+    }
+}
+
+/// Certificate checks stay on: `rediss://...#insecure` is refused.
+fn refuse_insecure(url: &str, client: &redis::Client) -> Result<(), ConnectError> {
+    match client.get_connection_info().addr() {
+        ConnectionAddr::TcpTls { insecure: true, .. } => Err(ConnectError {
+            url: redact_url(url),
+            reason: "#insecure turns certificate checks off, which this worker does not do; give the CA that signed the server's certificate (--tls-ca-file) instead".into(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// A connection that reconnects in the background after a fault; the call

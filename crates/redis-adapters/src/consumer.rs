@@ -9,7 +9,7 @@ use lifecycle_domain::{
 };
 use lifecycle_streams::{
     ConsumerConfig, ConsumerError, ConsumerStats, Decoded, EntryDecoder, EntryHandler, RunReport,
-    StreamConsumer,
+    StreamConsumer, TlsSettings,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -95,6 +95,17 @@ impl RedisUserLifecycleConsumer {
             handler: Mutex::new(None),
             cancel: CancellationToken::new(),
         })
+    }
+
+    /// Uses `tls` for the stream reader's own connection to a `rediss://`
+    /// server (the client should come from [`crate::open_tls_client`] with
+    /// the same settings); without it, the system's trust store.
+    #[must_use]
+    pub fn with_tls(self, tls: TlsSettings) -> Self {
+        Self {
+            engine: self.engine.with_tls(tls),
+            ..self
+        }
     }
 
     /// The consumer's live counters.

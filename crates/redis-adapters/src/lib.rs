@@ -19,7 +19,7 @@ pub mod lobby;
 pub mod memory;
 pub mod offsets;
 
-pub use connect::{open_client, redact_url, ConnectError};
+pub use connect::{open_client, open_tls_client, redact_url, ConnectError};
 pub use consumer::{RedisUserLifecycleConsumer, UserLifecycleDecoder};
 pub use lobby::{CascadeRecord, RedisLobbyStore};
 pub use memory::MemoryOffsetStore;
@@ -35,6 +35,10 @@ pub(crate) fn store_error(action: String, err: redis::RedisError) -> StoreError 
     let source: Box<dyn std::error::Error + Send + Sync> = match class {
         FaultClass::Auth => format!(
             "Redis refused access ({err}): check the user name and password in the Redis URL (--redis-url, REDIS_URL) and the user's ACL permissions"
+        )
+        .into(),
+        FaultClass::Tls => format!(
+            "the TLS handshake with Redis failed ({err}): check the CA certificate (--tls-ca-file) and the client certificate (--tls-cert-file, --tls-key-file)"
         )
         .into(),
         _ => Box::new(err),

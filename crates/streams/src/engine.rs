@@ -40,6 +40,7 @@ use crate::read_conn::{ReadConnection, ReadError, Received};
 use crate::reply::parse_range_reply;
 use crate::resp::{Batch, DeletionProbe};
 use crate::stats::ConsumerStats;
+use crate::tls::TlsSettings;
 use crate::window::{KeyQueues, Watermark};
 
 /// Why a session ended without an error.
@@ -71,6 +72,9 @@ pub struct StreamConsumer<D: EntryDecoder> {
     offsets: Arc<dyn StreamOffsetStore>,
     config: ConsumerConfig,
     stats: Arc<ConsumerStats>,
+    /// For a `rediss://` client: what the reader's own socket trusts and
+    /// presents (`None`: the system's trust store).
+    tls: Option<TlsSettings>,
 }
 
 impl<D: EntryDecoder> StreamConsumer<D> {
@@ -93,7 +97,17 @@ impl<D: EntryDecoder> StreamConsumer<D> {
             offsets,
             config,
             stats: Arc::default(),
+            tls: None,
         })
+    }
+
+    /// Uses `tls` for the reader's own connection to a `rediss://` server;
+    /// give the client the same settings (`redis::Client::build_with_tls`
+    /// with [`TlsSettings::redis_certificates`]).
+    #[must_use]
+    pub fn with_tls(mut self, tls: TlsSettings) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// The consumer's live counters.
@@ -362,6 +376,10 @@ fn permanent_redis(action: &'static str, key: &str, err: &RedisError) -> Result<
             action,
             source: Box::new(err.clone()),
         }),
+        FaultClass::Tls => Err(ConsumerError::Tls {
+            action,
+            source: Box::new(err.clone()),
+        }),
         FaultClass::Permanent => Err(ConsumerError::Redis {
             action,
             source: Box::new(err.clone()),
@@ -554,7 +572,11 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
         }
         if self.reader.is_none() {
             let info = self.ctx.consumer.client.get_connection_info();
-            let connect = ReadConnection::connect(info, self.config().connect_timeout);
+            let connect = ReadConnection::connect(
+                info,
+                self.ctx.consumer.tls.as_ref(),
+                self.config().connect_timeout,
+            );
             let connected = tokio::select! {
                 biased;
                 () = self.cancel().cancelled() => return Ok(()),
@@ -962,6 +984,12 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
             }
             FaultClass::Auth => {
                 return Err(ConsumerError::Auth {
+                    action: "read the stream",
+                    source: Box::new(err),
+                })
+            }
+            FaultClass::Tls => {
+                return Err(ConsumerError::Tls {
                     action: "read the stream",
                     source: Box::new(err),
                 })

@@ -32,6 +32,15 @@ pub enum ConsumerError {
         #[source]
         source: BoxError,
     },
+    /// The TLS handshake failed.
+    #[error("the TLS handshake with Redis failed while trying to {action} ({source}): check that the URL's port speaks TLS, that the CA certificate file (--tls-ca-file) signed the server's certificate and that it names the URL's host, and give a client certificate (--tls-cert-file, --tls-key-file) if the server asks for one")]
+    Tls {
+        /// What was being done.
+        action: &'static str,
+        /// The handshake's failure.
+        #[source]
+        source: BoxError,
+    },
     /// Redis rejected a command in a way retrying cannot change.
     #[error("Redis rejected the attempt to {action}: {source}")]
     Redis {

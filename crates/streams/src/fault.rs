@@ -4,6 +4,7 @@
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
 use crate::read_conn::ReadError;
+use crate::tls::tls_failure;
 
 /// Whether a Redis failure can pass by itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,6 +16,9 @@ pub enum FaultClass {
     WrongType,
     /// Authentication or authorisation failed (`NOAUTH`, `WRONGPASS`, `NOPERM`).
     Auth,
+    /// The TLS handshake failed: an untrusted server certificate, a client
+    /// certificate the server wants, a port that does not speak TLS.
+    Tls,
     /// Anything else retrying cannot fix: invalid configuration, a command
     /// the server does not know.
     Permanent,
@@ -35,6 +39,9 @@ const TRANSIENT_CODES: &[&str] = &[
 
 /// Classifies `err`.
 pub fn classify(err: &RedisError) -> FaultClass {
+    if tls_failure(err).is_some() {
+        return FaultClass::Tls;
+    }
     if err.is_io_error()
         || err.is_timeout()
         || err.is_connection_dropped()
@@ -85,6 +92,7 @@ pub fn classify_code(code: &str) -> FaultClass {
 /// Classifies a failure of the reading connection.
 pub fn classify_read(err: &ReadError) -> FaultClass {
     match err {
+        ReadError::Io(err) if tls_failure(err).is_some() => FaultClass::Tls,
         ReadError::Io(_)
         | ReadError::Timeout(_)
         | ReadError::Protocol(_)

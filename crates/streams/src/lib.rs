@@ -31,7 +31,7 @@
 //! - [`config`]: its settings; [`backoff`]: retry delays; [`fault`]:
 //!   transient versus permanent Redis failures; [`reply`]: parsing the
 //!   replies of the general client without trusting them; [`stats`]:
-//!   counters.
+//!   counters; [`tls`]: certificates for `rediss://`.
 
 pub mod backoff;
 pub mod config;
@@ -43,6 +43,7 @@ pub mod read_conn;
 pub mod reply;
 pub mod resp;
 pub mod stats;
+pub mod tls;
 pub mod window;
 
 pub use backoff::{Backoff, BackoffPolicy};
@@ -53,3 +54,4 @@ pub use error::ConsumerError;
 pub use fault::{classify, FaultClass};
 pub use reply::{parse_range_reply, parse_xread_reply, ReplyError, StreamEntry};
 pub use stats::{ConsumerStats, StatsSnapshot};
+pub use tls::{tls_failure, TlsError, TlsFiles, TlsSettings};

@@ -17,6 +17,7 @@ use crate::resp::{
     encode_command, parse_probe_reply, Batch, DeletionProbe, Parsed, ProtocolError,
     ServerReplyError, XreadParser, DELETION_PROBE_SCRIPT,
 };
+use crate::tls::TlsSettings;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 256 * 1024;
@@ -93,29 +94,67 @@ impl std::fmt::Debug for ReadConnection {
 }
 
 impl ReadConnection {
-    /// Connects per `info` (TCP or a Unix socket), authenticates and selects
-    /// the database, all within `timeout`.
+    /// Connects per `info` (TCP, TLS over TCP with `tls` or else the
+    /// system's trust store, or a Unix socket), authenticates and selects the
+    /// database, all within `timeout`.
     ///
     /// # Errors
     ///
     /// [`ReadError`] when the server cannot be reached or refuses.
-    pub async fn connect(info: &ConnectionInfo, timeout: Duration) -> Result<Self, ReadError> {
-        tokio::time::timeout(timeout, Self::connect_inner(info))
+    pub async fn connect(
+        info: &ConnectionInfo,
+        tls: Option<&TlsSettings>,
+        timeout: Duration,
+    ) -> Result<Self, ReadError> {
+        tokio::time::timeout(timeout, Self::connect_inner(info, tls))
             .await
             .map_err(|_| ReadError::Timeout(timeout))?
     }
 
-    async fn connect_inner(info: &ConnectionInfo) -> Result<Self, ReadError> {
+    async fn connect_inner(
+        info: &ConnectionInfo,
+        tls: Option<&TlsSettings>,
+    ) -> Result<Self, ReadError> {
         let io: Box<dyn Transport> = match info.addr() {
             ConnectionAddr::Tcp(host, port) => {
                 let stream = TcpStream::connect((host.as_str(), *port)).await?;
                 stream.set_nodelay(true)?;
                 Box::new(stream)
             }
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure,
+                ..
+            } => {
+                if *insecure {
+                    return Err(ReadError::Unsupported(
+                        "the Redis URL turns certificate checks off (#insecure), which this worker does not do: give the CA that signed the server's certificate (--tls-ca-file) instead".into(),
+                    ));
+                }
+                let system;
+                let settings = match tls {
+                    Some(settings) => settings,
+                    None => {
+                        system = TlsSettings::system()
+                            .map_err(|err| ReadError::Unsupported(err.to_string()))?;
+                        &system
+                    }
+                };
+                let server_name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|err| {
+                        ReadError::Unsupported(format!(
+                            "the Redis URL's host {host:?} cannot be checked against a certificate: {err}"
+                        ))
+                    })?;
+                let stream = TcpStream::connect((host.as_str(), *port)).await?;
+                stream.set_nodelay(true)?;
+                Box::new(settings.connector().connect(server_name, stream).await?)
+            }
             ConnectionAddr::Unix(path) => Box::new(UnixStream::connect(path).await?),
             _ => {
                 return Err(ReadError::Unsupported(
-                    "the stream reader does not support TLS (rediss://) yet: use redis:// or a unix socket".into(),
+                    "the stream reader supports redis://, rediss:// and unix sockets only".into(),
                 ))
             }
         };
@@ -148,6 +187,8 @@ impl ReadConnection {
         self.out.clear();
         encode_command(&mut self.out, args);
         self.io.write_all(&self.out).await?;
+        // TLS keeps records until flushed; for plain TCP this is free.
+        self.io.flush().await?;
         loop {
             if let Some(end) = self.buf.windows(2).position(|pair| pair == b"\r\n") {
                 let line = self.buf.split_to(end + 2);
@@ -211,6 +252,7 @@ impl ReadConnection {
         }
         encode_command(&mut self.out, &args);
         self.io.write_all(&self.out).await?;
+        self.io.flush().await?;
         self.probe_pending = probe;
         Ok(())
     }

@@ -11,13 +11,17 @@
 //! let _client_url = server.url();
 //! ```
 //!
+//! With [`RedisServerOptions::tls`] set, the server also listens for TLS on a second port
+//! ([`RedisServer::tls_url`]); the feature `tls` adds `TlsFiles`, which generates the
+//! certificates in-process.
+//!
 //! Requires `redis-server` and `redis-cli` on the `PATH`.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, PoisonError};
 use std::thread;
@@ -27,6 +31,11 @@ use tempfile::TempDir;
 
 pub mod proxy;
 pub use proxy::TcpProxy;
+
+#[cfg(feature = "tls")]
+pub mod tls;
+#[cfg(feature = "tls")]
+pub use tls::TlsFiles;
 
 /// How long a freshly spawned server may take to answer `PING`.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,6 +61,21 @@ pub struct RedisServerOptions {
     pub requirepass: Option<String>,
     /// Extra command-line arguments appended verbatim, e.g. `["--maxmemory", "10mb"]`.
     pub extra_args: Vec<String>,
+    /// Also listen for TLS on a second free port ([`RedisServer::tls_port`]); the plain port stays.
+    pub tls: Option<ServerTls>,
+}
+
+/// Server-side TLS settings: PEM files passed to `--tls-cert-file`, `--tls-key-file`, `--tls-ca-cert-file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// The server certificate (`--tls-cert-file`).
+    pub cert: PathBuf,
+    /// The server's private key (`--tls-key-file`).
+    pub key: PathBuf,
+    /// The CA certificate client certificates are verified with (`--tls-ca-cert-file`).
+    pub ca_cert: PathBuf,
+    /// Whether clients must present a certificate signed by `ca_cert` (`--tls-auth-clients yes|no`).
+    pub auth_clients: bool,
 }
 
 /// A private redis-server on a free `127.0.0.1` port in a temporary directory, killed on drop.
@@ -61,6 +85,8 @@ pub struct RedisServer {
     child: Mutex<Option<Child>>,
     /// The port, kept across restarts.
     port: u16,
+    /// The TLS port when [`RedisServerOptions::tls`] is set, kept across restarts.
+    tls_port: Option<u16>,
     /// The options it was started with, reused by `restart`.
     options: RedisServerOptions,
     /// Its working directory (AOF, `redis.log`); declared last so it is removed after the process is gone.
@@ -105,20 +131,30 @@ impl RedisServer {
             })?;
         let mut failures = Vec::new();
         for _ in 0..START_ATTEMPTS {
-            let port = free_port();
-            let mut child = spawn_redis(port, dir.path(), &options)?;
+            let (port, tls_port) = if options.tls.is_some() {
+                let (port, tls_port) = free_port_pair();
+                (port, Some(tls_port))
+            } else {
+                (free_port(), None)
+            };
+            let mut child = spawn_redis(port, tls_port, dir.path(), &options)?;
             match wait_ready(&mut child, port, options.requirepass.as_deref()) {
                 Ok(()) => {
                     return Ok(RedisServer {
                         child: Mutex::new(Some(child)),
                         port,
+                        tls_port,
                         options,
                         dir,
                     });
                 }
                 Err(NotReady::Exited(status)) => {
-                    // Most likely the port was grabbed between `free_port` and the bind: try another one.
-                    failures.push(format!("port {port}: exited early with {status}"));
+                    // Most likely a port was grabbed between `free_port` and the bind: try other ones.
+                    let ports = match tls_port {
+                        Some(tls_port) => format!("port {port}, tls port {tls_port}"),
+                        None => format!("port {port}"),
+                    };
+                    failures.push(format!("{ports}: exited early with {status}"));
                 }
                 Err(NotReady::TimedOut) => {
                     reap(&mut child);
@@ -131,7 +167,8 @@ impl RedisServer {
         }
         Err(format!(
             "redis-server failed to start after {START_ATTEMPTS} attempts ({}); \
-             if redis.log is missing, redis-server rejected its arguments (check extra_args)\n{}",
+             if redis.log is missing, redis-server rejected its arguments (check extra_args); \
+             with TLS, unreadable certificate or key files also make it exit (see redis.log)\n{}",
             failures.join("; "),
             log_tail(dir.path())
         ))
@@ -152,6 +189,23 @@ impl RedisServer {
             ),
             None => format!("redis://127.0.0.1:{}/", self.port),
         }
+    }
+
+    /// The TLS port (on `127.0.0.1`) when started with [`RedisServerOptions::tls`]; unchanged by `restart`.
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
+    }
+
+    /// A TLS client URL when started with [`RedisServerOptions::tls`]: `rediss://[:<password>@]127.0.0.1:<tls_port>/`.
+    pub fn tls_url(&self) -> Option<String> {
+        let tls_port = self.tls_port?;
+        Some(match &self.options.requirepass {
+            Some(password) => format!(
+                "rediss://:{}@127.0.0.1:{tls_port}/",
+                percent_encode_userinfo(password)
+            ),
+            None => format!("rediss://127.0.0.1:{tls_port}/"),
+        })
     }
 
     /// Its temporary working directory (append-only files, `redis.log`), removed on drop.
@@ -201,7 +255,7 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port and directory (data kept when append-only) and waits for `PING`; stops it gracefully first if running.
+    /// Starts it again on the same port(s) and directory (data kept when append-only) and waits for `PING`; stops it gracefully first if running.
     pub fn restart(&mut self) {
         self.stop();
         let port = self.port;
@@ -209,7 +263,7 @@ impl RedisServer {
         let mut attempts = 0_u32;
         loop {
             attempts += 1;
-            let mut child = spawn_redis(port, self.dir.path(), &self.options)
+            let mut child = spawn_redis(port, self.tls_port, self.dir.path(), &self.options)
                 .unwrap_or_else(|err| panic!("test-support: {err}"));
             match wait_ready(&mut child, port, self.options.requirepass.as_deref()) {
                 Ok(()) => {
@@ -296,13 +350,34 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Returns two distinct, currently free TCP ports on `127.0.0.1` (both bound at once, then released).
+fn free_port_pair() -> (u16, u16) {
+    let bind = || {
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .expect("test-support: cannot bind 127.0.0.1:0 to find a free port")
+    };
+    let (first, second) = (bind(), bind());
+    let port = |listener: &TcpListener| {
+        listener
+            .local_addr()
+            .expect("test-support: cannot read the local address of a bound listener")
+            .port()
+    };
+    (port(&first), port(&second))
+}
+
 /// Locks the child slot through `&mut`, ignoring poisoning.
 fn lock(child: &mut Mutex<Option<Child>>) -> &mut Option<Child> {
     child.get_mut().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Spawns `redis-server` on `port` in `dir`.
-fn spawn_redis(port: u16, dir: &Path, options: &RedisServerOptions) -> Result<Child, String> {
+/// Spawns `redis-server` on `port` (and TLS on `tls_port` when `options.tls` is set) in `dir`.
+fn spawn_redis(
+    port: u16,
+    tls_port: Option<u16>,
+    dir: &Path,
+    options: &RedisServerOptions,
+) -> Result<Child, String> {
     let mut command = Command::new("redis-server");
     command
         .arg("--port")
@@ -325,6 +400,21 @@ fn spawn_redis(port: u16, dir: &Path, options: &RedisServerOptions) -> Result<Ch
         .arg("no");
     if let Some(password) = &options.requirepass {
         command.arg("--requirepass").arg(password);
+    }
+    if let (Some(tls), Some(tls_port)) = (&options.tls, tls_port) {
+        // redis-server binds every listener before serving, and exits if one fails, so the
+        // readiness probe on the plain port also vouches for the TLS port.
+        command
+            .arg("--tls-port")
+            .arg(tls_port.to_string())
+            .arg("--tls-cert-file")
+            .arg(&tls.cert)
+            .arg("--tls-key-file")
+            .arg(&tls.key)
+            .arg("--tls-ca-cert-file")
+            .arg(&tls.ca_cert)
+            .arg("--tls-auth-clients")
+            .arg(if tls.auth_clients { "yes" } else { "no" });
     }
     command
         .args(&options.extra_args)
@@ -488,6 +578,8 @@ mod tests {
             format!("redis://127.0.0.1:{}/", server.port())
         );
         assert!(server.dir().join("redis.log").is_file());
+        assert_eq!(server.tls_port(), None);
+        assert_eq!(server.tls_url(), None);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -129,6 +130,20 @@ pub struct RedisArgs {
     /// Prefix of every lobby key (offsets are at `<prefix>:stream_offsets:<label>`).
     #[arg(long, global = true, env = "LOBBY_KEY_PREFIX", default_value = "lobby")]
     pub key_prefix: String,
+
+    /// For rediss://: PEM file of the certificate authorities to trust
+    /// (default: the system's trust store).
+    #[arg(long, global = true, env = "LOBBY_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+
+    /// For rediss:// servers that ask for a client certificate: its PEM
+    /// file (with --tls-key-file).
+    #[arg(long, global = true, env = "LOBBY_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert-file.
+    #[arg(long, global = true, env = "LOBBY_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// When offsets are saved.

@@ -3,14 +3,71 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use lifecycle_redis::{open_client, redact_url};
-use lifecycle_streams::{classify, FaultClass};
+use lifecycle_redis::{open_client, open_tls_client, redact_url};
+use lifecycle_streams::{classify, FaultClass, TlsFiles, TlsSettings};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError};
 
-/// Connects to `url` once, failing with a line that says what to do.
-pub async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
-    let client = open_client(url)?;
+use crate::cli::RedisArgs;
+
+/// Where Redis is: its URL and, when certificate files were given, the TLS
+/// settings they make.
+#[derive(Clone, Debug)]
+pub struct RedisTarget {
+    /// The URL; holds the password, so print only [`redact_url`] of it.
+    pub url: String,
+    /// TLS settings from `--tls-*` files (`None`: none given; `rediss://`
+    /// then trusts the system's store).
+    pub tls: Option<TlsSettings>,
+}
+
+impl RedisTarget {
+    /// The target the common flags describe, its certificate files loaded.
+    pub fn from_args(args: &RedisArgs) -> anyhow::Result<Self> {
+        let files = TlsFiles {
+            ca_file: args.tls_ca_file.clone(),
+            cert_file: args.tls_cert_file.clone(),
+            key_file: args.tls_key_file.clone(),
+        };
+        let tls = if files == TlsFiles::default() {
+            None
+        } else {
+            Some(TlsSettings::load(&files).map_err(|err| {
+                anyhow!(
+                    "invalid TLS settings (--tls-ca-file, --tls-cert-file, --tls-key-file): {err}"
+                )
+            })?)
+        };
+        let target = Self {
+            url: args.redis_url.clone(),
+            tls,
+        };
+        // A malformed URL, or certificate files with redis://, fail here.
+        target.client()?;
+        Ok(target)
+    }
+
+    /// A target without certificate files.
+    pub fn plain(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            tls: None,
+        }
+    }
+
+    /// A client for the target; nothing is connected yet.
+    pub fn client(&self) -> anyhow::Result<redis::Client> {
+        Ok(match &self.tls {
+            Some(tls) => open_tls_client(&self.url, tls)?,
+            None => open_client(&self.url)?,
+        })
+    }
+}
+
+/// Connects to `target` once, failing with a line that says what to do.
+pub async fn connect(target: &RedisTarget) -> anyhow::Result<MultiplexedConnection> {
+    let url = target.url.as_str();
+    let client = target.client()?;
     let settings = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(10)));
@@ -34,10 +91,13 @@ pub fn explain(url: &str, action: &str, err: &RedisError) -> anyhow::Error {
             "cannot {action}: Redis at {shown} refused the connection; start Redis or point --redis-url (REDIS_URL) at it"
         ),
         FaultClass::Transient => anyhow!(
-            "cannot {action}: Redis at {shown} is unreachable ({err}); check that it runs and that --redis-url (REDIS_URL) is right"
+            "cannot {action}: Redis at {shown} is unreachable ({err}); check that it runs and that --redis-url (REDIS_URL) is right (rediss:// for a port that speaks TLS, redis:// for one that does not)"
         ),
         FaultClass::Auth => anyhow!(
             "cannot {action}: Redis at {shown} refused access ({err}); check the user name and password in --redis-url (REDIS_URL)"
+        ),
+        FaultClass::Tls => anyhow!(
+            "cannot {action}: the TLS handshake with Redis at {shown} failed ({err}); check that the port speaks TLS, that --tls-ca-file (LOBBY_TLS_CA_FILE) holds the CA that signed the server's certificate for that host, and give --tls-cert-file and --tls-key-file if the server asks for a client certificate"
         ),
         FaultClass::WrongType => anyhow!(
             "cannot {action}: a key holds a value of the wrong type ({err}); check --stream and --key-prefix"

@@ -34,7 +34,7 @@ use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 
 use crate::cli::BenchArgs;
-use crate::redis_conn::{connect, delete_matching, explain};
+use crate::redis_conn::{connect, delete_matching, explain, RedisTarget};
 
 /// Entries added per pipelined round trip while filling.
 const FILL_CHUNK: u64 = 2_000;
@@ -145,7 +145,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     say(format!("bench: Redis at {}", redact_url(&url)));
-    let mut conn = connect(&url).await?;
+    let mut conn = connect(&RedisTarget::plain(&url)).await?;
     let prefix = "bench";
     clear(&mut conn, &url, prefix).await?;
     let batch_size = ConsumerConfig::new("s", "l").batch_size;
@@ -370,9 +370,10 @@ async fn raw_read(
     batch: usize,
     expected: u64,
 ) -> anyhow::Result<f64> {
-    let mut reader = ReadConnection::connect(client.get_connection_info(), Duration::from_secs(5))
-        .await
-        .context("cannot connect the raw reader")?;
+    let mut reader =
+        ReadConnection::connect(client.get_connection_info(), None, Duration::from_secs(5))
+            .await
+            .context("cannot connect the raw reader")?;
     let started = Instant::now();
     let mut after = EntryId::ZERO;
     let mut seen = 0u64;
@@ -443,7 +444,7 @@ async fn latency(
         let consumer = Arc::clone(&consumer);
         tokio::spawn(async move { consumer.run_to_end().await })
     };
-    let mut conn = connect(url).await?;
+    let mut conn = connect(&RedisTarget::plain(url)).await?;
     // Let the consumer reach its blocking read before the clock starts.
     let ready = Instant::now();
     while consumer.stats().snapshot().reads == 0 && ready.elapsed() < Duration::from_secs(5) {

@@ -21,7 +21,7 @@ use lifecycle_test_support::{RedisServer, RedisServerOptions};
 use redis::Value;
 
 use crate::cli::DemoArgs;
-use crate::redis_conn::{connect, delete_matching, explain};
+use crate::redis_conn::{connect, delete_matching, explain, RedisTarget};
 
 /// The cascade handler, recording what each entry did for the report.
 struct RecordingHandler {
@@ -227,7 +227,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ),
     }
 
-    let mut conn = connect(&url).await?;
+    let mut conn = connect(&RedisTarget::plain(&url)).await?;
     if server.is_none() {
         // A shared Redis: start clean, from the demo's own keys only.
         delete_matching(

@@ -1,17 +1,18 @@
 //! `lobby-worker offsets get|set|reset`.
 
 use anyhow::Context;
-use lifecycle_redis::{open_client, RedisOffsetStore};
+use lifecycle_redis::RedisOffsetStore;
 
 use crate::cli::{OffsetsAction, OffsetsArgs};
-use crate::redis_conn::{connect, with_url};
+use crate::redis_conn::{connect, with_url, RedisTarget};
 
 /// Prints, overwrites or deletes one label's offset.
 pub async fn run(args: OffsetsArgs) -> anyhow::Result<()> {
-    let url = &args.redis.redis_url;
+    let target = RedisTarget::from_args(&args.redis)?;
+    let url = &target.url;
     // Fails fast, with advice, when Redis is unreachable.
-    drop(connect(url).await?);
-    let store = RedisOffsetStore::new(open_client(url)?, &args.redis.key_prefix)
+    drop(connect(&target).await?);
+    let store = RedisOffsetStore::new(target.client()?, &args.redis.key_prefix)
         .context("cannot set up the offset store")?;
     let label = &args.label;
     let key = store.key(label);

@@ -6,7 +6,7 @@ use anyhow::bail;
 use redis::Value;
 
 use crate::cli::PublishArgs;
-use crate::redis_conn::{connect, explain};
+use crate::redis_conn::{connect, explain, RedisTarget};
 
 /// Adds one event and prints its id.
 pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
@@ -43,8 +43,9 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
             cmd.arg(name).arg(value);
         }
     }
-    let url = &args.redis.redis_url;
-    let mut conn = connect(url).await?;
+    let target = RedisTarget::from_args(&args.redis)?;
+    let url = &target.url;
+    let mut conn = connect(&target).await?;
     let id: Value = cmd
         .query_async(&mut conn)
         .await

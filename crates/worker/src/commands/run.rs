@@ -5,9 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lifecycle_domain::{CascadeHandler, UserLifecycleConsumer, USER_LIFECYCLE_LABEL};
-use lifecycle_redis::{
-    open_client, redact_url, RedisLobbyStore, RedisOffsetStore, RedisUserLifecycleConsumer,
-};
+use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore, RedisUserLifecycleConsumer};
 use lifecycle_streams::{
     BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerStats, StartFrom, StopReason,
 };
@@ -20,6 +18,7 @@ use crate::cli::{
 };
 use crate::health::Health;
 use crate::metrics::{lag_task, HandlerMetrics, InstrumentedHandler, LagProbe, Metrics};
+use crate::redis_conn::RedisTarget;
 
 /// The logging settings, for `--print-config`.
 #[derive(Clone, Copy, Debug)]
@@ -61,7 +60,8 @@ pub fn consumer_config(args: &RunArgs) -> ConsumerConfig {
 /// with `--print-config`, prints the settings instead.
 pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     let config = consumer_config(&args);
-    let client = open_client(&args.redis.redis_url)?;
+    let target = RedisTarget::from_args(&args.redis)?;
+    let client = target.client()?;
     if args.print_config {
         config
             .validate()
@@ -73,8 +73,11 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         .context("cannot set up the offset store")?;
     let lobby = RedisLobbyStore::new(client.clone(), &args.redis.key_prefix)
         .context("cannot set up the lobby store")?;
-    let consumer =
+    let mut consumer =
         RedisUserLifecycleConsumer::new(client.clone(), Arc::new(offsets.clone()), config.clone())?;
+    if let Some(tls) = &target.tls {
+        consumer = consumer.with_tls(tls.clone());
+    }
     let handler_metrics = Arc::new(HandlerMetrics::default());
     consumer.on_event(Arc::new(InstrumentedHandler::new(
         CascadeHandler::new(lobby),
@@ -259,6 +262,33 @@ fn print_config(
         ("redis_url", redact_url(&args.redis.redis_url)),
         ("stream", config.stream.clone()),
         ("key_prefix", args.redis.key_prefix.clone()),
+        (
+            "tls_ca_file",
+            optional(
+                args.redis
+                    .tls_ca_file
+                    .as_ref()
+                    .map(|path| path.display().to_string()),
+            ),
+        ),
+        (
+            "tls_cert_file",
+            optional(
+                args.redis
+                    .tls_cert_file
+                    .as_ref()
+                    .map(|path| path.display().to_string()),
+            ),
+        ),
+        (
+            "tls_key_file",
+            optional(
+                args.redis
+                    .tls_key_file
+                    .as_ref()
+                    .map(|path| path.display().to_string()),
+            ),
+        ),
         ("label", config.label.clone()),
         (
             "offset_key",

@@ -2,11 +2,11 @@
 
 use anyhow::{anyhow, Context};
 use lifecycle_domain::EntryId;
-use lifecycle_redis::{open_client, RedisOffsetStore};
+use lifecycle_redis::RedisOffsetStore;
 use serde::Serialize;
 
 use crate::cli::StatusArgs;
-use crate::redis_conn::{connect, explain, with_url};
+use crate::redis_conn::{connect, explain, with_url, RedisTarget};
 use crate::stream_status::{lag, stream_length, stream_state, ProbeError, LAG_COUNT_LIMIT};
 
 /// What `status --json` prints, one object.
@@ -38,8 +38,9 @@ fn explain_probe(url: &str, flag: &str, err: ProbeError) -> anyhow::Error {
 /// Prints the stream's length and ends, the saved offset, the lag, whether
 /// entries were removed past the offset, and the dead letters.
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let url = &args.redis.redis_url;
-    let mut conn = connect(url).await?;
+    let target = RedisTarget::from_args(&args.redis)?;
+    let url = &target.url;
+    let mut conn = connect(&target).await?;
     let stream = &args.redis.stream;
     let dead_letter_stream = args
         .dead_letter_stream
@@ -48,7 +49,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let state = stream_state(&mut conn, stream)
         .await
         .map_err(|err| explain_probe(url, "--stream (LOBBY_STREAM)", err))?;
-    let store = RedisOffsetStore::new(open_client(url)?, &args.redis.key_prefix)
+    let store = RedisOffsetStore::new(target.client()?, &args.redis.key_prefix)
         .context("cannot set up the offset store")?;
     let offset = with_url(store.get(&args.label).await, url)?;
     let lag = match offset {

@@ -11,7 +11,7 @@ use redis::Value;
 use serde::Serialize;
 
 use crate::cli::TailArgs;
-use crate::redis_conn::{connect, explain};
+use crate::redis_conn::{connect, explain, RedisTarget};
 
 /// Entries fetched per `XRANGE` page.
 const PAGE: u64 = 500;
@@ -107,8 +107,9 @@ fn render(entry: &StreamEntry, json: bool) -> anyhow::Result<String> {
 /// Prints entries from `--from` (or the first) on, until `--count` or the
 /// end of the stream; with `--follow`, waits for more.
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
-    let url = args.redis.redis_url.clone();
-    let mut conn = connect(&url).await?;
+    let target = RedisTarget::from_args(&args.redis)?;
+    let url = target.url.clone();
+    let mut conn = connect(&target).await?;
     let mut printed: u64 = 0;
     let limit = args.count.unwrap_or(u64::MAX);
     let mut out = std::io::stdout().lock();
