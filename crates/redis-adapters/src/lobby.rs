@@ -46,7 +46,9 @@ use crate::{idempotent, store_error};
 /// whose replies tell both the type and whether anything changed. Most of a
 /// script's cost is per Redis call, so this halves the calls of a
 /// check-then-write script. Keys the rules leave alone (the members of a
-/// finished game) are not touched.
+/// finished game) are not touched. The undo restores contents, not expiry
+/// times (lobby keys carry none), and needs `HDEL` besides the commands of
+/// the cascade itself (see the README's ACL note).
 const APPLY_CASCADE: &str = r"
 local prefix, user, event_type, entry_id, occurred, rules =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
@@ -71,19 +73,25 @@ local function rollback()
     end
   end
 end
-local function refuse(key, reply, what)
+-- Undoes everything and fails: a wrong type names the key; any other error
+-- (READONLY after a failover, NOREPLICAS, OOM) keeps its own code, so that
+-- the worker retries what can pass.
+local function fail(key, reply, what)
   rollback()
-  error({ err = 'WRONGTYPE lobby key ' .. key .. ' cannot be ' .. what .. ' as expected: ' .. reply.err })
+  if string.sub(reply.err, 1, 9) == 'WRONGTYPE' then
+    error({ err = 'WRONGTYPE lobby key ' .. key .. ' cannot be ' .. what .. ' as expected: ' .. reply.err })
+  end
+  error(reply)
 end
--- A read's reply: on a wrong type, undo everything and fail.
+-- A read's reply, or failure.
 local function checked(key, reply)
-  if type(reply) == 'table' and reply.err then refuse(key, reply, 'read') end
+  if type(reply) == 'table' and reply.err then fail(key, reply, 'read') end
   return reply
 end
--- A set write's reply: on a wrong type, undo everything and fail; when it
--- changed the set, log how to undo it.
+-- A set write's reply, or failure; when it changed the set, log how to
+-- undo it.
 local function changed(key, reply, undo_command)
-  if type(reply) == 'table' and reply.err then refuse(key, reply, 'changed') end
+  if type(reply) == 'table' and reply.err then fail(key, reply, 'changed') end
   if reply == 1 then log(undo_command, key, false, false) end
   return reply == 1
 end

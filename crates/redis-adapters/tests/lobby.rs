@@ -970,40 +970,47 @@ async fn a_key_of_the_wrong_type_fails_the_whole_cascade() {
 
     // Undone in a known order: a set of integer ids is walked ascending, so
     // game 1 (open, the user's: cancelled first, over an earlier cancel
-    // reason) is changed before game 2's dropped set turns out to be a list.
-    server.cli(&["FLUSHALL"]);
-    let numbered = BTreeMap::from([
-        (
-            "1".to_owned(),
-            Game {
-                status: Some(GameStatus::Open),
-                owner_id: "u".to_owned(),
-                cancel_reason: Some("earlier".to_owned()),
-                members: ids(&["u", "m"]),
-                invitees: ids(&["u"]),
-                ..Game::default()
-            },
-        ),
-        (
-            "2".to_owned(),
-            Game {
-                status: Some(GameStatus::Running),
-                owner_id: "o".to_owned(),
-                members: ids(&["o", "u"]),
-                ..Game::default()
-            },
-        ),
-    ]);
-    put_lobby(&lobby, &numbered).await;
-    assert_eq!(server.cli(&["SMEMBERS", "lobby:user:u:games"]), "1\n2");
-    server.cli(&["RPUSH", "lobby:game:2:dropped", "oops"]);
-    let before = dump(&mut conn).await;
-    let err = lobby
-        .apply(&cascade("u", DELETED, entry))
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("lobby:game:2:dropped"), "{err}");
-    assert_eq!(dump(&mut conn).await, before, "game 1 is as it was");
+    // reason or none) is changed before game 2's dropped set turns out to be
+    // a list.
+    for earlier_reason in [Some("earlier"), None] {
+        server.cli(&["FLUSHALL"]);
+        let numbered = BTreeMap::from([
+            (
+                "1".to_owned(),
+                Game {
+                    status: Some(GameStatus::Open),
+                    owner_id: "u".to_owned(),
+                    cancel_reason: earlier_reason.map(str::to_owned),
+                    members: ids(&["u", "m"]),
+                    invitees: ids(&["u"]),
+                    ..Game::default()
+                },
+            ),
+            (
+                "2".to_owned(),
+                Game {
+                    status: Some(GameStatus::Running),
+                    owner_id: "o".to_owned(),
+                    members: ids(&["o", "u"]),
+                    ..Game::default()
+                },
+            ),
+        ]);
+        put_lobby(&lobby, &numbered).await;
+        assert_eq!(server.cli(&["SMEMBERS", "lobby:user:u:games"]), "1\n2");
+        server.cli(&["RPUSH", "lobby:game:2:dropped", "oops"]);
+        let before = dump(&mut conn).await;
+        let err = lobby
+            .apply(&cascade("u", DELETED, entry))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("lobby:game:2:dropped"), "{err}");
+        assert_eq!(
+            dump(&mut conn).await,
+            before,
+            "game 1 is as it was ({earlier_reason:?})"
+        );
+    }
 
     // The brief's case, then the repair.
     server.cli(&["FLUSHALL"]);
@@ -1042,6 +1049,42 @@ async fn a_key_of_the_wrong_type_fails_the_whole_cascade() {
     );
     assert!(lobby.user_games("u").await.unwrap().is_empty());
     done("a_key_of_the_wrong_type_fails_the_whole_cascade", started);
+}
+
+#[tokio::test]
+async fn a_refused_write_keeps_its_own_code_changes_nothing_and_can_pass() {
+    let started = Instant::now();
+    let server = RedisServer::start();
+    let lobby = store(&server, "lobby");
+    let mut conn = connection(&server).await;
+    let games = small_lobby();
+    put_lobby(&lobby, &games).await;
+    let entry = EntryId::new(100, 0);
+
+    // With no replica to confirm them, Redis refuses writes (NOREPLICAS), as
+    // a demoted master does (READONLY): the server's state, not the lobby's.
+    server.cli(&["CONFIG", "SET", "min-replicas-to-write", "1"]);
+    let before = dump(&mut conn).await;
+    let err = lobby
+        .apply(&cascade("u", DELETED, entry))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("NOREPLICAS"), "{text}");
+    assert!(!text.contains("WRONGTYPE"), "{text}");
+    assert!(!err.permanent, "retrying can pass: {text}");
+    assert_eq!(dump(&mut conn).await, before);
+
+    server.cli(&["CONFIG", "SET", "min-replicas-to-write", "0"]);
+    assert_eq!(
+        lobby.apply(&cascade("u", DELETED, entry)).await.unwrap(),
+        applied(3, &[])
+    );
+    assert_eq!(read_back(&lobby, &games).await, model(&games, "u", DELETED));
+    done(
+        "a_refused_write_keeps_its_own_code_changes_nothing_and_can_pass",
+        started,
+    );
 }
 
 // ------------------------------------------------------- 7. odd bytes

@@ -114,6 +114,9 @@ impl TlsSettings {
     ///
     /// [`TlsError`] naming the file that cannot be read or used.
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+        if files.cert_file.is_some() != files.key_file.is_some() {
+            return Err(TlsError::Incomplete);
+        }
         let mut roots = RootCertStore::empty();
         let ca_pem = match &files.ca_file {
             Some(path) => {

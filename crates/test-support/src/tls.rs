@@ -45,6 +45,11 @@ pub struct TlsFiles {
     pub client_key: PathBuf,
     /// A second, unrelated self-signed CA certificate, which verifies neither the server nor the client.
     pub other_ca_cert: PathBuf,
+    /// A server certificate signed by [`TlsFiles::ca_cert`] for another host only (DNS
+    /// `elsewhere.invalid`), for host-name checks.
+    pub misnamed_server_cert: PathBuf,
+    /// The private key of [`TlsFiles::misnamed_server_cert`].
+    pub misnamed_server_key: PathBuf,
 }
 
 impl TlsFiles {
@@ -72,6 +77,19 @@ impl TlsFiles {
             .signed_by(&server_key, &ca, &ca_key)
             .expect("test-support: cannot sign the server certificate");
 
+        let mut misnamed = leaf_params(
+            "lifecycle misnamed server",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        misnamed.subject_alt_names =
+            vec![SanType::DnsName("elsewhere.invalid".try_into().expect(
+                "test-support: `elsewhere.invalid` is a valid DNS name",
+            ))];
+        let misnamed_key = new_key_pair();
+        let misnamed = misnamed
+            .signed_by(&misnamed_key, &ca, &ca_key)
+            .expect("test-support: cannot sign the misnamed server certificate");
+
         let client = leaf_params("lifecycle test client", ExtendedKeyUsagePurpose::ClientAuth);
         let client_key = new_key_pair();
         let client = client
@@ -86,6 +104,8 @@ impl TlsFiles {
             client_cert: write_pem(path, "client.crt", &client.pem()),
             client_key: write_pem(path, "client.key", &client_key.serialize_pem()),
             other_ca_cert: write_pem(path, "other-ca.crt", &other_ca.pem()),
+            misnamed_server_cert: write_pem(path, "misnamed.crt", &misnamed.pem()),
+            misnamed_server_key: write_pem(path, "misnamed.key", &misnamed_key.serialize_pem()),
             dir,
         }
     }
@@ -97,6 +117,16 @@ impl TlsFiles {
             key: self.server_key.clone(),
             ca_cert: self.ca_cert.clone(),
             auth_clients,
+        }
+    }
+
+    /// Server-side TLS options with the certificate for another host ([`TlsFiles::misnamed_server_cert`]).
+    pub fn misnamed_server(&self) -> ServerTls {
+        ServerTls {
+            cert: self.misnamed_server_cert.clone(),
+            key: self.misnamed_server_key.clone(),
+            ca_cert: self.ca_cert.clone(),
+            auth_clients: false,
         }
     }
 }

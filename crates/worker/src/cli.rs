@@ -92,6 +92,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    /// Certificate files for a rediss:// --redis-url.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// `demo`'s settings.
@@ -102,6 +106,10 @@ pub struct DemoArgs {
     /// clears them first and leaves them for inspection.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// Certificate files for a rediss:// --redis-url.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// Where Redis is and which keys to use.
@@ -131,6 +139,14 @@ pub struct RedisArgs {
     #[arg(long, global = true, env = "LOBBY_KEY_PREFIX", default_value = "lobby")]
     pub key_prefix: String,
 
+    /// Certificate files for rediss://.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// Certificate files for `rediss://` URLs.
+#[derive(Debug, Args, Clone, Default)]
+pub struct TlsArgs {
     /// For rediss://: PEM file of the certificate authorities to trust
     /// (default: the system's trust store).
     #[arg(long, global = true, env = "LOBBY_TLS_CA_FILE")]

@@ -3,16 +3,16 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use lifecycle_redis::{open_client, open_tls_client, redact_url};
+use lifecycle_redis::{open_client, open_tls_client, redact_url, RedisUserLifecycleConsumer};
 use lifecycle_streams::{classify, FaultClass, TlsFiles, TlsSettings};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError};
 
-use crate::cli::RedisArgs;
+use crate::cli::{RedisArgs, TlsArgs};
 
 /// Where Redis is: its URL and, when certificate files were given, the TLS
 /// settings they make.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RedisTarget {
     /// The URL; holds the password, so print only [`redact_url`] of it.
     pub url: String,
@@ -21,13 +21,27 @@ pub struct RedisTarget {
     pub tls: Option<TlsSettings>,
 }
 
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTarget")
+            .field("url", &redact_url(&self.url))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
 impl RedisTarget {
     /// The target the common flags describe, its certificate files loaded.
     pub fn from_args(args: &RedisArgs) -> anyhow::Result<Self> {
+        Self::new(&args.redis_url, &args.tls)
+    }
+
+    /// `url` with the certificate files of `tls` loaded.
+    pub fn new(url: &str, tls: &TlsArgs) -> anyhow::Result<Self> {
         let files = TlsFiles {
-            ca_file: args.tls_ca_file.clone(),
-            cert_file: args.tls_cert_file.clone(),
-            key_file: args.tls_key_file.clone(),
+            ca_file: tls.tls_ca_file.clone(),
+            cert_file: tls.tls_cert_file.clone(),
+            key_file: tls.tls_key_file.clone(),
         };
         let tls = if files == TlsFiles::default() {
             None
@@ -39,7 +53,7 @@ impl RedisTarget {
             })?)
         };
         let target = Self {
-            url: args.redis_url.clone(),
+            url: url.to_owned(),
             tls,
         };
         // A malformed URL, or certificate files with redis://, fail here.
@@ -47,11 +61,11 @@ impl RedisTarget {
         Ok(target)
     }
 
-    /// A target without certificate files.
-    pub fn plain(url: &str) -> Self {
-        Self {
-            url: url.to_owned(),
-            tls: None,
+    /// `consumer` with this target's TLS settings for its stream reader.
+    pub fn apply_tls(&self, consumer: RedisUserLifecycleConsumer) -> RedisUserLifecycleConsumer {
+        match &self.tls {
+            Some(tls) => consumer.with_tls(tls.clone()),
+            None => consumer,
         }
     }
 

@@ -66,16 +66,46 @@ fn an_acl_user_with_its_own_password_works() {
         "on",
         ">worker-pw",
         "~*",
-        "+@all",
+        "+@read",
+        "+@write",
+        "+@scripting",
+        "+@connection",
     ]);
+    // A game the cascade changes (u1 owns it: it is cancelled and left).
+    server.cli(&["HSET", "lobby:game:g1", "owner_id", "u1", "status", "open"]);
+    server.cli(&["SADD", "lobby:game:g1:members", "u1", "u2"]);
+    server.cli(&["SADD", "lobby:user:u1:games", "g1"]);
     let url = format!("redis://worker:worker-pw@127.0.0.1:{}/", server.port());
     let published = worker(
         &url,
         &["publish", "--event-type", "user.deleted", "--user-id", "u1"],
     );
     assert!(published.status.success(), "{}", text(&published.stderr));
+    let id = text(&published.stdout).trim().to_owned();
     let drained = worker(&url, &["run", "--drain"]);
     assert!(drained.status.success(), "{}", text(&drained.stderr));
+    assert_eq!(
+        server.cli(&["HGET", "lobby:game:g1", "status"]),
+        "cancelled"
+    );
+    assert_eq!(server.cli(&["SMEMBERS", "lobby:game:g1:members"]), "u2");
+    for args in [
+        &["status", "--json"][..],
+        &["tail", "--json"],
+        &["offsets", "get"],
+    ] {
+        let output = worker(&url, args);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            text(&output.stderr)
+        );
+        assert!(
+            text(&output.stdout).contains(&id),
+            "{args:?}: {}",
+            text(&output.stdout)
+        );
+    }
 }
 
 #[test]

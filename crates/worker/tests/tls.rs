@@ -162,6 +162,20 @@ fn an_untrusted_server_certificate_ends_run_at_once_with_advice() {
 }
 
 #[test]
+fn a_certificate_for_another_host_is_refused() {
+    let files = TlsFiles::generate();
+    let server = RedisServer::start_with(RedisServerOptions {
+        tls: Some(files.misnamed_server()),
+        ..RedisServerOptions::default()
+    });
+    let url = server.tls_url().unwrap();
+    // Signed by the trusted CA, but for elsewhere.invalid, not 127.0.0.1.
+    let line = assert_one_error_line(&worker(&url, &with_ca(&files, &["status"])));
+    assert!(line.contains("TLS handshake"), "{line}");
+    assert!(line.contains("not valid for name"), "{line}");
+}
+
+#[test]
 fn certificate_settings_that_cannot_work_are_refused_naming_them() {
     let files = TlsFiles::generate();
     let server = tls_server(&files, false);
@@ -178,7 +192,7 @@ fn certificate_settings_that_cannot_work_are_refused_naming_them() {
         &tls_url,
         &["status", "--tls-cert-file", path(&files.client_cert)],
     ));
-    assert!(line.contains("--tls-key-file"), "{line}");
+    assert!(line.contains("give both files or neither"), "{line}");
 
     // A CA file that is missing, and one that is no certificate.
     let missing = files.dir.path().join("missing.pem");
@@ -196,7 +210,7 @@ fn certificate_settings_that_cannot_work_are_refused_naming_them() {
     // Certificate checks cannot be turned off.
     let insecure = format!("{tls_url}#insecure");
     let line = assert_one_error_line(&worker(&insecure, &["status"]));
-    assert!(line.contains("#insecure"), "{line}");
+    assert!(line.contains("turns certificate checks off"), "{line}");
     assert!(!line.contains(PASSWORD), "{line}");
 }
 

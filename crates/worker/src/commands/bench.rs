@@ -23,9 +23,7 @@ use lifecycle_domain::{
     BoxFuture, CascadeHandler, EntryId, Game, GameStatus, HandlerError, UserLifecycleConsumer,
     UserLifecycleEvent, UserLifecycleHandler,
 };
-use lifecycle_redis::{
-    open_client, redact_url, RedisLobbyStore, RedisOffsetStore, RedisUserLifecycleConsumer,
-};
+use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore, RedisUserLifecycleConsumer};
 use lifecycle_streams::read_conn::ReadConnection;
 use lifecycle_streams::{Checkpoint, ConsumerConfig};
 use lifecycle_test_support::{RedisServer, RedisServerOptions};
@@ -33,7 +31,7 @@ use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 
-use crate::cli::BenchArgs;
+use crate::cli::{BenchArgs, TlsArgs};
 use crate::redis_conn::{connect, delete_matching, explain, RedisTarget};
 
 /// Entries added per pipelined round trip while filling.
@@ -145,7 +143,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     say(format!("bench: Redis at {}", redact_url(&url)));
-    let mut conn = connect(&RedisTarget::plain(&url)).await?;
+    // Certificate files with the private (plain) server are refused here.
+    let target = RedisTarget::new(&url, &args.tls)?;
+    let mut conn = connect(&target).await?;
     let prefix = "bench";
     clear(&mut conn, &url, prefix).await?;
     let batch_size = ConsumerConfig::new("s", "l").batch_size;
@@ -164,12 +164,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     fill(&mut conn, &url, &main_stream, args.events).await?;
 
     say("raw: bare XREAD reader".into());
-    let client = open_client(&url)?;
-    report.raw_eps = raw_read(&client, &main_stream, batch_size, args.events).await?;
+    let client = target.client()?;
+    report.raw_eps = raw_read(&target, &main_stream, batch_size, args.events).await?;
 
     say("default: default settings, no-op handler".into());
     let config = ConsumerConfig::new(main_stream.clone(), "default");
-    report.default_eps = drain(&client, prefix, config, Arc::new(NoopHandler), args.events).await?;
+    report.default_eps = drain(&target, prefix, config, Arc::new(NoopHandler), args.events).await?;
 
     let reference_stream = format!("{prefix}:reference");
     fill(&mut conn, &url, &reference_stream, report.reference_events).await?;
@@ -181,7 +181,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     config.batch_size = 1;
     config.checkpoint = Checkpoint::EveryEntry;
     report.reference_eps = drain(
-        &client,
+        &target,
         prefix,
         config,
         Arc::new(NoopHandler),
@@ -201,7 +201,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             ConsumerConfig::new(cascade_stream.clone(), format!("cascade-c{concurrency}"));
         config.concurrency = concurrency;
         let handler = Arc::new(CascadeHandler::new(lobby));
-        let eps = drain(&client, prefix, config, handler, report.cascade_events).await?;
+        let eps = drain(&target, prefix, config, handler, report.cascade_events).await?;
         if concurrency == 1 {
             report.cascade_c1_eps = eps;
         } else {
@@ -213,14 +213,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "latency: {} events/s for {:?}",
         args.latency_rate, args.latency_duration
     ));
-    let samples = latency(
-        &client,
-        &url,
-        prefix,
-        args.latency_rate,
-        args.latency_duration,
-    )
-    .await?;
+    let samples = latency(&target, prefix, args.latency_rate, args.latency_duration).await?;
     report.latency_samples = samples.len();
     report.latency_p50_ms = percentile(&samples, 0.50);
     report.latency_p99_ms = percentile(&samples, 0.99);
@@ -233,7 +226,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.memory_events
         ));
         fill(&mut conn, &url, &memory_stream, args.memory_events).await?;
-        report.drain_peak_rss_mib = Some(drain_peak_rss(&url, &memory_stream, prefix).await?);
+        report.drain_peak_rss_mib =
+            Some(drain_peak_rss(&url, &args.tls, &memory_stream, prefix).await?);
     }
 
     report.default_vs_raw = ratio(report.default_eps, report.raw_eps);
@@ -365,15 +359,19 @@ async fn seed_lobby(lobby: &RedisLobbyStore, users: u64) -> anyhow::Result<()> {
 
 /// The bare reader: entries per second of `XREAD COUNT <batch>` alone.
 async fn raw_read(
-    client: &redis::Client,
+    target: &RedisTarget,
     stream: &str,
     batch: usize,
     expected: u64,
 ) -> anyhow::Result<f64> {
-    let mut reader =
-        ReadConnection::connect(client.get_connection_info(), None, Duration::from_secs(5))
-            .await
-            .context("cannot connect the raw reader")?;
+    let client = target.client()?;
+    let mut reader = ReadConnection::connect(
+        client.get_connection_info(),
+        target.tls.as_ref(),
+        Duration::from_secs(5),
+    )
+    .await
+    .context("cannot connect the raw reader")?;
     let started = Instant::now();
     let mut after = EntryId::ZERO;
     let mut seen = 0u64;
@@ -396,16 +394,21 @@ async fn raw_read(
 
 /// Drains `config.stream` with `handler`; entries per second.
 async fn drain(
-    client: &redis::Client,
+    target: &RedisTarget,
     prefix: &str,
     mut config: ConsumerConfig,
     handler: Arc<dyn UserLifecycleHandler>,
     expected: u64,
 ) -> anyhow::Result<f64> {
     config.drain = true;
+    let client = target.client()?;
     let offsets =
         RedisOffsetStore::new(client.clone(), prefix).context("cannot set up the offset store")?;
-    let consumer = RedisUserLifecycleConsumer::new(client.clone(), Arc::new(offsets), config)?;
+    let consumer = target.apply_tls(RedisUserLifecycleConsumer::new(
+        client,
+        Arc::new(offsets),
+        config,
+    )?);
     consumer.on_event(handler);
     let started = Instant::now();
     consumer.run_to_end().await?;
@@ -420,8 +423,7 @@ async fn drain(
 /// Publishes at `rate_eps` for `duration` to a live consumer; the sorted
 /// latencies from `XADD` to handler.
 async fn latency(
-    client: &redis::Client,
-    url: &str,
+    target: &RedisTarget,
     prefix: &str,
     rate_eps: u64,
     duration: Duration,
@@ -429,13 +431,15 @@ async fn latency(
     let stream = format!("{prefix}:latency");
     let mut config = ConsumerConfig::new(stream.clone(), "latency");
     config.block_timeout = Duration::from_secs(1);
+    let url = target.url.as_str();
+    let client = target.client()?;
     let offsets =
         RedisOffsetStore::new(client.clone(), prefix).context("cannot set up the offset store")?;
-    let consumer = Arc::new(RedisUserLifecycleConsumer::new(
-        client.clone(),
+    let consumer = Arc::new(target.apply_tls(RedisUserLifecycleConsumer::new(
+        client,
         Arc::new(offsets),
         config,
-    )?);
+    )?));
     let handler = Arc::new(LatencyHandler {
         samples: Mutex::new(Vec::new()),
     });
@@ -444,7 +448,7 @@ async fn latency(
         let consumer = Arc::clone(&consumer);
         tokio::spawn(async move { consumer.run_to_end().await })
     };
-    let mut conn = connect(&RedisTarget::plain(url)).await?;
+    let mut conn = connect(target).await?;
     // Let the consumer reach its blocking read before the clock starts.
     let ready = Instant::now();
     while consumer.stats().snapshot().reads == 0 && ready.elapsed() < Duration::from_secs(5) {
@@ -489,17 +493,32 @@ async fn latency(
 
 /// Runs this binary's `run --drain` over `stream` and reads the peak resident
 /// memory it reports, in MiB.
-async fn drain_peak_rss(url: &str, stream: &str, prefix: &str) -> anyhow::Result<f64> {
+async fn drain_peak_rss(
+    url: &str,
+    tls: &TlsArgs,
+    stream: &str,
+    prefix: &str,
+) -> anyhow::Result<f64> {
     let exe = std::env::current_exe().context("cannot find this program's path")?;
-    let mut child = tokio::process::Command::new(exe)
-        .args([
-            "run",
-            "--drain",
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-        ])
+    let mut command = tokio::process::Command::new(exe);
+    command.args([
+        "run",
+        "--drain",
+        "--log-format",
+        "json",
+        "--log-level",
+        "info",
+    ]);
+    for (flag, file) in [
+        ("--tls-ca-file", &tls.tls_ca_file),
+        ("--tls-cert-file", &tls.tls_cert_file),
+        ("--tls-key-file", &tls.tls_key_file),
+    ] {
+        if let Some(file) = file {
+            command.arg(flag).arg(file);
+        }
+    }
+    let mut child = command
         .args(["--stream", stream, "--key-prefix", prefix])
         .env("REDIS_URL", url)
         .stdout(Stdio::null())

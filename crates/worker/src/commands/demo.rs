@@ -13,9 +13,7 @@ use lifecycle_domain::{
     HandlerError, LobbyStore, UserCascade, UserLifecycleConsumer, UserLifecycleEvent,
     UserLifecycleHandler, USER_LIFECYCLE_LABEL,
 };
-use lifecycle_redis::{
-    open_client, redact_url, RedisLobbyStore, RedisOffsetStore, RedisUserLifecycleConsumer,
-};
+use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore, RedisUserLifecycleConsumer};
 use lifecycle_streams::{parse_range_reply, ConsumerConfig};
 use lifecycle_test_support::{RedisServer, RedisServerOptions};
 use redis::Value;
@@ -227,7 +225,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ),
     }
 
-    let mut conn = connect(&RedisTarget::plain(&url)).await?;
+    // Certificate files with the private (plain) server are refused here.
+    let target = RedisTarget::new(&url, &args.tls)?;
+    let mut conn = connect(&target).await?;
     if server.is_none() {
         // A shared Redis: start clean, from the demo's own keys only.
         delete_matching(
@@ -238,7 +238,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         )
         .await?;
     }
-    let client = open_client(&url)?;
+    let client = target.client()?;
     let lobby =
         RedisLobbyStore::new(client.clone(), prefix).context("cannot set up the lobby store")?;
     let games = demo_lobby();
@@ -277,8 +277,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     });
     let mut config = ConsumerConfig::new(stream.clone(), USER_LIFECYCLE_LABEL);
     config.drain = true;
-    let consumer =
-        RedisUserLifecycleConsumer::new(client.clone(), Arc::new(offsets.clone()), config.clone())?;
+    let consumer = target.apply_tls(RedisUserLifecycleConsumer::new(
+        client.clone(),
+        Arc::new(offsets.clone()),
+        config.clone(),
+    )?);
     consumer.on_event(handler.clone());
     let report = consumer.run_to_end().await?;
     let stats = consumer.stats().snapshot();
@@ -306,7 +309,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clear();
-    let replay = RedisUserLifecycleConsumer::new(client, Arc::new(offsets), config)?;
+    let replay = target.apply_tls(RedisUserLifecycleConsumer::new(
+        client,
+        Arc::new(offsets),
+        config,
+    )?);
     replay.on_event(handler.clone());
     replay.run_to_end().await?;
     println!("\n== The whole stream again, as after a crash before the offset was saved (offset rewound to 0-0)");

@@ -73,11 +73,11 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         .context("cannot set up the offset store")?;
     let lobby = RedisLobbyStore::new(client.clone(), &args.redis.key_prefix)
         .context("cannot set up the lobby store")?;
-    let mut consumer =
-        RedisUserLifecycleConsumer::new(client.clone(), Arc::new(offsets.clone()), config.clone())?;
-    if let Some(tls) = &target.tls {
-        consumer = consumer.with_tls(tls.clone());
-    }
+    let consumer = target.apply_tls(RedisUserLifecycleConsumer::new(
+        client.clone(),
+        Arc::new(offsets.clone()),
+        config.clone(),
+    )?);
     let handler_metrics = Arc::new(HandlerMetrics::default());
     consumer.on_event(Arc::new(InstrumentedHandler::new(
         CascadeHandler::new(lobby),
@@ -266,6 +266,7 @@ fn print_config(
             "tls_ca_file",
             optional(
                 args.redis
+                    .tls
                     .tls_ca_file
                     .as_ref()
                     .map(|path| path.display().to_string()),
@@ -275,6 +276,7 @@ fn print_config(
             "tls_cert_file",
             optional(
                 args.redis
+                    .tls
                     .tls_cert_file
                     .as_ref()
                     .map(|path| path.display().to_string()),
@@ -284,6 +286,7 @@ fn print_config(
             "tls_key_file",
             optional(
                 args.redis
+                    .tls
                     .tls_key_file
                     .as_ref()
                     .map(|path| path.display().to_string()),
