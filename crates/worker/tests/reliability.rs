@@ -14,10 +14,9 @@
 //! the length of an injected fault, and say so.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,7 +24,10 @@ use lifecycle_test_support::{RedisServer, RedisServerOptions, TcpProxy};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const BIN: &str = env!("CARGO_BIN_EXE_lobby-worker");
+mod common;
+
+use common::{lock, Running as Worker};
+
 const STREAM: &str = "user:lifecycle_events";
 const DEAD_LETTER_STREAM: &str = "user:lifecycle_events:dead";
 const OFFSET_KEY: &str = "lobby:stream_offsets:user_lifecycle";
@@ -464,138 +466,20 @@ fn deleted_by(ids: &[String]) -> Vec<Option<String>> {
 // The worker process
 // ---------------------------------------------------------------------------
 
-/// A running `lobby-worker run` whose stderr is collected as it comes.
-struct Worker {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    reader: Option<JoinHandle<()>>,
+/// `lobby-worker run ARGS` at `log_level`.
+fn start_worker(url: &str, log_level: &str, args: &[&str]) -> Worker {
+    Worker::start_with_env(url, args, &[("LOBBY_LOG_LEVEL", log_level)])
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl Worker {
-    fn start(url: &str, log_level: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("run")
-            .args(args)
-            .env("REDIS_URL", url)
-            .env("LOBBY_LOG_LEVEL", log_level)
-            .env("LOBBY_LOG_FORMAT", "text")
-            .env_remove("LOBBY_STREAM")
-            .env_remove("LOBBY_KEY_PREFIX")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn lobby-worker run");
-        let log = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().unwrap();
-        let sink = Arc::clone(&log);
-        let reader = thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut log = lock(&sink);
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        Self {
-            child,
-            log,
-            reader: Some(reader),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log(&self) -> String {
-        lock(&self.log).clone()
-    }
-
-    /// Lines of the log containing `needle`.
-    fn count(&self, needle: &str) -> usize {
-        lock(&self.log)
-            .lines()
-            .filter(|line| line.contains(needle))
-            .count()
-    }
-
-    /// Panics (with the log) unless the process is still running.
-    fn assert_alive(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("the worker exited with {status}; log:\n{}", self.log());
-        }
-    }
-
-    /// SIGKILL, then waits for the process and its stderr to end.
-    fn kill9(&mut self) {
-        let status = Command::new("kill")
-            .arg("-KILL")
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -KILL failed");
-        self.child.wait().unwrap();
-        if let Some(reader) = self.reader.take() {
-            reader.join().unwrap();
-        }
-    }
-
-    /// Waits for the process to exit by itself.
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                if let Some(reader) = self.reader.take() {
-                    reader.join().unwrap();
-                }
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still running after {within:?}; log:\n{}",
-                self.log()
-            );
-            thread::sleep(POLL);
-        }
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    fn terminate(&mut self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let status = self.wait_exit(Duration::from_secs(20));
-        assert!(
-            status.success(),
-            "exit {status} after SIGTERM; log:\n{}",
-            self.log()
-        );
-    }
-
-    /// CPU time used so far (user + system), from `/proc/<pid>/stat`.
-    fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        // Fields after the command name (which may hold spaces) start with
-        // the state (field 3); utime and stime are fields 14 and 15.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second() as f64)
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// CPU time `worker` used so far (user + system), from `/proc/<pid>/stat`.
+fn cpu_time(worker: &Worker) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", worker.pid())).unwrap();
+    // Fields after the command name (which may hold spaces) start with
+    // the state (field 3); utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second() as f64)
 }
 
 fn clock_ticks_per_second() -> u64 {
@@ -856,7 +740,7 @@ fn sigkill_at_random_moments_replays_at_most_one_batch_and_skips_nothing() {
     let mut mid_backlog = 0;
     for kill in 1..=CRASH_KILLS {
         let offset_before = stored_offset(&mut conn);
-        let mut worker = Worker::start(&url, "warn", &args);
+        let mut worker = start_worker(&url, "warn", &args);
         let spawned = Instant::now();
         // Most kills come 20-150 ms after the run has visibly started
         // handling (its first save); some come 0-60 ms after spawning, while
@@ -926,7 +810,7 @@ fn sigkill_at_random_moments_replays_at_most_one_batch_and_skips_nothing() {
     }
 
     let drain_began = Instant::now();
-    let mut drain = Worker::start(&url, "warn", &["--drain", "--batch-size", &batch]);
+    let mut drain = start_worker(&url, "warn", &["--drain", "--batch-size", &batch]);
     let status = drain.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "drain: {status}\n{}", drain.log());
     let drain_took = drain_began.elapsed();
@@ -1059,7 +943,7 @@ fn redis_restarts_lose_nothing_and_are_logged_once_per_outage() {
         n: 12_000,
     };
     lobby.seed(&mut connect(&url));
-    let mut worker = Worker::start(&url, "info", &["--block-timeout", "1s"]);
+    let mut worker = start_worker(&url, "info", &["--block-timeout", "1s"]);
     let publisher = Publisher::start(&url, lobby.clone(), Duration::from_millis(2));
     publisher.wait_published(200);
 
@@ -1251,7 +1135,7 @@ fn cut_connections_lose_nothing_and_reconnect() {
         n: 12_000,
     };
     lobby.seed(&mut connect(&url));
-    let mut worker = Worker::start(
+    let mut worker = start_worker(
         &proxy_url(&proxy),
         "info",
         &["--block-timeout", "500ms", "--batch-size", "256"],
@@ -1383,7 +1267,7 @@ fn a_silent_connection_times_out_and_the_worker_reconnects() {
     };
     let mut conn = connect(&url);
     lobby.seed(&mut conn);
-    let mut worker = Worker::start(&proxy_url(&proxy), "info", &["--block-timeout", "500ms"]);
+    let mut worker = start_worker(&proxy_url(&proxy), "info", &["--block-timeout", "500ms"]);
     let mut ids = lobby.publish(&mut conn, 0..200);
     wait_offset_reaches(
         &url,
@@ -1493,7 +1377,7 @@ fn a_failing_cascade_backs_off_without_spinning_and_drains_once_repaired() {
     let mut conn = connect(&url);
     let lobby = Lobby { tag: "spin", n: 51 };
     let ids = poison_lobby(&mut conn, &lobby);
-    let mut worker = Worker::start(
+    let mut worker = start_worker(
         &url,
         "info",
         &["--retry-initial", "50ms", "--retry-max", "1s"],
@@ -1508,13 +1392,13 @@ fn a_failing_cascade_backs_off_without_spinning_and_drains_once_repaired() {
     );
     let failures_before = worker.count(HANDLER_FAILED);
     let (evalsha0, eval0, xread0) = spin_commands(&mut conn);
-    let cpu0 = worker.cpu_time();
+    let cpu0 = cpu_time(&worker);
     let t0 = Instant::now();
     // Observation window: asserts that something (a hot loop) does NOT
     // happen, so it has a fixed length.
     thread::sleep(Duration::from_secs(3));
     let (evalsha1, eval1, xread1) = spin_commands(&mut conn);
-    let cpu1 = worker.cpu_time();
+    let cpu1 = cpu_time(&worker);
     let window = t0.elapsed().as_secs_f64();
     worker.assert_alive();
     let failures = worker.count(HANDLER_FAILED) - failures_before;
@@ -1591,7 +1475,7 @@ fn a_poison_entry_is_dead_lettered_after_three_attempts_and_the_rest_is_handled(
     let mut conn = connect(&url);
     let lobby = Lobby { tag: "dead", n: 51 };
     let ids = poison_lobby(&mut conn, &lobby);
-    let mut worker = Worker::start(
+    let mut worker = start_worker(
         &url,
         "info",
         &[
@@ -1698,7 +1582,7 @@ fn a_redis_outage_does_not_dead_letter_healthy_entries() {
     };
     lobby.seed(&mut conn);
     let ids = lobby.publish(&mut conn, 0..lobby.n);
-    let mut worker = Worker::start(
+    let mut worker = start_worker(
         &url,
         "info",
         &[
@@ -1797,8 +1681,8 @@ fn two_workers_by_mistake_never_move_the_offset_backwards() {
     lobby.seed(&mut conn);
     let ids = lobby.publish(&mut conn, 0..lobby.n);
     let last = parse_id(ids.last().unwrap());
-    let mut first = Worker::start(&url, "info", &["--batch-size", "256"]);
-    let mut second = Worker::start(&url, "info", &["--batch-size", "100"]);
+    let mut first = start_worker(&url, "info", &["--batch-size", "256"]);
+    let mut second = start_worker(&url, "info", &["--batch-size", "100"]);
     let mut observations = 0_u64;
     let mut changes = 0_u64;
     let mut previous: Option<(u64, u64)> = None;

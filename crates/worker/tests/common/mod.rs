@@ -10,8 +10,9 @@
 )]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The binary under test.
@@ -64,6 +65,14 @@ pub struct Running {
     /// The process.
     pub child: Child,
     log: Arc<Mutex<String>>,
+    /// The thread collecting stderr; joined once the process has exited, so
+    /// that the log is complete.
+    reader: Option<JoinHandle<()>>,
+}
+
+/// Locks `mutex`, poisoned or not.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Running {
@@ -72,15 +81,20 @@ impl Running {
         Self::start_with_env(url, args, &[])
     }
 
-    /// Starts `lobby-worker run ARGS` against `url` with extra environment.
+    /// Starts `lobby-worker run ARGS` against `url` with extra environment
+    /// (which wins over the defaults: info level, text logs).
     pub fn start_with_env(url: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BIN)
             .arg("run")
             .args(args)
             .env("REDIS_URL", url)
             .env("LOBBY_LOG_LEVEL", "info")
+            .env("LOBBY_LOG_FORMAT", "text")
             .env_remove("LOBBY_METRICS_ADDR")
+            .env_remove("LOBBY_STREAM")
+            .env_remove("LOBBY_KEY_PREFIX")
             .envs(env.iter().copied())
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -88,18 +102,36 @@ impl Running {
         let log = Arc::new(Mutex::new(String::new()));
         let pipe = child.stderr.take().unwrap();
         let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut log = sink.lock().unwrap();
+                let mut log = lock(&sink);
                 log.push_str(&line);
                 log.push('\n');
             }
         });
-        Self { child, log }
+        Self {
+            child,
+            log,
+            reader: Some(reader),
+        }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The log so far.
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        lock(&self.log).clone()
+    }
+
+    /// Lines of the log containing `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        lock(&self.log)
+            .lines()
+            .filter(|line| line.contains(needle))
+            .count()
     }
 
     pub fn wait_for_log(&self, needle: &str) {
@@ -107,27 +139,60 @@ impl Running {
             .unwrap_or_else(|()| panic!("no {needle:?} in the log:\n{}", self.log()));
     }
 
+    /// Panics (with the log) unless the process is still running.
+    pub fn assert_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("the worker exited with {status}; log:\n{}", self.log());
+        }
+    }
+
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
+            .arg(self.pid().to_string())
             .status()
             .unwrap();
-        assert!(status.success());
+        assert!(status.success(), "kill -{name} failed");
     }
 
-    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+    /// SIGKILL, then waits for the process and its stderr to end.
+    pub fn kill9(&mut self) {
+        self.signal("KILL");
+        self.child.wait().unwrap();
+        self.finish_log();
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(&mut self) {
+        self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(20));
+        assert!(
+            status.success(),
+            "exit {status} after SIGTERM; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Waits for the process to exit by itself; the log is then complete.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                self.finish_log();
                 return status;
             }
             assert!(
                 Instant::now() < deadline,
-                "still running; log:\n{}",
+                "still running after {within:?}; log:\n{}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn finish_log(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
         }
     }
 }
