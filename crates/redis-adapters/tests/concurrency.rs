@@ -28,6 +28,8 @@
 #[macro_use]
 mod common;
 
+use common::{join, spawn_run, stop};
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,9 +42,7 @@ use lifecycle_domain::{
 use lifecycle_redis::{
     open_client, RedisOffsetStore, RedisUserLifecycleConsumer, DEFAULT_KEY_PREFIX,
 };
-use lifecycle_streams::{
-    BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerError, RunReport, StopReason,
-};
+use lifecycle_streams::{BackoffPolicy, Checkpoint, ConsumerConfig, StopReason};
 use lifecycle_test_support::RedisServer;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::Notify;
@@ -484,29 +484,6 @@ fn config(concurrency: usize) -> ConsumerConfig {
     config.connect_timeout = Duration::from_secs(1);
     config.concurrency = concurrency;
     config
-}
-
-type RunHandle = JoinHandle<Result<RunReport, ConsumerError>>;
-
-fn spawn_run(consumer: &Arc<RedisUserLifecycleConsumer>) -> RunHandle {
-    let consumer = Arc::clone(consumer);
-    tokio::spawn(async move { consumer.run_to_end().await })
-}
-
-/// Awaits the end of a run that was asked to stop (or is about to end).
-async fn join(run: RunHandle, within: Duration) -> Result<RunReport, ConsumerError> {
-    tokio::time::timeout(within, run)
-        .await
-        .unwrap_or_else(|_| panic!("run did not return within {within:?}"))
-        .expect("the run task panicked")
-}
-
-/// Shuts the consumer down and returns its report; the run must end cleanly.
-async fn stop(consumer: &RedisUserLifecycleConsumer, run: RunHandle) -> RunReport {
-    consumer.shutdown();
-    join(run, Duration::from_secs(5))
-        .await
-        .expect("run ended with an error")
 }
 
 /// `count` user names out of `u0..u<users>`, scattered deterministically

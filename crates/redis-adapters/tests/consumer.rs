@@ -13,6 +13,8 @@
 #[macro_use]
 mod common;
 
+use common::{connect, join, spawn_run, stop};
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,13 +27,12 @@ use lifecycle_redis::{
     open_client, RedisOffsetStore, RedisUserLifecycleConsumer, DEFAULT_KEY_PREFIX,
 };
 use lifecycle_streams::{
-    BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerError, RunReport, StartFrom, StopReason,
+    BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerError, StartFrom, StopReason,
 };
 use lifecycle_test_support::{RedisServer, RedisServerOptions};
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamRangeReply;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const STREAM: &str = "user:lifecycle_events";
@@ -286,14 +287,6 @@ impl Env {
     }
 }
 
-async fn connect(server: &RedisServer) -> MultiplexedConnection {
-    open_client(&server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
 /// Short timings, so the whole file runs quickly.
 fn config() -> ConsumerConfig {
     let mut config = ConsumerConfig::new(STREAM, USER_LIFECYCLE_LABEL);
@@ -310,29 +303,6 @@ fn config() -> ConsumerConfig {
     config.shutdown_grace = Duration::from_secs(2);
     config.connect_timeout = Duration::from_secs(1);
     config
-}
-
-type RunHandle = JoinHandle<Result<RunReport, ConsumerError>>;
-
-fn spawn_run(consumer: &Arc<RedisUserLifecycleConsumer>) -> RunHandle {
-    let consumer = Arc::clone(consumer);
-    tokio::spawn(async move { consumer.run_to_end().await })
-}
-
-/// Awaits the end of a run that was asked to stop (or is about to end).
-async fn join(run: RunHandle, within: Duration) -> Result<RunReport, ConsumerError> {
-    tokio::time::timeout(within, run)
-        .await
-        .unwrap_or_else(|_| panic!("run did not return within {within:?}"))
-        .expect("the run task panicked")
-}
-
-/// Shuts the consumer down and returns its report; the run must end cleanly.
-async fn stop(consumer: &RedisUserLifecycleConsumer, run: RunHandle) -> RunReport {
-    consumer.shutdown();
-    join(run, Duration::from_secs(5))
-        .await
-        .expect("run ended with an error")
 }
 
 // ---------------------------------------------------------------------------

@@ -11,6 +11,10 @@
     missing_docs
 )]
 
+mod common;
+
+use common::connect;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,14 +43,6 @@ impl UserLifecycleHandler for Recorder {
         self.events.lock().unwrap().push(event.clone());
         Box::pin(std::future::ready(Ok(())))
     }
-}
-
-async fn connect(server: &RedisServer) -> MultiplexedConnection {
-    open_client(&server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
 }
 
 /// Adds one entry with exactly these fields, optionally at an explicit id.

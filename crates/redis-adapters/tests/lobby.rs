@@ -12,6 +12,10 @@
     missing_docs
 )]
 
+mod common;
+
+use common::connect;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
@@ -30,14 +34,6 @@ const OCCURRED: i64 = 1_700_000_000_000;
 
 fn store(server: &RedisServer, prefix: &str) -> RedisLobbyStore {
     RedisLobbyStore::new(open_client(&server.url()).unwrap(), prefix).unwrap()
-}
-
-async fn connection(server: &RedisServer) -> MultiplexedConnection {
-    open_client(&server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
 }
 
 fn cascade(user_id: &str, event_type: &str, entry_id: EntryId) -> UserCascade {
@@ -353,7 +349,7 @@ async fn every_status_and_every_role_follow_the_design() {
     let started = Instant::now();
     let server = RedisServer::start();
     let lobby = store(&server, "lobby");
-    let mut conn = connection(&server).await;
+    let mut conn = connect(&server).await;
 
     let mut seeded = BTreeMap::new();
     for status in STATUSES {
@@ -565,7 +561,7 @@ async fn redis_agrees_with_the_domain_model_and_cascades_commute() {
     let p1 = store(&server, "p1");
     let p2 = store(&server, "p2");
     let p3 = store(&server, "p3");
-    let mut conn = connection(&server).await;
+    let mut conn = connect(&server).await;
 
     for round in 0..30 {
         server.cli(&["FLUSHALL"]);
@@ -697,7 +693,7 @@ async fn replays_and_older_entries_change_nothing_newer_ones_apply() {
     let started = Instant::now();
     let server = RedisServer::start();
     let lobby = store(&server, "lobby");
-    let mut conn = connection(&server).await;
+    let mut conn = connect(&server).await;
     let games = small_lobby();
     put_lobby(&lobby, &games).await;
 
@@ -850,7 +846,7 @@ async fn a_user_without_games_gets_a_record_and_nothing_else() {
     let started = Instant::now();
     let server = RedisServer::start();
     let lobby = store(&server, "lobby");
-    let mut conn = connection(&server).await;
+    let mut conn = connect(&server).await;
     lobby.put_game("g", &rejoined_by("m")).await.unwrap();
     let before = dump(&mut conn).await;
 
@@ -890,7 +886,7 @@ async fn an_indexed_game_without_a_hash_is_skipped() {
     let started = Instant::now();
     let server = RedisServer::start();
     let lobby = store(&server, "lobby");
-    let mut conn = connection(&server).await;
+    let mut conn = connect(&server).await;
     let games = small_lobby();
     put_lobby(&lobby, &games).await;
     server.cli(&["SADD", "lobby:user:u:games", "gone", "also-gone"]);
@@ -927,7 +923,7 @@ async fn a_key_of_the_wrong_type_fails_the_whole_cascade() {
     let started = Instant::now();
     let server = RedisServer::start();
     let lobby = store(&server, "lobby");
-    let mut conn = connection(&server).await;
+    let mut conn = connect(&server).await;
     let games = small_lobby();
     let entry = EntryId::new(100, 0);
 
@@ -1056,7 +1052,7 @@ async fn a_refused_write_keeps_its_own_code_changes_nothing_and_can_pass() {
     let started = Instant::now();
     let server = RedisServer::start();
     let lobby = store(&server, "lobby");
-    let mut conn = connection(&server).await;
+    let mut conn = connect(&server).await;
     let games = small_lobby();
     put_lobby(&lobby, &games).await;
     let entry = EntryId::new(100, 0);
@@ -1093,7 +1089,7 @@ async fn a_refused_write_keeps_its_own_code_changes_nothing_and_can_pass() {
 async fn ids_and_prefixes_with_odd_bytes_are_plain_data() {
     let started = Instant::now();
     let server = RedisServer::start();
-    let mut conn = connection(&server).await;
+    let mut conn = connect(&server).await;
     let target = "u* ü\n:🎲'\"]]%d%s..\0end";
     // Would match the target's keys if anything treated its id as a glob or
     // a Lua pattern.
