@@ -13,6 +13,36 @@
 //!   `lifecycle-streams` with the domain's decoder, behind the domain's
 //!   consumer port.
 
+/// Lua defining `id_less(a, b)`: whether stream id `a` is smaller than `b`,
+/// comparing both parts as decimal integers of any length (Lua numbers are
+/// doubles and would round 64-bit sequences); an unparsable `a` counts as
+/// smaller, an unparsable `b` as larger. The prelude of the scripts that
+/// compare ids, so that they order ids one way.
+macro_rules! lua_id_less {
+    () => {
+        r"
+local function norm(digits)
+  local stripped = string.gsub(digits, '^0+', '')
+  return stripped
+end
+local function num_less(a, b)
+  a = norm(a)
+  b = norm(b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+local function id_less(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  if not ams then return true end
+  if not bms then return false end
+  if norm(ams) ~= norm(bms) then return num_less(ams, bms) end
+  return num_less(aseq, bseq)
+end
+"
+    };
+}
+
 pub mod connect;
 pub mod consumer;
 pub mod lobby;

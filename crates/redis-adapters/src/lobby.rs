@@ -49,7 +49,9 @@ use crate::{idempotent, store_error};
 /// finished game) are not touched. The undo restores contents, not expiry
 /// times (lobby keys carry none), and needs `HDEL` besides the commands of
 /// the cascade itself (see the README's ACL note).
-const APPLY_CASCADE: &str = r"
+const APPLY_CASCADE: &str = concat!(
+    lua_id_less!(),
+    r"
 local prefix, user, event_type, entry_id, occurred, rules =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 
@@ -98,27 +100,8 @@ end
 
 local record_key = prefix .. ':user:' .. user .. ':cascade'
 local recorded = checked(record_key, redis.pcall('HGET', record_key, 'entry_id'))
-if recorded then
-  local function norm(digits)
-    local stripped = string.gsub(digits, '^0+', '')
-    return stripped
-  end
-  local function num_less(a, b)
-    a = norm(a)
-    b = norm(b)
-    if #a ~= #b then return #a < #b end
-    return a < b
-  end
-  -- Whether stream id a is smaller than b; an unparsable a counts as smaller.
-  local function id_less(a, b)
-    local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
-    local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
-    if not ams then return true end
-    if not bms then return false end
-    if norm(ams) ~= norm(bms) then return num_less(ams, bms) end
-    return num_less(aseq, bseq)
-  end
-  if not id_less(recorded, entry_id) then return { 0, recorded } end
+if recorded and not id_less(recorded, entry_id) then
+  return { 0, recorded }
 end
 local index_key = prefix .. ':user:' .. user .. ':games'
 local game_ids = checked(index_key, redis.pcall('SMEMBERS', index_key))
@@ -172,7 +155,8 @@ if unknown then
   for _, game_id in ipairs(unknown) do reply[#reply + 1] = game_id end
 end
 return reply
-";
+"
+);
 
 /// The recorded cascade of one user (`<p>:user:<id>:cascade`).
 #[derive(Clone, Debug, PartialEq, Eq)]

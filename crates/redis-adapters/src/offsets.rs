@@ -19,36 +19,21 @@ use crate::{idempotent, store_error};
 pub const DEFAULT_KEY_PREFIX: &str = "lobby";
 
 /// Stores `ARGV[1]` at `KEYS[1]` unless the key holds a stream id at least as
-/// large. Ids are compared as two decimal integers of any length (Lua numbers
-/// are doubles and would round 64-bit sequences). Returns 1 when it wrote.
-const SAVE_IF_LARGER: &str = r"
-local function norm(digits)
-  local stripped = string.gsub(digits, '^0+', '')
-  return stripped
-end
-local function less(a, b)
-  a = norm(a)
-  b = norm(b)
-  if #a ~= #b then return #a < #b end
-  return a < b
-end
-local new_ms, new_seq = string.match(ARGV[1], '^(%d+)-(%d+)$')
-if not new_ms then
+/// large (see `lua_id_less!`). Returns 1 when it wrote.
+const SAVE_IF_LARGER: &str = concat!(
+    lua_id_less!(),
+    r"
+if not string.match(ARGV[1], '^%d+-%d+$') then
   return redis.error_reply('ERR offset to save is not a stream id')
 end
 local current = redis.call('GET', KEYS[1])
-if current then
-  local ms, seq = string.match(current, '^(%d+)-(%d+)$')
-  if ms then
-    local same_ms = norm(new_ms) == norm(ms)
-    if less(new_ms, ms) or (same_ms and not less(seq, new_seq)) then
-      return 0
-    end
-  end
+if current and not id_less(current, ARGV[1]) then
+  return 0
 end
 redis.call('SET', KEYS[1], ARGV[1])
 return 1
-";
+"
+);
 
 /// Offsets on Redis.
 #[derive(Clone)]
