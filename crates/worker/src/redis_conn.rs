@@ -1,10 +1,12 @@
 //! Connections for the one-shot subcommands, with errors a person can act on.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+use lifecycle_domain::StreamOffsetStore;
 use lifecycle_redis::{open_client, open_tls_client, redact_url, RedisUserLifecycleConsumer};
-use lifecycle_streams::{classify, FaultClass, TlsFiles, TlsSettings};
+use lifecycle_streams::{classify, ConsumerConfig, FaultClass, TlsFiles, TlsSettings};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError};
 
@@ -61,12 +63,18 @@ impl RedisTarget {
         Ok(target)
     }
 
-    /// `consumer` with this target's TLS settings for its stream reader.
-    pub fn apply_tls(&self, consumer: RedisUserLifecycleConsumer) -> RedisUserLifecycleConsumer {
-        match &self.tls {
+    /// A user-lifecycle consumer of this target, its stream reader using the
+    /// target's TLS settings.
+    pub fn consumer(
+        &self,
+        offsets: Arc<dyn StreamOffsetStore>,
+        config: ConsumerConfig,
+    ) -> anyhow::Result<RedisUserLifecycleConsumer> {
+        let consumer = RedisUserLifecycleConsumer::new(self.client()?, offsets, config)?;
+        Ok(match &self.tls {
             Some(tls) => consumer.with_tls(tls.clone()),
             None => consumer,
-        }
+        })
     }
 
     /// A client for the target; nothing is connected yet.

@@ -23,7 +23,7 @@ use lifecycle_domain::{
     BoxFuture, CascadeHandler, EntryId, Game, GameStatus, HandlerError, UserLifecycleConsumer,
     UserLifecycleEvent, UserLifecycleHandler,
 };
-use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore, RedisUserLifecycleConsumer};
+use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore};
 use lifecycle_streams::read_conn::ReadConnection;
 use lifecycle_streams::{Checkpoint, ConsumerConfig};
 use lifecycle_test_support::{RedisServer, RedisServerOptions};
@@ -401,14 +401,9 @@ async fn drain(
     expected: u64,
 ) -> anyhow::Result<f64> {
     config.drain = true;
-    let client = target.client()?;
-    let offsets =
-        RedisOffsetStore::new(client.clone(), prefix).context("cannot set up the offset store")?;
-    let consumer = target.apply_tls(RedisUserLifecycleConsumer::new(
-        client,
-        Arc::new(offsets),
-        config,
-    )?);
+    let offsets = RedisOffsetStore::new(target.client()?, prefix)
+        .context("cannot set up the offset store")?;
+    let consumer = target.consumer(Arc::new(offsets), config)?;
     consumer.on_event(handler);
     let started = Instant::now();
     consumer.run_to_end().await?;
@@ -432,14 +427,9 @@ async fn latency(
     let mut config = ConsumerConfig::new(stream.clone(), "latency");
     config.block_timeout = Duration::from_secs(1);
     let url = target.url.as_str();
-    let client = target.client()?;
-    let offsets =
-        RedisOffsetStore::new(client.clone(), prefix).context("cannot set up the offset store")?;
-    let consumer = Arc::new(target.apply_tls(RedisUserLifecycleConsumer::new(
-        client,
-        Arc::new(offsets),
-        config,
-    )?));
+    let offsets = RedisOffsetStore::new(target.client()?, prefix)
+        .context("cannot set up the offset store")?;
+    let consumer = Arc::new(target.consumer(Arc::new(offsets), config)?);
     let handler = Arc::new(LatencyHandler {
         samples: Mutex::new(Vec::new()),
     });

@@ -13,7 +13,7 @@ use lifecycle_domain::{
     HandlerError, LobbyStore, UserCascade, UserLifecycleConsumer, UserLifecycleEvent,
     UserLifecycleHandler, USER_LIFECYCLE_LABEL,
 };
-use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore, RedisUserLifecycleConsumer};
+use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore};
 use lifecycle_streams::{parse_range_reply, ConsumerConfig};
 use lifecycle_test_support::{RedisServer, RedisServerOptions};
 use redis::Value;
@@ -277,11 +277,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     });
     let mut config = ConsumerConfig::new(stream.clone(), USER_LIFECYCLE_LABEL);
     config.drain = true;
-    let consumer = target.apply_tls(RedisUserLifecycleConsumer::new(
-        client.clone(),
-        Arc::new(offsets.clone()),
-        config.clone(),
-    )?);
+    let consumer = target.consumer(Arc::new(offsets.clone()), config.clone())?;
     consumer.on_event(handler.clone());
     let report = consumer.run_to_end().await?;
     let stats = consumer.stats().snapshot();
@@ -309,11 +305,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clear();
-    let replay = target.apply_tls(RedisUserLifecycleConsumer::new(
-        client,
-        Arc::new(offsets),
-        config,
-    )?);
+    let replay = target.consumer(Arc::new(offsets), config)?;
     replay.on_event(handler.clone());
     replay.run_to_end().await?;
     println!("\n== The whole stream again, as after a crash before the offset was saved (offset rewound to 0-0)");

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lifecycle_domain::{CascadeHandler, UserLifecycleConsumer, USER_LIFECYCLE_LABEL};
-use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore, RedisUserLifecycleConsumer};
+use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore};
 use lifecycle_streams::{
     BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerStats, StartFrom, StopReason,
 };
@@ -73,11 +73,7 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         .context("cannot set up the offset store")?;
     let lobby = RedisLobbyStore::new(client.clone(), &args.redis.key_prefix)
         .context("cannot set up the lobby store")?;
-    let consumer = target.apply_tls(RedisUserLifecycleConsumer::new(
-        client.clone(),
-        Arc::new(offsets.clone()),
-        config.clone(),
-    )?);
+    let consumer = target.consumer(Arc::new(offsets.clone()), config.clone())?;
     let handler_metrics = Arc::new(HandlerMetrics::default());
     consumer.on_event(Arc::new(InstrumentedHandler::new(
         CascadeHandler::new(lobby),
