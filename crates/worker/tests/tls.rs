@@ -39,6 +39,18 @@ fn with_ca<'a>(files: &'a TlsFiles, args: &[&'a str]) -> Vec<&'a str> {
     all
 }
 
+/// `args` with the CA and the client certificate and key.
+fn with_client_certificate<'a>(files: &'a TlsFiles, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = with_ca(files, args);
+    all.extend([
+        "--tls-cert-file",
+        path(&files.client_cert),
+        "--tls-key-file",
+        path(&files.client_key),
+    ]);
+    all
+}
+
 fn publish(url: &str, files: &TlsFiles, user: &str) -> String {
     let published = worker(
         url,
@@ -121,13 +133,7 @@ fn a_client_certificate_is_presented_when_the_server_asks_for_one() {
     assert!(line.contains("TLS handshake"), "{line}");
     assert!(line.contains("--tls-cert-file"), "{line}");
 
-    let mut args = with_ca(&files, &["run", "--drain"]);
-    args.extend([
-        "--tls-cert-file",
-        path(&files.client_cert),
-        "--tls-key-file",
-        path(&files.client_key),
-    ]);
+    let args = with_client_certificate(&files, &["run", "--drain"]);
     let drained = worker(&url, &args);
     assert_success(&drained);
     assert!(common::stderr(&drained).contains("drained"));
@@ -219,13 +225,7 @@ fn print_config_shows_the_certificate_files() {
     let files = TlsFiles::generate();
     let server = tls_server(&files, false);
     let url = server.tls_url().unwrap();
-    let mut args = with_ca(&files, &["run", "--print-config"]);
-    args.extend([
-        "--tls-cert-file",
-        path(&files.client_cert),
-        "--tls-key-file",
-        path(&files.client_key),
-    ]);
+    let args = with_client_certificate(&files, &["run", "--print-config"]);
     let printed = worker(&url, &args);
     assert_success(&printed);
     let text = stdout(&printed);
