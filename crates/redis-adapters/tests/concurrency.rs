@@ -448,14 +448,6 @@ impl Env {
             .await
             .map_or(0, |count| count.parse().unwrap())
     }
-
-    async fn xlen(&self) -> u64 {
-        redis::cmd("XLEN")
-            .arg(STREAM)
-            .query_async(&mut self.conn.clone())
-            .await
-            .unwrap()
-    }
 }
 
 async fn read_offset(conn: &mut MultiplexedConnection) -> Option<EntryId> {
@@ -480,7 +472,7 @@ fn config(concurrency: usize) -> ConsumerConfig {
         initial: Duration::from_millis(20),
         max: Duration::from_millis(250),
     };
-    config.shutdown_grace = Duration::from_secs(2);
+    config.shutdown_timeout = Duration::from_secs(2);
     config.connect_timeout = Duration::from_secs(1);
     config.concurrency = concurrency;
     config
@@ -807,10 +799,9 @@ async fn a_failing_entry_holds_only_its_own_users_later_entries() {
     let recorder = Recorder::new();
     recorder.failing.lock().unwrap().insert(failing);
     let mut config = config(4);
-    // Everything fits in the held window (max(64, 4 * 8) = 64 entries), so
-    // the bound on held entries is not what stops the other users here.
+    // Everything fits in the held bytes (16 MiB by default), so the cap is
+    // not what stops the other users here.
     config.batch_size = 64;
-    assert!(config.max_held_entries() >= ids.len());
     let consumer = env.consumer(config, &recorder);
     let probe = probe_offsets(&env, ids.clone(), &recorder);
     let run = spawn_run(&consumer);
@@ -892,7 +883,6 @@ async fn a_restart_in_the_middle_neither_skips_nor_reorders() {
     let recorder = Recorder::new();
     *recorder.delay_ms.lock().unwrap() = Some((2, 6));
     let config = config(8);
-    let held_bound = config.max_held_entries();
     let probe = probe_offsets(&env, ids.clone(), &recorder);
 
     // First run: stops itself after 120 successes.
@@ -926,9 +916,11 @@ async fn a_restart_in_the_middle_neither_skips_nor_reorders() {
         "offset {stored} not below the first unfinished entry {smallest_unfinished:?}"
     );
     let ahead = first_done.iter().filter(|id| **id > stored).count();
+    let peak = first.stats().snapshot().held_bytes_peak;
     assert!(
-        ahead <= held_bound,
-        "{ahead} entries finished past the offset, more than the {held_bound} that may be held"
+        peak <= config.max_held_bytes as u64,
+        "{peak} bytes held, more than the cap of {}",
+        config.max_held_bytes
     );
     for (user, started) in recorder.started_per_user(0) {
         assert_eq!(
@@ -993,7 +985,7 @@ async fn a_restart_in_the_middle_neither_skips_nor_reorders() {
     probe.assert_clean();
     eprintln!(
         "restart: first run handled {}, {} call(s) began after its shutdown was requested, \
-         stored offset at index {}, {twice} handled twice (bound {held_bound}), {:?}",
+         stored offset at index {}, {twice} handled twice, {:?}",
         first_done.len(),
         recorder.started_after_cancel.lock().unwrap().len(),
         ids.iter().position(|id| *id == stored).unwrap(),
@@ -1001,26 +993,21 @@ async fn a_restart_in_the_middle_neither_skips_nor_reorders() {
     );
 }
 
-/// Concurrency 2, batch size 10: at most max(10, 2 * 8) = 16 entries may be
-/// held. With every handler call blocked and 200 entries waiting in the
-/// stream, the consumer stops reading once 16 entries are held.
-///
-/// The bound on reads, derived from `engine.rs`: a read is only sent while
-/// fewer than 16 entries are held, and `on_batch` sends the next read as soon
-/// as a reply arrives, before dispatching it. Read 1 is sent at start (0
-/// held). Its 10 entries arrive; read 2 is sent (0 held); the 10 are
-/// dispatched (2 calls start, 8 queue behind their user: 10 held). Read 2's
-/// entries arrive; read 3 is sent (10 held < 16); dispatch holds 6 more (16)
-/// and waits for a completion that never comes, so read 3's reply is never
-/// taken and no read 4 is sent. Hence ceil(16 / 10) = 2 reads fill the
-/// window, plus 1 sent ahead: at most 3 reads, so at most 30 entries ever
-/// reach the process while every call is blocked.
+/// The smallest byte budget: replies of 64 KiB, 128 KiB held.
+fn small_budget(config: &mut ConsumerConfig) {
+    config.max_reply_bytes = 64 * 1024;
+    config.max_held_bytes = 128 * 1024;
+}
+
+/// Reading pauses at the byte cap, measured by the engine's own accounting:
+/// concurrency 2, two users alternating, every call blocked. Both users'
+/// first entries run; the rest queue behind them until the held bytes leave
+/// no room for another reply, then no read is sent, however many entries
+/// wait in the stream. Once the calls are released, everything is handled.
 #[tokio::test]
-async fn reading_pauses_when_the_held_entries_reach_the_bound() {
+async fn reading_pauses_when_the_held_bytes_reach_the_cap() {
     let env = Env::start().await;
-    // Two users alternating: one call in flight each, the rest queue behind
-    // them, so the bound on held entries (not the concurrency) stops reading.
-    let users: Vec<String> = (0..200)
+    let users: Vec<String> = (0..2000)
         .map(|i| if i % 2 == 0 { "left" } else { "right" }.to_owned())
         .collect();
     let ids = env.publish(&users).await;
@@ -1029,9 +1016,9 @@ async fn reading_pauses_when_the_held_entries_reach_the_bound() {
     recorder.gate_all.store(true, Ordering::SeqCst);
     let mut config = config(2);
     config.batch_size = 10;
-    let held = config.max_held_entries();
-    assert_eq!(held, 16);
-    let read_bound = held.div_ceil(config.batch_size) as u64 + 1;
+    small_budget(&mut config);
+    let cap = config.max_held_bytes as u64;
+    let room_for_a_read = (config.max_held_bytes - config.max_reply_bytes) as u64;
     let consumer = env.consumer(config, &recorder);
     let stats = consumer.stats();
     let run = spawn_run(&consumer);
@@ -1043,41 +1030,42 @@ async fn reading_pauses_when_the_held_entries_reach_the_bound() {
     );
     wait_until!(
         PATIENCE,
-        "the server executed every read the consumer sent and nobody blocks",
+        "reading stops: the held bytes leave no room for another reply",
         env.xread_calls().await == stats.snapshot().reads
             && env.blocked_clients().await == 0
-            && env.xlen().await == 200
+            && stats.snapshot().held_bytes + 256 > room_for_a_read
+    );
+    let paused = stats.snapshot();
+    assert!(
+        paused.held_bytes <= cap,
+        "{} bytes held over the cap {cap}",
+        paused.held_bytes
+    );
+    assert!(
+        (paused.held_entries as usize) < ids.len(),
+        "everything was read although the cap was reached"
     );
     // A bounded observation window, acceptable only because it asserts an
     // absence (no further reads): a consumer that kept reading would reach
-    // far beyond the bound within milliseconds, since 200 entries are ready.
+    // far beyond within milliseconds, since 2000 entries are ready.
     let window = Instant::now() + Duration::from_millis(300);
-    let mut observed = 0;
     while Instant::now() < window {
-        observed = stats.snapshot().reads;
-        assert!(
-            observed <= read_bound,
-            "{observed} reads while every call is blocked; at most {read_bound} expected"
+        assert_eq!(
+            stats.snapshot().reads,
+            paused.reads,
+            "a read was sent at the cap"
         );
-        let server_reads = env.xread_calls().await;
-        assert!(
-            server_reads <= read_bound,
-            "the server executed {server_reads} XREADs; at most {read_bound} expected"
-        );
+        assert_eq!(env.xread_calls().await, paused.reads);
         assert_eq!(recorder.started_in(0).len(), 2, "a third call started");
         tokio::time::sleep(common::POLL).await;
     }
-    assert!(
-        observed >= 2,
-        "only {observed} reads: the window never filled"
-    );
     assert!(recorder.max_in_flight() <= 2);
 
     recorder.gate.open();
     wait_until!(
         PATIENCE,
-        "all 200 entries are handled",
-        recorder.succeeded().len() == 200
+        "all 2000 entries are handled",
+        recorder.succeeded().len() == 2000
     );
     wait_until!(
         PATIENCE,
@@ -1086,9 +1074,18 @@ async fn reading_pauses_when_the_held_entries_reach_the_bound() {
     );
     let report = stop(&consumer, run).await;
     assert_eq!(report.offset, Some(last));
+    let end = stats.snapshot();
+    assert!(
+        end.held_bytes_peak <= cap,
+        "peak {} over the cap {cap}",
+        end.held_bytes_peak
+    );
     recorder.assert_same_user_calls_never_overlapped();
     assert_eq!(recorder.started_per_user(0), per_user(&users, &ids));
-    eprintln!("held bound {held}: {observed} reads while paused (bound {read_bound})");
+    eprintln!(
+        "cap {cap}: paused after {} reads holding {} entries, {} bytes; peak {}",
+        paused.reads, paused.held_entries, paused.held_bytes, end.held_bytes_peak
+    );
 }
 
 /// Concurrency 1 (the default) keeps strict global stream order across
@@ -1237,16 +1234,16 @@ async fn no_handler_call_starts_after_shutdown_was_requested() {
     );
 }
 
-/// The held bound applies with a failing entry too: concurrency 2, batch
-/// size 10 (16 entries may be held). "bad"'s first entry fails; the other
-/// users go on only until 16 entries are held (the failing one and the 15
-/// after it, finished but behind the watermark), then reading and handling
-/// pause while the failing entry is retried. After the fix, all is handled.
+/// The byte cap applies with a failing entry too: "bad"'s first entry fails;
+/// the other users go on only while the entries held (the failing one and
+/// those after it, finished but behind the watermark) leave room for a
+/// reply, then reading and handling pause while the failing entry is
+/// retried. After the fix, everything is handled.
 #[tokio::test]
-async fn with_a_failing_entry_the_others_go_on_only_up_to_the_held_bound() {
+async fn with_a_failing_entry_the_others_go_on_only_up_to_the_byte_cap() {
     let env = Env::start().await;
     let mut users = names(&["bad"]);
-    for i in 0..40 {
+    for i in 0..3000 {
         users.push(if i % 2 == 0 { "x" } else { "y" }.to_owned());
     }
     let ids = env.publish(&users).await;
@@ -1256,31 +1253,38 @@ async fn with_a_failing_entry_the_others_go_on_only_up_to_the_held_bound() {
     recorder.failing.lock().unwrap().insert(failing);
     let mut config = config(2);
     config.batch_size = 10;
-    let held = config.max_held_entries();
-    assert_eq!(held, 16);
+    small_budget(&mut config);
+    let cap = config.max_held_bytes as u64;
+    let room_for_a_read = (config.max_held_bytes - config.max_reply_bytes) as u64;
     let consumer = env.consumer(config, &recorder);
+    let stats = consumer.stats();
     let run = spawn_run(&consumer);
 
-    let window: HashSet<EntryId> = ids[1..held].iter().copied().collect();
     wait_until!(
         PATIENCE,
-        "the 15 entries after the failing one are handled",
-        window.iter().all(|id| recorder.succeeded().contains(id))
+        "the failing entry is retried and the others stop at the cap",
+        recorder.attempts_of(failing) >= 3
+            && stats.snapshot().held_bytes + 256 > room_for_a_read
+            && recorder.in_flight.load(Ordering::SeqCst) <= 1
     );
-    // Let the failing entry be retried three more times (the retries prove
-    // the consumer is active), then check nothing beyond the window ran.
+    let handled = recorder.succeeded().len();
     let attempts = recorder.attempts_of(failing);
     wait_until!(
         PATIENCE,
         "the failing entry is retried three more times",
         recorder.attempts_of(failing) >= attempts + 3
     );
-    for id in &ids[held..] {
-        assert!(
-            !recorder.attempted(*id),
-            "entry {id} beyond the held window ran while the first entry failed"
-        );
-    }
+    assert_eq!(
+        recorder.succeeded().len(),
+        handled,
+        "entries were handled while the cap was reached"
+    );
+    assert!(handled > 10, "only {handled} others handled before the cap");
+    assert!(
+        !recorder.attempted(last),
+        "the last entry ran while the first failed"
+    );
+    assert!(stats.snapshot().held_bytes <= cap);
     assert_eq!(
         env.offset().await,
         None,
@@ -1300,6 +1304,7 @@ async fn with_a_failing_entry_the_others_go_on_only_up_to_the_held_bound() {
     );
     let report = stop(&consumer, run).await;
     assert_eq!(report.offset, Some(last));
+    assert!(stats.snapshot().held_bytes_peak <= cap);
     recorder.assert_same_user_calls_never_overlapped();
     assert_eq!(recorder.succeeded_per_user(0), per_user(&users, &ids));
 }

@@ -300,7 +300,7 @@ fn config() -> ConsumerConfig {
         initial: Duration::from_millis(20),
         max: Duration::from_millis(250),
     };
-    config.shutdown_grace = Duration::from_secs(2);
+    config.shutdown_timeout = Duration::from_secs(2);
     config.connect_timeout = Duration::from_secs(1);
     config
 }
@@ -1008,7 +1008,7 @@ async fn a_slow_handler_call_finishes_within_the_shutdown_grace() {
     let recorder = Recorder::new();
     *recorder.slow_user.lock().unwrap() = Some(("slowpoke".into(), Duration::from_millis(300)));
     let mut config = config();
-    config.shutdown_grace = Duration::from_secs(2);
+    config.shutdown_timeout = Duration::from_secs(2);
     let consumer = env.consumer(config, &recorder);
     let run = spawn_run(&consumer);
 
@@ -1040,17 +1040,18 @@ async fn a_slow_handler_call_finishes_within_the_shutdown_grace() {
     }
 }
 
+/// Trimmed while no worker ran: the stream now begins after the stored
+/// offset. Redis keeps no record of what the trim removed, so the worker
+/// cannot prove entries lay in between: it reports a *possible* trim (a
+/// warning and its own counter), not a loss.
 #[tokio::test]
-async fn entries_trimmed_past_the_offset_are_noticed_and_counted() {
+async fn a_stream_beginning_after_the_stored_offset_is_a_possible_trim() {
     let env = Env::start().await;
     let ids = env.publish_many(10).await;
-    // The worker had handled up to the third entry...
     env.offset_store()
         .set(USER_LIFECYCLE_LABEL, ids[2])
         .await
         .unwrap();
-    // ...when the producer trimmed the stream to its last four entries:
-    // the fourth to sixth were deleted before they were handled.
     env.server
         .cli(&["XTRIM", "user:lifecycle_events", "MAXLEN", "4"]);
     let recorder = Recorder::new();
@@ -1060,7 +1061,68 @@ async fn entries_trimmed_past_the_offset_are_noticed_and_counted() {
     let report = join(spawn_run(&consumer), PATIENCE).await.unwrap();
     assert_eq!(report.offset, Some(ids[9]));
     assert_eq!(recorder.handled_ids(), ids[6..].to_vec());
-    assert_eq!(consumer.stats().snapshot().trimmed, 1);
+    let stats = consumer.stats().snapshot();
+    assert_eq!((stats.trimmed, stats.trims_suspected), (0, 1));
+}
+
+/// A trim that stops exactly at the first unhandled entry (`MINID` of the
+/// entry right after the offset) removed nothing unhandled: no loss, not
+/// even a possible one.
+#[tokio::test]
+async fn a_trim_exactly_at_the_offset_is_not_reported() {
+    let env = Env::start().await;
+    for seq in 1..=6 {
+        env.server.cli(&[
+            "XADD",
+            STREAM,
+            &format!("5-{seq}"),
+            "event_type",
+            "user.deleted",
+            "user_id",
+            "u",
+            "occurred_at_ms",
+            "17",
+        ]);
+    }
+    env.offset_store()
+        .set(USER_LIFECYCLE_LABEL, EntryId::new(5, 3))
+        .await
+        .unwrap();
+    env.server.cli(&["XTRIM", STREAM, "MINID", "5-4"]);
+    let recorder = Recorder::new();
+    let mut config = config();
+    config.drain = true;
+    let consumer = env.consumer(config, &recorder);
+    let report = join(spawn_run(&consumer), PATIENCE).await.unwrap();
+    assert_eq!(report.offset, Some(EntryId::new(5, 6)));
+    assert_eq!(recorder.handled_count(), 3);
+    let stats = consumer.stats().snapshot();
+    assert_eq!((stats.trimmed, stats.trims_suspected), (0, 0));
+}
+
+/// The stream deleted and re-created with ids below the stored offset: every
+/// new entry would be skipped. The worker reports it (an error and the trim
+/// counter) rather than saying nothing.
+#[tokio::test]
+async fn a_stream_recreated_below_the_offset_is_reported() {
+    let env = Env::start().await;
+    env.offset_store()
+        .set(USER_LIFECYCLE_LABEL, EntryId::new(9_000_000_000_000, 0))
+        .await
+        .unwrap();
+    env.publish("u1", EventType::USER_DELETED).await;
+    let recorder = Recorder::new();
+    let consumer = env.consumer(config(), &recorder);
+    let stats = consumer.stats();
+    let run = spawn_run(&consumer);
+    wait_until!(
+        PATIENCE,
+        "the stream behind the offset is reported",
+        stats.snapshot().trimmed == 1
+    );
+    let report = stop(&consumer, run).await;
+    assert_eq!(report.offset, Some(EntryId::new(9_000_000_000_000, 0)));
+    assert_eq!(recorder.handled_count(), 0);
 }
 
 #[tokio::test]
@@ -1175,66 +1237,48 @@ async fn start_from_an_id_starts_at_that_entry_inclusive_and_only_without_an_off
     assert_eq!(again.handled_ids(), more);
 }
 
-/// Flushes the server's script cache and deletes an entry ahead while
-/// handling the entry `at`.
-struct FlushAndDelete {
-    client: redis::Client,
-    at: EntryId,
-    delete: EntryId,
-    handled: Mutex<Vec<EntryId>>,
-}
-
-impl UserLifecycleHandler for FlushAndDelete {
-    fn handle<'a>(
-        &'a self,
-        event: &'a UserLifecycleEvent,
-    ) -> lifecycle_domain::BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(async move {
-            if event.entry_id == self.at {
-                let mut conn = self
-                    .client
-                    .get_multiplexed_async_connection()
-                    .await
-                    .unwrap();
-                redis::cmd("SCRIPT")
-                    .arg("FLUSH")
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .unwrap();
-                redis::cmd("XDEL")
-                    .arg(STREAM)
-                    .arg(self.delete.to_string())
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .unwrap();
-            }
-            self.handled.lock().unwrap().push(event.entry_id);
-            Ok(())
-        })
-    }
-}
-
 /// The deletion probe goes by its hash after the first read; when the
-/// server's script cache is flushed it is sent whole again, and deletions
-/// are still noticed.
+/// server's script cache is flushed it is sent whole again, and a deletion
+/// made while a blocking read waited is still noticed by a later probe.
 #[tokio::test]
 async fn deletions_are_noticed_after_the_script_cache_is_flushed() {
     let env = Env::start().await;
-    let ids = env.publish_many(16).await;
-    let handler = Arc::new(FlushAndDelete {
-        client: env.client(),
-        at: ids[1],
-        delete: ids[13],
-        handled: Mutex::new(Vec::new()),
-    });
-    let mut config = config();
-    config.drain = true;
-    config.batch_size = 4;
-    let consumer = env.consumer_without_handler(config);
-    consumer.on_event(handler.clone());
-    join(spawn_run(&consumer), PATIENCE).await.unwrap();
-    let mut expected = ids[..13].to_vec();
-    expected.extend_from_slice(&ids[14..]);
-    assert_eq!(*handler.handled.lock().unwrap(), expected);
-    assert_eq!(consumer.stats().snapshot().trimmed, 1);
+    let recorder = Recorder::new();
+    let consumer = env.consumer(config(), &recorder);
+    let stats = consumer.stats();
+    let run = spawn_run(&consumer);
+    wait_until!(
+        PATIENCE,
+        "a read blocks on the empty stream",
+        env.blocked_clients().await == 1
+    );
+    env.server.cli(&["SCRIPT", "FLUSH"]);
+    // Three entries and the middle one's deletion, at once: the blocked read
+    // wakes to the first and the last.
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for (id, user) in [("7-1", "a"), ("7-2", "b"), ("7-3", "c")] {
+        pipe.cmd("XADD")
+            .arg(STREAM)
+            .arg(id)
+            .arg("event_type")
+            .arg("user.deleted")
+            .arg("user_id")
+            .arg(user)
+            .arg("occurred_at_ms")
+            .arg(17)
+            .ignore();
+    }
+    pipe.cmd("XDEL").arg(STREAM).arg("7-2").ignore();
+    pipe.query_async::<()>(&mut env.conn.clone()).await.unwrap();
+    wait_until!(
+        PATIENCE,
+        "the deletion is noticed",
+        stats.snapshot().trimmed == 1
+    );
+    stop(&consumer, run).await;
+    assert_eq!(
+        recorder.handled_ids(),
+        vec![EntryId::new(7, 1), EntryId::new(7, 3)]
+    );
 }

@@ -54,9 +54,9 @@ pub struct ConsumerConfig {
     pub dead_letter_after: Option<u32>,
     /// The dead-letter stream key.
     pub dead_letter_stream: String,
-    /// How long a handler call in flight may still run after shutdown was
-    /// requested, and how long the final offset save may take.
-    pub shutdown_grace: Duration,
+    /// How long the whole stop may take once shutdown is requested: handler
+    /// calls in flight, the final offset save and any connect it needs.
+    pub shutdown_timeout: Duration,
     /// Stop, rather than wait, once the entries present at start-up are done.
     pub drain: bool,
     /// How long establishing a connection to Redis may take.
@@ -64,10 +64,20 @@ pub struct ConsumerConfig {
     /// How many items may be handled at once; items with the same ordering
     /// key never concurrently. 1 keeps strict stream order.
     pub concurrency: usize,
-    /// The most bytes of one `XREAD` reply held in memory. Reads are sized to
-    /// stay well below it; an entry larger than it is absorbed unread.
+    /// The most bytes of one `XREAD` reply held in memory once parsed (its
+    /// bytes and the records of its fields). Reads are sized to stay well
+    /// below it; an entry larger than it is absorbed unread.
     pub max_reply_bytes: usize,
+    /// The most bytes of entries read but not finished (queued, running,
+    /// waiting to be dead-lettered), counted as they cost once read, with the
+    /// reply of the read in flight. Reading pauses at the cap.
+    pub max_held_bytes: usize,
 }
+
+/// The default of [`ConsumerConfig::max_reply_bytes`].
+pub const DEFAULT_MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
+/// The default of [`ConsumerConfig::max_held_bytes`].
+pub const DEFAULT_MAX_HELD_BYTES: usize = 16 * 1024 * 1024;
 
 impl ConsumerConfig {
     /// Defaults for reading `stream` under `label`; the dead-letter stream is
@@ -91,18 +101,13 @@ impl ConsumerConfig {
                 max: Duration::from_secs(10),
             },
             dead_letter_after: None,
-            shutdown_grace: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(10),
             drain: false,
             connect_timeout: Duration::from_secs(5),
             concurrency: 1,
-            max_reply_bytes: 32 * 1024 * 1024,
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
+            max_held_bytes: DEFAULT_MAX_HELD_BYTES,
         }
-    }
-
-    /// How many entries may be held (running, waiting behind their key, or
-    /// finished out of order) before reading pauses.
-    pub fn max_held_entries(&self) -> usize {
-        self.batch_size.max(self.concurrency.saturating_mul(8))
     }
 
     /// Response timeout of the reading connection: longer than the block so a
@@ -124,22 +129,31 @@ impl ConsumerConfig {
             return Err("label must not be empty".into());
         }
         if self.batch_size == 0 {
-            return Err("batch size must be at least 1".into());
+            return Err("batch_size must be at least 1".into());
         }
         if self.block_timeout < Duration::from_millis(1) {
-            return Err("block timeout must be at least 1ms (0 would block for ever)".into());
+            return Err("block_timeout must be at least 1ms (0 would block for ever)".into());
         }
         if self.concurrency == 0 || self.concurrency > 10_000 {
             return Err("concurrency must be between 1 and 10000".into());
         }
         if self.max_reply_bytes < 64 * 1024 {
-            return Err("the reply limit must be at least 64 KiB".into());
+            return Err("max_reply_bytes must be at least 64 KiB".into());
+        }
+        if self.max_held_bytes < self.max_reply_bytes.saturating_mul(2) {
+            return Err(format!(
+                "max_held_bytes must be at least twice max_reply_bytes ({} bytes), so that a whole reply fits beside what is held",
+                self.max_reply_bytes.saturating_mul(2)
+            ));
+        }
+        if self.shutdown_timeout < Duration::from_millis(100) {
+            return Err("shutdown_timeout must be at least 100ms".into());
         }
         if self.dead_letter_after == Some(0) {
-            return Err("dead-letter-after must be at least 1 attempt".into());
+            return Err("dead_letter_after must be at least 1 attempt".into());
         }
         if self.handler_retry.initial > self.handler_retry.max {
-            return Err("retry-initial must not be larger than retry-max".into());
+            return Err("handler_retry.initial must not be larger than handler_retry.max".into());
         }
         if self.dead_letter_after.is_some() && self.dead_letter_stream == self.stream {
             return Err("the dead-letter stream must differ from the stream".into());

@@ -1,23 +1,17 @@
-//! The consumer loop.
+//! The driver: the async loop that performs what the [`Machine`] decides.
 //!
 //! One [`StreamConsumer::run`] call is a session. It loads the offset, then
-//! reads batches with `XREAD COUNT <batch> BLOCK <timeout>` on a connection of
-//! its own ([`ReadConnection`]), whose replies are scanned in place. As soon as
-//! a batch has arrived the next read is sent, so Redis prepares it while the
-//! batch is handled. Each entry is decoded and handed to the handler:
+//! asks the machine what to do and does it: reads go to the reader task
+//! ([`Reader`], which owns the socket and the reply in flight), jobs run as
+//! futures here (the handler, its retries with back-off, dead-lettering), and
+//! offset saves run one at a time beside them. Each outcome goes back to the
+//! machine. Every future raced in the loop's `select!` is either the reader's
+//! channel, a job or the save kept across passes, or a timer: dropping the
+//! `select!` branch that lost never loses what was read or written.
 //!
-//! - with `concurrency` 1, one at a time, in stream order;
-//! - with more, up to that many at once, never two of the same ordering key
-//!   (user) at once, each key's entries in stream order ([`KeyQueues`]).
-//!
-//! The offset saved is the low watermark ([`Watermark`]): the highest id with
-//! every earlier entry finished, so a crash never skips an unfinished entry.
-//! Reading pauses while too many entries are held.
-//!
-//! Every await that can wait (reads, completions, back-off delays) is raced
-//! against the cancellation token. The loop has one way out; after it, the
-//! handler calls in flight may finish within the grace period and the offset
-//! is saved.
+//! The loop has one way out (cancellation, drain's end, or a fault that needs
+//! a person). After it, one shutdown deadline (`shutdown_timeout`) bounds the
+//! rest: handler calls in flight, the save in flight and the final save.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,23 +19,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use lifecycle_domain::{EntryId, HandlerError, StreamOffsetStore};
+use lifecycle_domain::{EntryId, HandlerError, StoreError, StreamOffsetStore};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::backoff::Backoff;
-use crate::config::{Checkpoint, ConsumerConfig, StartFrom};
+use crate::backoff::{Backoff, BackoffPolicy};
+use crate::config::{ConsumerConfig, StartFrom};
 use crate::decoder::{Decoded, EntryDecoder, EntryHandler};
 use crate::error::ConsumerError;
 use crate::fault::{classify, classify_read, FaultClass};
-use crate::read_conn::{ReadConnection, ReadError, Received};
+use crate::machine::{entry_cost, Action, Arrival, Completion, Job, Machine, Settings};
+use crate::read_conn::{ReadError, Received};
+use crate::reader::{ReadRequest, Reader, ReaderEvent, ReaderSettings};
 use crate::reply::parse_range_reply;
-use crate::resp::{Batch, DeletionProbe};
 use crate::stats::ConsumerStats;
 use crate::tls::TlsSettings;
-use crate::window::{KeyQueues, Watermark};
+use crate::trim::{Finding, ReadSeen, TrimWatch};
 
 /// Why a session ended without an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,8 +55,8 @@ pub struct RunReport {
     /// The offset stored when it ended (`None`: none is stored).
     pub offset: Option<EntryId>,
     /// Whether the last offset reached could not be saved (Redis was
-    /// unreachable during the grace period); the entries after the stored
-    /// offset will be handled again.
+    /// unreachable until the shutdown deadline); the entries after the
+    /// stored offset will be handled again.
     pub offset_unsaved: bool,
 }
 
@@ -153,16 +148,20 @@ impl<D: EntryDecoder> StreamConsumer<D> {
             commands,
         };
         let span = tracing::info_span!("consumer", stream = %self.config.stream, label = %self.config.label);
-        let mut session = Session::new(&ctx);
         async move {
-            let outcome = session.consume().await;
-            session.finish_running().await;
-            let unsaved = session.final_checkpoint().await;
+            let mut driver = Driver::new(&ctx);
+            let outcome = driver.consume().await;
+            let shutdown = Deadline::after(self.config.shutdown_timeout);
+            let unsaved = driver.shut_down(shutdown).await;
             let reason = outcome?;
-            info!(offset = ?session.saved.map(|id| id.to_string()), reason = ?reason, "consumer stopped");
+            info!(
+                offset = driver.stored().map(|id| id.to_string()).unwrap_or_default(),
+                reason = reason.as_str(),
+                "consumer stopped"
+            );
             Ok(RunReport {
                 reason,
-                offset: session.saved,
+                offset: driver.stored(),
                 offset_unsaved: unsaved,
             })
         }
@@ -171,32 +170,44 @@ impl<D: EntryDecoder> StreamConsumer<D> {
     }
 }
 
-/// What the handling of one entry came to.
-enum Progress {
-    /// Its handling finished: the offset may move past it.
-    Finished,
-    /// Shutdown came first: the offset stays before it.
-    Interrupted,
+impl StopReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Cancelled => "cancelled",
+            StopReason::Drained => "drained",
+        }
+    }
 }
 
-/// One decoded entry waiting for, or in, the handler.
-struct Job<T> {
-    id: EntryId,
-    item: T,
-    /// The reply it came in, kept for a dead letter's copy of its fields.
-    batch: Arc<Batch>,
-    index: usize,
+/// A point in time after which the stop gives up.
+#[derive(Clone, Copy, Debug)]
+struct Deadline(tokio::time::Instant);
+
+impl Deadline {
+    fn after(timeout: Duration) -> Self {
+        Self(tokio::time::Instant::now() + timeout)
+    }
+
+    /// The instant `reserve` before the deadline (at least now).
+    fn less(self, reserve: Duration) -> tokio::time::Instant {
+        self.0
+            .checked_sub(reserve)
+            .unwrap_or(self.0)
+            .max(tokio::time::Instant::now())
+    }
 }
 
-/// A finished job.
+/// What the handling of one job came to.
 struct Done {
     id: EntryId,
-    /// Its ordering key (only tracked when handling concurrently).
-    key: Option<String>,
-    outcome: Result<Progress, ConsumerError>,
+    key: String,
+    completion: Completion,
+    /// A permanent fault met while dead-lettering.
+    fault: Option<ConsumerError>,
 }
 
 type JobFuture<'a> = Pin<Box<dyn Future<Output = Done> + Send + 'a>>;
+type SaveFuture<'a> = Pin<Box<dyn Future<Output = (EntryId, Result<(), StoreError>)> + Send + 'a>>;
 
 /// What every job shares: read-only for the whole session.
 struct Ctx<'a, D: EntryDecoder, H: ?Sized> {
@@ -207,67 +218,109 @@ struct Ctx<'a, D: EntryDecoder, H: ?Sized> {
     commands: ConnectionManager,
 }
 
+/// What to do after a failed handler call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retry {
+    /// Call the handler again after this long.
+    After(Duration),
+    /// Copy the entry to the dead-letter stream after this many own failures.
+    DeadLetter(u32),
+}
+
+/// The retry decisions of one job: a dependency outage (a transient error)
+/// backs off like a Redis fault and never counts towards dead-lettering;
+/// any other failure may be the entry's own fault, and counts.
+#[derive(Debug)]
+struct Attempts {
+    dead_letter_after: Option<u32>,
+    own_faults: u32,
+    backoff: Backoff,
+    outage: Backoff,
+}
+
+impl Attempts {
+    fn new(handler: BackoffPolicy, redis: BackoffPolicy, dead_letter_after: Option<u32>) -> Self {
+        Self {
+            dead_letter_after,
+            own_faults: 0,
+            backoff: Backoff::new(handler),
+            outage: Backoff::new(redis),
+        }
+    }
+
+    fn failed(&mut self, transient: bool) -> Retry {
+        if transient {
+            self.backoff.reset();
+            return Retry::After(self.outage.next_delay());
+        }
+        self.outage.reset();
+        self.own_faults = self.own_faults.saturating_add(1);
+        if self
+            .dead_letter_after
+            .is_some_and(|limit| self.own_faults >= limit)
+        {
+            return Retry::DeadLetter(self.own_faults);
+        }
+        Retry::After(self.backoff.next_delay())
+    }
+
+    /// Whether this is a repeat within one dependency outage (logged
+    /// quietly: the outage's first failure was logged).
+    fn outage_repeat(&self) -> bool {
+        self.outage.attempts() > 1
+    }
+}
+
 impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
     fn config(&self) -> &ConsumerConfig {
         &self.consumer.config
     }
 
+    fn stats(&self) -> &ConsumerStats {
+        &self.consumer.stats
+    }
+
     /// Handles one job: retries a failing handler with back-off, dead-letters
     /// it after the configured attempts. The handler call itself is never
-    /// interrupted; the caller bounds it by the grace period at shutdown.
-    async fn run_job(&self, job: Job<D::Item>, key: Option<String>) -> Done {
-        let mut backoff = Backoff::new(self.config().handler_retry);
-        let mut attempts: u32 = 0;
-        // A job queued behind its key starts only when polled; after shutdown
-        // was requested it must not start at all.
-        if self.cancel.is_cancelled() {
-            return Done {
-                id: job.id,
-                key,
-                outcome: Ok(Progress::Interrupted),
-            };
-        }
-        // Failures that may be the entry's own fault count towards
-        // dead-lettering; a dependency outage does not, and backs off like a
-        // Redis fault (shorter ceiling, so handling resumes soon after).
-        let mut own_faults: u32 = 0;
-        let mut outage = Backoff::new(self.config().redis_retry);
-        let outcome = loop {
-            attempts = attempts.saturating_add(1);
-            let err = match self.handler.handle(&job.item).await {
+    /// interrupted; the driver bounds it by the shutdown deadline.
+    async fn run_job(&self, job: Job<D::Item>) -> Done {
+        let Job { id, item, key } = job;
+        let mut attempts = Attempts::new(
+            self.config().handler_retry,
+            self.config().redis_retry,
+            self.config().dead_letter_after,
+        );
+        let mut calls: u32 = 0;
+        let (completion, fault) = loop {
+            if self.cancel.is_cancelled() && calls == 0 {
+                break (Completion::Interrupted, None);
+            }
+            calls = calls.saturating_add(1);
+            let err = match self.handler.handle(&item).await {
                 Ok(()) => {
-                    self.consumer.stats.handled();
-                    break Ok(Progress::Finished);
+                    self.stats().handled();
+                    break (Completion::Finished, None);
                 }
                 Err(err) => err,
             };
-            self.consumer.stats.handler_failure();
-            let delay = if err.is_transient() {
-                backoff.reset();
-                outage.next_delay()
-            } else {
-                outage.reset();
-                own_faults = own_faults.saturating_add(1);
-                if self
-                    .config()
-                    .dead_letter_after
-                    .is_some_and(|limit| own_faults >= limit)
-                {
-                    break self.dead_letter(&job, &err, own_faults).await;
+            self.stats().handler_failure();
+            let delay = match attempts.failed(err.is_transient()) {
+                Retry::DeadLetter(own_faults) => {
+                    break match self.dead_letter(id, &err, own_faults).await {
+                        Ok(completion) => (completion, None),
+                        Err(fault) => (Completion::Interrupted, Some(fault)),
+                    };
                 }
-                backoff.next_delay()
+                Retry::After(delay) => delay,
             };
-            let event_type = self.consumer.decoder.event_type(&job.item);
-            let retry_in_ms = delay.as_millis() as u64;
-            // An outage is reported by its first failure; its retries, by
-            // the handler's dependency, at debug level.
-            if err.is_transient() && outage.attempts() > 1 {
-                debug!(stream_entry_id = %job.id, attempt = attempts, retry_in_ms, err = %err, "handler still failing on an unavailable dependency");
+            let retry_in_ms = millis(delay);
+            if err.is_transient() && attempts.outage_repeat() {
+                debug!(stream_entry_id = %id, attempt = calls, retry_in_ms, err = %err, "handler still failing on an unavailable dependency");
             } else {
                 warn!(
-                    stream_entry_id = %job.id,
-                    event_type = ?event_type,
-                    attempt = attempts,
+                    stream_entry_id = %id,
+                    event_type = self.consumer.decoder.event_type(&item),
+                    attempt = calls,
                     transient = err.is_transient(),
                     retry_in_ms,
                     err = %err,
@@ -275,36 +328,49 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
                 );
             }
             if !sleep_unless_cancelled(self.cancel, delay).await {
-                break Ok(Progress::Interrupted);
+                break (Completion::Interrupted, None);
             }
         };
         Done {
-            id: job.id,
+            id,
             key,
-            outcome,
+            completion,
+            fault,
         }
     }
 
-    /// Copies a job's entry to the dead-letter stream with the failure, then
-    /// lets the offset move past it.
+    /// Copies the entry `id` to the dead-letter stream with the failure, then
+    /// lets the offset move past it. The entry's fields are read again from
+    /// the stream: no reply is kept alive for a dead letter that may never
+    /// be needed.
     async fn dead_letter(
         &self,
-        job: &Job<D::Item>,
+        id: EntryId,
         err: &HandlerError,
         attempts: u32,
-    ) -> Result<Progress, ConsumerError> {
+    ) -> Result<Completion, ConsumerError> {
         let config = self.config();
+        let mut range = redis::cmd("XRANGE");
+        let id_text = id.to_string();
+        range.arg(&config.stream).arg(&id_text).arg(&id_text);
+        let Some(reply) = self
+            .command("read an entry to dead-letter", &config.stream, &range)
+            .await?
+        else {
+            return Ok(Completion::Interrupted);
+        };
+        let fields = parse_range_reply(reply)?
+            .into_iter()
+            .next()
+            .map(|entry| entry.fields)
+            .unwrap_or_default();
         let mut cmd = redis::cmd("XADD");
         cmd.arg(&config.dead_letter_stream).arg("*");
-        if let Some(view) = job.batch.entry(job.index) {
-            let mut fields = Vec::new();
-            view.fields_into(&mut fields);
-            for (name, value) in fields {
-                cmd.arg(name).arg(value);
-            }
+        for (name, value) in &fields {
+            cmd.arg(name.as_slice()).arg(value.as_slice());
         }
         cmd.arg("dead_letter_entry_id")
-            .arg(job.id.to_string())
+            .arg(&id_text)
             .arg("dead_letter_stream")
             .arg(&config.stream)
             .arg("dead_letter_error")
@@ -319,17 +385,17 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
             )
             .await?;
         if added.is_none() {
-            return Ok(Progress::Interrupted);
+            return Ok(Completion::Interrupted);
         }
         error!(
-            stream_entry_id = %job.id,
+            stream_entry_id = %id,
             dead_letter_stream = %config.dead_letter_stream,
             attempts,
             err = %err,
             "entry dead-lettered after repeated handler failures; moving past it"
         );
-        self.consumer.stats.dead_lettered();
-        Ok(Progress::Finished)
+        self.stats().dead_lettered();
+        Ok(Completion::Finished)
     }
 
     /// Runs `cmd` on the command connection through transient faults, backing
@@ -353,7 +419,7 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
                 Err(err) => err,
             };
             permanent_redis(action, key, &err)?;
-            self.consumer.stats.redis_fault();
+            self.stats().redis_fault();
             let delay = backoff.next_delay();
             if backoff.attempts() == 1 {
                 warn!(action, err = %err, "Redis unavailable; retrying with back-off");
@@ -396,78 +462,90 @@ async fn sleep_unless_cancelled(cancel: &CancellationToken, delay: Duration) -> 
     }
 }
 
-/// A run of consecutive faults, logged once when it starts and once when it
-/// ends rather than once per retry.
-struct Outage {
-    started: Instant,
-    retries: u32,
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Why the dispatch of a batch stopped early.
-enum Dispatch {
-    /// Every entry was dispatched (or drain's end was reached).
-    Done,
-    /// Shutdown was requested.
-    Cancelled,
+/// A run of faults, logged once when it starts and once when it ends
+/// rather than once per retry.
+#[derive(Debug, Default)]
+struct OutageLog {
+    started: Option<(Instant, u32)>,
+}
+
+impl OutageLog {
+    fn note(&mut self, stats: &ConsumerStats, cause: &dyn std::fmt::Display) {
+        stats.redis_fault();
+        match &mut self.started {
+            Some((_, retries)) => {
+                *retries = retries.saturating_add(1);
+                debug!(err = %cause, retries = *retries, "Redis still unavailable");
+            }
+            None => {
+                warn!(err = %cause, "Redis unavailable; retrying with back-off, keeping our place");
+                self.started = Some((Instant::now(), 1));
+            }
+        }
+    }
+
+    fn recovered(&mut self) {
+        if let Some((started, retries)) = self.started.take() {
+            info!(
+                outage_ms = millis(started.elapsed()),
+                retries, "Redis reachable again; carrying on"
+            );
+        }
+    }
 }
 
 /// The mutable state of one `run`.
-struct Session<'a, D: EntryDecoder, H: ?Sized> {
+struct Driver<'a, D: EntryDecoder, H: ?Sized> {
     ctx: &'a Ctx<'a, D, H>,
-    /// The reading connection; `None` after a fault, until reconnected.
-    reader: Option<ReadConnection>,
-    /// Whether an `XREAD` was sent whose reply has not been received.
-    read_in_flight: bool,
-    /// Where the next read starts: the last entry received.
-    read_after: EntryId,
-    /// Not before this instant is Redis tried again after a fault.
-    retry_at: Option<tokio::time::Instant>,
-    redis_backoff: Backoff,
-    outage: Option<Outage>,
-    /// Drain mode's last entry; `None` outside drain mode.
-    drain_target: Option<EntryId>,
-    /// Drain mode has read everything it will handle.
-    reading_done: bool,
-    /// The low watermark: every entry up to it is finished.
-    finished: EntryId,
-    /// The offset known to be stored.
-    saved: Option<EntryId>,
-    /// Whether `finished` is ahead of what is stored.
-    dirty: bool,
-    /// The current read count: the configured batch size, lowered while
-    /// replies are very large.
-    batch_size: usize,
-    window: Watermark,
-    /// The largest deleted id already reported as a trim past our position.
-    trim_reported: EntryId,
-    /// An entry found larger than the reply limit, to absorb unread.
-    oversized: Option<EntryId>,
-    queues: KeyQueues<Job<D::Item>>,
+    machine: Option<Machine<D::Item>>,
+    reader: Reader,
+    /// The read in flight: how many entries the machine asked for, and
+    /// whether one more was asked for as a look-ahead.
+    read_in_flight: Option<(usize, bool)>,
     running: FuturesUnordered<JobFuture<'a>>,
+    save: Option<SaveFuture<'a>>,
+    /// After a read fault: when to read again.
+    read_retry_at: Option<tokio::time::Instant>,
+    /// After a failed save: when to try again.
+    save_retry_at: Option<tokio::time::Instant>,
+    save_backoff: Backoff,
+    outage: OutageLog,
+    trim: TrimWatch,
+    /// The offset known to be stored before the machine existed.
+    stored_at_start: Option<EntryId>,
+    /// A permanent fault met by a job or a save, ending the session.
+    fault: Option<ConsumerError>,
 }
 
-impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
+impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
     fn new(ctx: &'a Ctx<'a, D, H>) -> Self {
         let config = ctx.config();
+        let settings = ReaderSettings {
+            info: ctx.consumer.client.get_connection_info().clone(),
+            tls: ctx.consumer.tls.clone(),
+            stream: config.stream.clone(),
+            block: (!config.drain).then_some(config.block_timeout),
+            connect_timeout: config.connect_timeout,
+            response_timeout: config.read_response_timeout(),
+        };
         Self {
             ctx,
-            reader: None,
-            read_in_flight: false,
-            read_after: EntryId::ZERO,
-            retry_at: None,
-            redis_backoff: Backoff::new(config.redis_retry),
-            outage: None,
-            drain_target: None,
-            reading_done: false,
-            finished: EntryId::ZERO,
-            saved: None,
-            dirty: false,
-            batch_size: config.batch_size,
-            window: Watermark::new(),
-            trim_reported: EntryId::ZERO,
-            oversized: None,
-            queues: KeyQueues::new(),
+            machine: None,
+            reader: Reader::spawn(settings, ctx.cancel.child_token()),
+            read_in_flight: None,
             running: FuturesUnordered::new(),
+            save: None,
+            read_retry_at: None,
+            save_retry_at: None,
+            save_backoff: Backoff::new(config.redis_retry),
+            outage: OutageLog::default(),
+            trim: TrimWatch::new(),
+            stored_at_start: None,
+            fault: None,
         }
     }
 
@@ -479,426 +557,356 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
         &self.ctx.consumer.stats
     }
 
-    fn cancel(&self) -> &'a CancellationToken {
-        self.ctx.cancel
+    /// The offset known to be stored.
+    fn stored(&self) -> Option<EntryId> {
+        self.machine
+            .as_ref()
+            .map_or(self.stored_at_start, Machine::saved_offset)
     }
 
     /// The loop. Returns when cancelled, drained, or on a permanent fault.
     async fn consume(&mut self) -> Result<StopReason, ConsumerError> {
-        let Some(start) = self.start_position().await? else {
+        let Some((start, saved, persist)) = self.start_position().await? else {
             return Ok(StopReason::Cancelled);
         };
-        self.finished = start;
-        self.read_after = start;
-        // A start position resolved from the start option (end, or a given
-        // id) is stored before the first read, so a restart before the first
-        // new entry cannot resolve it again and skip what arrived meanwhile.
-        self.checkpoint().await?;
-        if self.config().drain {
+        self.stored_at_start = saved;
+        let drain_target = if self.config().drain {
             match self.last_entry_id().await? {
                 None => return Ok(StopReason::Cancelled),
-                Some(target) => {
-                    self.reading_done = target.is_none_or(|target| target <= start);
-                    self.drain_target = Some(target.unwrap_or(start));
-                }
+                Some(target) => Some(target.unwrap_or(start)),
             }
-        }
+        } else {
+            None
+        };
+        let config = self.config();
+        let settings = Settings {
+            batch_size: config.batch_size,
+            concurrency: config.concurrency,
+            max_held_bytes: config.max_held_bytes,
+            max_reply_bytes: config.max_reply_bytes,
+            checkpoint: config.checkpoint,
+            redis_retry: config.redis_retry,
+        };
+        self.machine = Some(Machine::new(settings, start, saved, persist, drain_target));
         info!(
             start_after = %start,
-            block_timeout_ms = self.config().block_timeout.as_millis() as u64,
-            batch_size = self.config().batch_size,
-            concurrency = self.config().concurrency,
-            drain_until = ?self.drain_target.map(|id| id.to_string()),
+            block_timeout_ms = millis(config.block_timeout),
+            batch_size = config.batch_size,
+            concurrency = config.concurrency,
+            max_held_bytes = config.max_held_bytes,
+            drain_until = drain_target.map(|id| id.to_string()).unwrap_or_default(),
             "consumer started"
         );
+        let cancel = self.ctx.cancel;
         loop {
-            if self.cancel().is_cancelled() {
-                return Ok(StopReason::Cancelled);
+            self.perform()?;
+            if let Some(fault) = self.fault.take() {
+                return Err(fault);
             }
-            if self.reading_done && self.running.is_empty() && self.window.is_empty() {
+            let Some(machine) = self.machine.as_mut() else {
+                return Ok(StopReason::Cancelled);
+            };
+            if machine.drained() {
                 return Ok(StopReason::Drained);
             }
-            if let Some(id) = self.oversized.take() {
-                self.absorb_oversized(id).await?;
-            }
-            let may_read =
-                !self.reading_done && self.window.len() < self.config().max_held_entries();
-            if may_read && !self.read_in_flight {
-                self.send_read().await?;
-            }
-            let cancel = self.cancel();
-            let waiting_to_retry = self.retry_at;
-            let reply_limit = self.config().max_reply_bytes;
-            let response_timeout = self.config().read_response_timeout();
-            let reader = if self.read_in_flight {
-                self.reader.as_mut()
-            } else {
-                None
-            };
-            let running = &mut self.running;
+            let read_retry = machine
+                .waiting_to_retry()
+                .then_some(self.read_retry_at)
+                .flatten();
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => return Ok(StopReason::Cancelled),
-                Some(done) = running.next(), if !running.is_empty() => {
-                    self.complete(done).await?;
-                    // Everything dispatched is done: save now rather than
-                    // after the next (possibly long) blocking read.
-                    if self.running.is_empty() {
-                        self.checkpoint().await?;
+                Some(done) = self.running.next(), if !self.running.is_empty() => self.on_done(done),
+                (offset, result) = poll_save(&mut self.save) => {
+                    self.save = None;
+                    self.on_saved(offset, result);
+                }
+                event = self.reader.next() => match event {
+                    Some(ReaderEvent::Batch { received, reconnected }) => {
+                        if reconnected {
+                            self.stats().reconnect();
+                        }
+                        self.on_batch(received);
+                    }
+                    Some(ReaderEvent::Fault(err)) => self.on_read_fault(err)?,
+                    None => return Err(ConsumerError::Redis {
+                        action: "read the stream",
+                        source: "the stream reader stopped unexpectedly".into(),
+                    }),
+                },
+                () = sleep_until(read_retry) => {
+                    self.read_retry_at = None;
+                    if let Some(machine) = self.machine.as_mut() {
+                        machine.retry_read();
                     }
                 }
-                received = receive(reader, reply_limit, response_timeout), if self.read_in_flight => {
-                    self.read_in_flight = false;
-                    match received {
-                        Ok(received) => self.on_batch(received).await?,
-                        Err(err) => self.read_fault(err)?,
+                () = sleep_until(self.save_retry_at) => {
+                    self.save_retry_at = None;
+                    if let Some(machine) = self.machine.as_mut() {
+                        machine.checkpoint_now();
                     }
                 }
-                () = sleep_until(waiting_to_retry), if waiting_to_retry.is_some() && !self.read_in_flight => {
-                    self.retry_at = None;
-                }
             }
         }
     }
 
-    /// Sends the next `XREAD`, connecting first if needed. Faults set a
-    /// retry time rather than blocking, so completions keep flowing.
-    async fn send_read(&mut self) -> Result<(), ConsumerError> {
-        if self
-            .retry_at
-            .is_some_and(|at| at > tokio::time::Instant::now())
-        {
-            return Ok(());
-        }
-        if self.reader.is_none() {
-            let info = self.ctx.consumer.client.get_connection_info();
-            let connect = ReadConnection::connect(
-                info,
-                self.ctx.consumer.tls.as_ref(),
-                self.config().connect_timeout,
-            );
-            let connected = tokio::select! {
-                biased;
-                () = self.cancel().cancelled() => return Ok(()),
-                connected = connect => connected,
-            };
-            match connected {
-                Ok(conn) => {
-                    if self.outage.is_some() {
-                        self.stats().reconnect();
-                    }
-                    self.reader = Some(conn);
-                }
-                Err(err) => return self.read_fault(err),
-            }
-        }
-        let block = (!self.config().drain).then_some(self.config().block_timeout);
-        let stream = &self.config().stream;
-        let (after, count) = (self.read_after, self.batch_size);
-        let Some(reader) = self.reader.as_mut() else {
-            return Ok(());
-        };
-        match reader.send_xread(stream, after, count, block, true).await {
-            Ok(()) => {
-                self.stats().read();
-                self.read_in_flight = true;
-                Ok(())
-            }
-            Err(err) => self.read_fault(err),
-        }
-    }
-
-    /// A batch arrived: send the next read at once, then dispatch it.
-    async fn on_batch(&mut self, received: Received) -> Result<(), ConsumerError> {
-        let Received { batch, probe } = received;
-        self.stats().read_completed();
-        self.recovered();
-        if batch.is_empty() {
-            if self.drain_target.is_some() {
-                // Nothing after our position although the target lies ahead:
-                // the rest was deleted. Done all the same.
-                self.reading_done = true;
-            }
-            return self.checkpoint().await;
-        }
-        self.adapt_batch_size(batch.reply_bytes(), batch.len());
-        let read_from = self.read_after;
-        if let Some(last) = batch.last_id() {
-            self.read_after = last;
-            if self.drain_target.is_some_and(|target| last >= target) {
-                self.reading_done = true;
-            }
-        }
-        if !self.reading_done && self.window.len() < self.config().max_held_entries() {
-            self.send_read().await?;
-        }
-        if let Some(probe) = probe {
-            self.detect_trim(read_from, &batch, probe);
-        }
-        match self.dispatch(Arc::new(batch)).await? {
-            Dispatch::Done => self.checkpoint().await,
-            Dispatch::Cancelled => Ok(()),
-        }
-    }
-
-    /// Notices entries deleted before they were read, from the deletion probe
-    /// run on the reading connection just before the read, two ways:
-    ///
-    /// - trimming (`XTRIM`, `XADD MAXLEN`) removes the oldest entries: when
-    ///   the stream's first entry is now after where this read started (and
-    ///   that was a real entry, not `0-0`), the trim reached our position and
-    ///   what lay between is gone;
-    /// - deleting (`XDEL`): when the stream's largest deleted id lies after
-    ///   where this read started, up to the last entry returned, and is not
-    ///   among them, it was deleted before we read it.
-    ///
-    /// The probe sees the stream as the read will, so a deletion made while a
-    /// blocking read waits is noticed only when a later read's range covers
-    /// it.
-    ///
-    /// Logged as an error with how far the stream moved past us, counted,
-    /// reported once per trim or deletion seen; consuming goes on.
-    fn detect_trim(&mut self, read_from: EntryId, batch: &Batch, probe: DeletionProbe) {
-        let (Some(first), Some(last)) =
-            (batch.iter().next().map(|entry| entry.id()), batch.last_id())
-        else {
-            return;
-        };
-        let trimmed_past = probe
-            .first_entry_id
-            .filter(|stream_first| read_from > EntryId::ZERO && *stream_first > read_from);
-        let deleted_past = probe.max_deleted_entry_id.filter(|deleted| {
-            *deleted > read_from
-                && *deleted <= last
-                && !batch.iter().any(|entry| entry.id() == *deleted)
-        });
-        let Some(evidence) = trimmed_past.or(deleted_past) else {
-            return;
-        };
-        if evidence <= self.trim_reported {
-            return;
-        }
-        self.trim_reported = evidence;
-        self.stats().trimmed();
-        error!(
-            read_from = %read_from,
-            first_entry_after = %first,
-            stream_first_entry_id = ?probe.first_entry_id.map(|id| id.to_string()),
-            max_deleted_entry_id = ?probe.max_deleted_entry_id.map(|id| id.to_string()),
-            gap_ms = first.ms.saturating_sub(read_from.ms),
-            "the stream was trimmed or entries deleted past our position before they were handled; those entries are lost to this worker"
-        );
-    }
-
-    /// Moves past an entry larger than the reply limit without reading it.
-    async fn absorb_oversized(&mut self, id: EntryId) -> Result<(), ConsumerError> {
-        warn!(
-            stream_entry_id = %id,
-            err = %format!("entry too large: over the {} byte reply limit", self.config().max_reply_bytes),
-            "malformed entry absorbed"
-        );
-        self.stats().malformed();
-        self.read_after = id;
-        if self.drain_target.is_some_and(|target| id >= target) {
-            self.reading_done = true;
-        }
-        if self.window.push(id) {
-            self.settle(id).await?;
-        }
-        self.checkpoint().await
-    }
-
-    /// Decodes and dispatches every entry of `batch` in stream order.
-    async fn dispatch(&mut self, batch: Arc<Batch>) -> Result<Dispatch, ConsumerError> {
-        let decoder = &self.ctx.consumer.decoder;
-        let concurrency = self.config().concurrency;
-        let mut fields = Vec::new();
-        for (index, view) in batch.iter().enumerate() {
-            if self.cancel().is_cancelled() {
-                return Ok(Dispatch::Cancelled);
-            }
-            let id = view.id();
-            if self.drain_target.is_some_and(|target| id > target) {
-                break;
-            }
-            while self.window.len() >= self.config().max_held_entries() {
-                if !self.complete_one().await? {
-                    return Ok(Dispatch::Cancelled);
-                }
-            }
-            view.fields_into(&mut fields);
-            let decoded = decoder.decode(id, &fields);
-            if !self.window.push(id) {
-                // Never from Redis: ids grow along a stream.
-                warn!(stream_entry_id = %id, "entry id not after the previous one; skipped");
-                continue;
-            }
-            let item = match decoded {
-                Decoded::Handle(item) => item,
-                Decoded::Malformed(reason) => {
-                    warn!(stream_entry_id = %id, err = %reason, "malformed entry absorbed");
-                    self.stats().malformed();
-                    self.settle(id).await?;
-                    continue;
-                }
-                Decoded::UnknownType(event_type) => {
-                    info!(stream_entry_id = %id, event_type = ?event_type, "entry of unknown type absorbed");
-                    self.stats().unknown_type();
-                    self.settle(id).await?;
-                    continue;
-                }
-            };
-            let job = Job {
-                id,
-                item,
-                batch: Arc::clone(&batch),
-                index,
-            };
-            if concurrency == 1 {
-                let done = run_with_grace(self.ctx, job).await;
-                let interrupted = matches!(done.outcome, Ok(Progress::Interrupted));
-                self.complete(done).await?;
-                if interrupted {
-                    return Ok(Dispatch::Cancelled);
-                }
-                continue;
-            }
-            let key = decoder.ordering_key(&job.item).to_owned();
-            let Some(job) = self.queues.offer(&key, job) else {
-                continue;
-            };
-            while self.running.len() >= concurrency {
-                if !self.complete_one().await? {
-                    return Ok(Dispatch::Cancelled);
-                }
-            }
-            if self.cancel().is_cancelled() {
-                return Ok(Dispatch::Cancelled);
-            }
-            self.start(job, key);
-        }
-        Ok(Dispatch::Done)
-    }
-
-    fn start(&mut self, job: Job<D::Item>, key: String) {
+    /// Performs every action the machine has decided on.
+    fn perform(&mut self) -> Result<(), ConsumerError> {
         let ctx = self.ctx;
-        self.running.push(Box::pin(ctx.run_job(job, Some(key))));
-    }
-
-    /// Waits for one running job and settles it; `false` when cancelled first.
-    async fn complete_one(&mut self) -> Result<bool, ConsumerError> {
-        let cancel = self.cancel();
-        let done = tokio::select! {
-            biased;
-            () = cancel.cancelled() => return Ok(false),
-            done = self.running.next() => done,
-        };
-        match done {
-            Some(done) => self.complete(done).await.map(|()| true),
-            None => Ok(true),
-        }
-    }
-
-    /// Settles a finished job: moves the watermark, starts the next job of
-    /// its key.
-    async fn complete(&mut self, done: Done) -> Result<(), ConsumerError> {
-        let progress = done.outcome?;
-        if let Progress::Interrupted = progress {
-            return Ok(());
-        }
-        if let Some(key) = &done.key {
-            if let Some(next) = self.queues.release(key) {
-                if !self.cancel().is_cancelled() {
-                    self.start(next, key.clone());
+        let look_ahead = self.config().batch_size > 1;
+        while let Some(action) = self.machine.as_mut().and_then(Machine::poll_action) {
+            match action {
+                Action::Read {
+                    after,
+                    count,
+                    max_bytes,
+                } => {
+                    // One entry more than dispatched, as a look-ahead for
+                    // trim detection (see `trim`); not for single-entry
+                    // reads, whose entries may be too large for two.
+                    let look_ahead = look_ahead && count > 1;
+                    let asked = if look_ahead { count + 1 } else { count };
+                    let request = ReadRequest {
+                        after,
+                        count: asked,
+                        max_bytes,
+                    };
+                    if !self.reader.request(request) {
+                        return Err(ConsumerError::Redis {
+                            action: "read the stream",
+                            source: "the stream reader stopped unexpectedly".into(),
+                        });
+                    }
+                    self.stats().read();
+                    self.read_in_flight = Some((count, look_ahead));
+                }
+                Action::Start(job) => self.running.push(Box::pin(ctx.run_job(job))),
+                Action::Save(offset) => {
+                    let offsets = &ctx.consumer.offsets;
+                    let label = ctx.config().label.as_str();
+                    self.save = Some(Box::pin(async move {
+                        (offset, offsets.save(label, offset).await)
+                    }));
                 }
             }
         }
-        self.settle(done.id).await
-    }
-
-    /// Records that `id` is finished and moves the watermark if it can.
-    async fn settle(&mut self, id: EntryId) -> Result<(), ConsumerError> {
-        if let Some(watermark) = self.window.finish(id) {
-            self.finished = watermark;
-            self.dirty = true;
-            if self.config().checkpoint == Checkpoint::EveryEntry {
-                self.checkpoint().await?;
-            }
+        if let Some(machine) = &self.machine {
+            ctx.stats()
+                .held(machine.held_bytes(), machine.held_entries());
         }
         Ok(())
     }
 
-    /// After shutdown or a fault: lets running jobs finish within the grace
-    /// period, settling those that do.
-    async fn finish_running(&mut self) {
-        if self.running.is_empty() {
-            return;
+    fn on_done(&mut self, done: Done) {
+        if let Some(fault) = done.fault {
+            self.fault = Some(fault);
         }
-        let grace = self.config().shutdown_grace;
-        let deadline = tokio::time::Instant::now() + grace;
-        while !self.running.is_empty() {
-            match tokio::time::timeout_at(deadline, self.running.next()).await {
-                Ok(Some(done)) => {
-                    if let Err(err) = self.complete(done).await {
-                        error!(err = %err, "an entry failed while shutting down");
-                    }
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    warn!(
-                        running = self.running.len(),
-                        grace_ms = grace.as_millis() as u64,
-                        "handler calls did not finish within the shutdown grace period; their entries will be handled again"
-                    );
-                    break;
-                }
+        if let Some(machine) = self.machine.as_mut() {
+            machine.completed(done.id, &done.key, done.completion);
+        }
+    }
+
+    fn on_saved(&mut self, offset: EntryId, result: Result<(), StoreError>) {
+        let Some(machine) = self.machine.as_mut() else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                machine.saved(offset);
+                self.save_backoff.reset();
+                self.ctx.stats().offset_saved();
+            }
+            Err(err) if err.permanent => {
+                machine.save_failed();
+                self.fault = Some(ConsumerError::Store(err));
+            }
+            Err(err) => {
+                machine.save_failed();
+                self.outage.note(self.ctx.stats(), &err);
+                self.save_retry_at =
+                    Some(tokio::time::Instant::now() + self.save_backoff.next_delay());
             }
         }
     }
 
-    /// The id after which reading starts: the stored offset, else per the
-    /// start option. `None` when cancelled first.
-    async fn start_position(&mut self) -> Result<Option<EntryId>, ConsumerError> {
+    /// A batch arrived: decode what the machine asked for, judge deletions,
+    /// hand the entries over. The reply is dropped here: jobs own their
+    /// decoded items, never the reply.
+    fn on_batch(&mut self, received: Received) {
+        let Received { batch, probe } = received;
+        self.stats().read_completed();
+        self.outage.recovered();
+        let (requested, look_ahead) = self.read_in_flight.take().unwrap_or((batch.len(), false));
+        let Some(machine) = self.machine.as_mut() else {
+            return;
+        };
+        let read_from = machine.read_after();
+        let dispatch = if look_ahead && batch.len() > requested {
+            requested
+        } else {
+            batch.len()
+        };
+        let decoder = &self.ctx.consumer.decoder;
+        let stats = self.ctx.stats();
+        let mut fields = Vec::new();
+        let mut ids = Vec::with_capacity(dispatch);
+        let mut arrivals = Vec::with_capacity(dispatch);
+        for view in batch.iter().take(dispatch) {
+            let id = view.id();
+            view.fields_into(&mut fields);
+            let item = match decoder.decode(id, &fields) {
+                Decoded::Handle(item) => {
+                    let key = decoder.ordering_key(&item).to_owned();
+                    Some((item, key))
+                }
+                Decoded::Malformed(reason) => {
+                    warn!(stream_entry_id = %id, err = %reason, "malformed entry absorbed");
+                    stats.malformed();
+                    None
+                }
+                Decoded::UnknownType(event_type) => {
+                    info!(stream_entry_id = %id, event_type = ?event_type, "entry of unknown type absorbed");
+                    stats.unknown_type();
+                    None
+                }
+            };
+            ids.push(id);
+            arrivals.push(Arrival {
+                id,
+                item,
+                cost: entry_cost(view.size(), view.field_count()),
+            });
+        }
+        let extra = batch.entry(dispatch).map(|view| view.id());
+        let finding = self.trim.observe(ReadSeen {
+            read_from,
+            ids: &ids,
+            look_ahead: extra,
+            probe,
+        });
+        if let Some(finding) = finding {
+            report_finding(stats, finding);
+        }
+        let parsed = batch.parsed_bytes();
+        drop(batch);
+        machine.batch_received(arrivals, ids.last().copied(), parsed);
+    }
+
+    /// Handles a failure of the reader: permanent ones end the session;
+    /// transient ones schedule a retry.
+    fn on_read_fault(&mut self, err: ReadError) -> Result<(), ConsumerError> {
+        self.read_in_flight = None;
+        let Some(machine) = self.machine.as_mut() else {
+            return Ok(());
+        };
+        if let ReadError::ReplyTooLarge {
+            entries,
+            partial_entry_id,
+            limit,
+        } = err
+        {
+            // Not an outage: read again at once, fewer at a time.
+            if !machine.reply_too_large(entries) {
+                warn!(
+                    limit,
+                    "an XREAD reply outgrew the limit; reading fewer entries at a time"
+                );
+                return Ok(());
+            }
+            // One entry alone is larger than the limit: it is absorbed
+            // unread, as an entry too large to decode would be.
+            let Some(id) = partial_entry_id else {
+                return Err(ConsumerError::Redis {
+                    action: "read the stream",
+                    source: format!(
+                        "a reply larger than {limit} bytes arrived before its first entry's id"
+                    )
+                    .into(),
+                });
+            };
+            warn!(
+                stream_entry_id = %id,
+                err = %format!("entry too large: over the {limit} byte reply limit"),
+                "malformed entry absorbed"
+            );
+            self.ctx.stats().malformed();
+            machine.absorb_oversized(id);
+            self.trim.forget();
+            return Ok(());
+        }
+        let action = "read the stream";
+        match classify_read(&err) {
+            FaultClass::Transient => {}
+            FaultClass::WrongType => {
+                return Err(ConsumerError::WrongType {
+                    key: self.ctx.config().stream.clone(),
+                })
+            }
+            FaultClass::Auth => {
+                return Err(ConsumerError::Auth {
+                    action,
+                    source: Box::new(err),
+                })
+            }
+            FaultClass::Tls => {
+                return Err(ConsumerError::Tls {
+                    action,
+                    source: Box::new(err),
+                })
+            }
+            FaultClass::Permanent => {
+                return Err(ConsumerError::Redis {
+                    action,
+                    source: Box::new(err),
+                })
+            }
+        }
+        self.outage.note(self.ctx.stats(), &err);
+        let delay = machine.read_failed();
+        debug!(retry_in_ms = millis(delay), "retrying after a Redis fault");
+        self.read_retry_at = Some(tokio::time::Instant::now() + delay);
+        Ok(())
+    }
+
+    /// The id after which reading starts (the stored offset, else per the
+    /// start option), what is stored, and whether the start must be stored
+    /// first. `None` when cancelled first.
+    async fn start_position(
+        &mut self,
+    ) -> Result<Option<(EntryId, Option<EntryId>, bool)>, ConsumerError> {
+        let mut backoff = Backoff::new(self.config().redis_retry);
         let stored = loop {
             let label = self.config().label.as_str();
             let load = self.ctx.consumer.offsets.load(label);
             let result = tokio::select! {
                 biased;
-                () = self.cancel().cancelled() => return Ok(None),
+                () = self.ctx.cancel.cancelled() => return Ok(None),
                 result = load => result,
             };
             match result {
                 Ok(stored) => break stored,
                 Err(err) if err.permanent => return Err(ConsumerError::Store(err)),
                 Err(err) => {
-                    self.note_fault(&err.to_string());
-                    let delay = self.redis_backoff.next_delay();
-                    if !sleep_unless_cancelled(self.cancel(), delay).await {
+                    self.outage.note(self.ctx.stats(), &err);
+                    if !sleep_unless_cancelled(self.ctx.cancel, backoff.next_delay()).await {
                         return Ok(None);
                     }
                 }
             }
         };
-        self.recovered();
+        self.outage.recovered();
         if let Some(offset) = stored {
-            self.saved = Some(offset);
-            return Ok(Some(offset));
+            return Ok(Some((offset, Some(offset), false)));
         }
         let start = match self.config().start_from {
-            StartFrom::Beginning => EntryId::ZERO,
-            StartFrom::Id(id) => {
-                self.dirty = true;
-                id.predecessor().unwrap_or(EntryId::ZERO)
-            }
+            StartFrom::Beginning => return Ok(Some((EntryId::ZERO, None, false))),
+            StartFrom::Id(id) => id.predecessor().unwrap_or(EntryId::ZERO),
             StartFrom::End => match self.last_entry_id().await? {
                 None => return Ok(None),
-                Some(last) => {
-                    self.dirty = true;
-                    last.unwrap_or(EntryId::ZERO)
-                }
+                Some(last) => last.unwrap_or(EntryId::ZERO),
             },
         };
-        Ok(Some(start))
+        Ok(Some((start, None, true)))
     }
 
     /// The id of the stream's last entry (`Some(None)`: the stream is empty
@@ -919,218 +927,132 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
         }
     }
 
-    /// Sizes the next read so that its reply stays near a quarter of the
-    /// reply limit, judging by the entries of this one: a backlog of large
-    /// entries is read a few at a time, small ones a full batch at a time.
-    fn adapt_batch_size(&mut self, reply_bytes: usize, entries: usize) {
-        let configured = self.config().batch_size;
-        let per_entry = (reply_bytes / entries.max(1)).max(1);
-        let fitting = (self.config().max_reply_bytes / 4 / per_entry).clamp(1, configured);
-        if fitting < self.batch_size {
-            debug!(
-                reply_bytes,
-                batch_size = fitting,
-                "large entries: reading fewer per batch"
-            );
-            self.batch_size = fitting;
-        } else if self.batch_size < configured {
-            self.batch_size = self.batch_size.saturating_mul(2).min(fitting);
-        }
-    }
-
-    /// Handles a failure of the reading connection: permanent ones end the
-    /// session; transient ones drop the connection and schedule a retry.
-    fn read_fault(&mut self, err: ReadError) -> Result<(), ConsumerError> {
-        if let ReadError::ReplyTooLarge {
-            entries,
-            partial_entry_id,
-            limit,
-        } = err
-        {
-            // Not an outage: read again at once, fewer at a time.
-            self.reader = None;
-            self.read_in_flight = false;
-            if entries > 0 || self.batch_size > 1 {
-                self.batch_size = entries.clamp(1, self.batch_size / 2 + 1);
-                warn!(
-                    limit,
-                    batch_size = self.batch_size,
-                    "an XREAD reply outgrew the limit; reading fewer entries at a time"
-                );
-                return Ok(());
-            }
-            // One entry alone is larger than the limit: it is absorbed
-            // unread, as an entry too large to decode would be.
-            match partial_entry_id {
-                Some(id) => self.oversized = Some(id),
-                None => {
-                    return Err(ConsumerError::Redis {
-                        action: "read the stream",
-                        source: format!(
-                            "a reply larger than {limit} bytes arrived before its first entry's id"
-                        )
-                        .into(),
-                    })
+    /// The stop, within `deadline`: nothing new is read or started; handler
+    /// calls in flight may finish until shortly before it, leaving time for
+    /// the final save. Returns whether an unsaved offset was left behind.
+    async fn shut_down(&mut self, deadline: Deadline) -> bool {
+        self.reader.stop();
+        let Some(machine) = self.machine.as_mut() else {
+            return false;
+        };
+        machine.stop();
+        let timeout = self.ctx.config().shutdown_timeout;
+        let handlers_until = deadline.less((timeout / 4).min(Duration::from_secs(2)));
+        while !self.running.is_empty() {
+            match tokio::time::timeout_at(handlers_until, self.running.next()).await {
+                Ok(Some(done)) => {
+                    if let Some(fault) = &done.fault {
+                        error!(err = %fault, "an entry failed while shutting down");
+                    }
+                    machine.completed(done.id, &done.key, done.completion);
                 }
-            }
-            return Ok(());
-        }
-        match classify_read(&err) {
-            FaultClass::Transient => {}
-            FaultClass::WrongType => {
-                return Err(ConsumerError::WrongType {
-                    key: self.config().stream.clone(),
-                })
-            }
-            FaultClass::Auth => {
-                return Err(ConsumerError::Auth {
-                    action: "read the stream",
-                    source: Box::new(err),
-                })
-            }
-            FaultClass::Tls => {
-                return Err(ConsumerError::Tls {
-                    action: "read the stream",
-                    source: Box::new(err),
-                })
-            }
-            FaultClass::Permanent => {
-                return Err(ConsumerError::Redis {
-                    action: "read the stream",
-                    source: Box::new(err),
-                })
-            }
-        }
-        self.reader = None;
-        self.read_in_flight = false;
-        self.note_fault(&err.to_string());
-        let delay = self.redis_backoff.next_delay();
-        debug!(
-            retry_in_ms = delay.as_millis() as u64,
-            "retrying after a Redis fault"
-        );
-        self.retry_at = Some(tokio::time::Instant::now() + delay);
-        Ok(())
-    }
-
-    /// Saves the offset if it moved. A transient failure is left for the next
-    /// checkpoint (a crash meanwhile only replays more).
-    async fn checkpoint(&mut self) -> Result<(), ConsumerError> {
-        if !self.dirty {
-            return Ok(());
-        }
-        let offset = self.finished;
-        let label = &self.config().label;
-        match self.ctx.consumer.offsets.save(label, offset).await {
-            Ok(()) => {
-                self.saved = Some(offset);
-                self.dirty = false;
-                self.stats().offset_saved();
-                Ok(())
-            }
-            Err(err) if err.permanent => Err(ConsumerError::Store(err)),
-            Err(err) => {
-                self.note_fault(&err.to_string());
-                Ok(())
-            }
-        }
-    }
-
-    /// The last save, retried within the grace period. Returns whether an
-    /// unsaved offset was left behind.
-    async fn final_checkpoint(&mut self) -> bool {
-        let deadline = Instant::now() + self.config().shutdown_grace;
-        let mut backoff = Backoff::new(self.config().redis_retry);
-        while self.dirty {
-            match self.checkpoint().await {
-                Ok(()) if !self.dirty => break,
-                Ok(()) => {}
-                Err(err) => {
-                    error!(err = %err, "final offset save failed");
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(
+                        running = self.running.len(),
+                        shutdown_timeout_ms = millis(timeout),
+                        "handler calls did not finish before the shutdown deadline; their entries will be handled again"
+                    );
                     break;
                 }
             }
-            let delay = backoff.next_delay();
-            if Instant::now() + delay > deadline {
+        }
+        self.running.clear();
+        let mut backoff = Backoff::new(self.ctx.config().redis_retry);
+        loop {
+            if self.save.is_none() {
+                if let Some(Action::Save(offset)) = machine.poll_action() {
+                    let offsets = &self.ctx.consumer.offsets;
+                    let label = self.ctx.config().label.as_str();
+                    self.save = Some(Box::pin(async move {
+                        (offset, offsets.save(label, offset).await)
+                    }));
+                }
+            }
+            let Some(save) = self.save.as_mut() else {
                 break;
-            }
-            tokio::time::sleep(delay).await;
-        }
-        if self.dirty {
-            warn!(offset = %self.finished, stored = ?self.saved.map(|id| id.to_string()), "could not save the offset before stopping; entries after the stored offset will be handled again");
-        }
-        self.dirty
-    }
-
-    /// Counts a transient fault and logs it if it starts an outage.
-    fn note_fault(&mut self, cause: &str) {
-        self.stats().redis_fault();
-        match &mut self.outage {
-            Some(outage) => {
-                outage.retries = outage.retries.saturating_add(1);
-                debug!(err = %cause, retries = outage.retries, "Redis still unavailable");
-            }
-            None => {
-                warn!(err = %cause, "Redis unavailable; retrying with back-off, keeping our place");
-                self.outage = Some(Outage {
-                    started: Instant::now(),
-                    retries: 1,
-                });
-            }
-        }
-    }
-
-    /// Ends an outage, if one was going on.
-    fn recovered(&mut self) {
-        if let Some(outage) = self.outage.take() {
-            info!(
-                outage_ms = outage.started.elapsed().as_millis() as u64,
-                retries = outage.retries,
-                "Redis reachable again; carrying on"
-            );
-        }
-        self.redis_backoff.reset();
-    }
-}
-
-/// Runs one job to its end; at shutdown the handler call in flight may
-/// finish within the grace period.
-async fn run_with_grace<D, H>(ctx: &Ctx<'_, D, H>, job: Job<D::Item>) -> Done
-where
-    D: EntryDecoder,
-    H: EntryHandler<D::Item> + ?Sized,
-{
-    let id = job.id;
-    let call = ctx.run_job(job, None);
-    tokio::pin!(call);
-    tokio::select! {
-        biased;
-        done = &mut call => done,
-        () = ctx.cancel.cancelled() => {
-            let grace = ctx.config().shutdown_grace;
-            match tokio::time::timeout(grace, &mut call).await {
-                Ok(done) => done,
+            };
+            let outcome = tokio::time::timeout_at(deadline.0, save).await;
+            self.save = None;
+            match outcome {
+                Ok((offset, Ok(()))) => {
+                    machine.saved(offset);
+                    self.ctx.stats().offset_saved();
+                }
+                Ok((_, Err(err))) => {
+                    machine.save_failed();
+                    if err.permanent {
+                        error!(err = %err, "final offset save failed");
+                        break;
+                    }
+                    let delay = backoff.next_delay();
+                    if tokio::time::Instant::now() + delay >= deadline.0 {
+                        break;
+                    }
+                    tokio::time::sleep(delay).await;
+                    machine.checkpoint_now();
+                }
                 Err(_) => {
-                    warn!(stream_entry_id = %id, grace_ms = grace.as_millis() as u64, "handler did not finish within the shutdown grace period; its entry will be handled again");
-                    Done { id, key: None, outcome: Ok(Progress::Interrupted) }
+                    machine.save_failed();
+                    break;
                 }
             }
         }
+        let unsaved = machine.dirty();
+        if unsaved {
+            warn!(
+                offset = %machine.finished(),
+                stored = machine.saved_offset().map(|id| id.to_string()).unwrap_or_default(),
+                "could not save the offset before the shutdown deadline; entries after the stored offset will be handled again"
+            );
+        }
+        unsaved
     }
 }
 
-/// Receives the reply of the read in flight, giving up after `timeout`: a
-/// connection that went silent (a dead peer, a stalled network) is then
-/// dropped and reconnected like any other fault.
-async fn receive(
-    reader: Option<&mut ReadConnection>,
-    limit: usize,
-    timeout: Duration,
-) -> Result<Received, ReadError> {
-    match reader {
-        Some(reader) => tokio::time::timeout(timeout, reader.receive_batch(limit))
-            .await
-            .unwrap_or(Err(ReadError::Timeout(timeout))),
+/// Logs and counts what the trim judgement found.
+fn report_finding(stats: &ConsumerStats, finding: Finding) {
+    match finding {
+        Finding::Lost {
+            read_from,
+            evidence,
+            count,
+        } => {
+            stats.trimmed();
+            error!(
+                read_from = %read_from,
+                removed_entry_id = %evidence,
+                removed_entries = count.map(|count| count.to_string()).unwrap_or_default(),
+                "entries after our position were trimmed or deleted before they were handled; they are lost to this worker"
+            );
+        }
+        Finding::PossiblyTrimmed { read_from, first } => {
+            stats.trim_suspected();
+            warn!(
+                read_from = %read_from,
+                stream_first_entry_id = %first,
+                "the stream now begins after our position; entries in between, if there were any, were trimmed before they were handled"
+            );
+        }
+        Finding::BehindPosition {
+            read_from,
+            last_generated,
+        } => {
+            stats.trimmed();
+            error!(
+                read_from = %read_from,
+                stream_last_generated_id = %last_generated,
+                "the stream's last id is below our position (deleted and re-created, or the offset set past its end): new entries are not read until they pass it; set the offset with `offsets set` if this is not intended"
+            );
+        }
+    }
+}
+
+/// Awaits the save in flight, if any; pending otherwise. The save itself
+/// lives in `save`, so dropping this future loses nothing.
+async fn poll_save<'a>(save: &mut Option<SaveFuture<'a>>) -> (EntryId, Result<(), StoreError>) {
+    match save {
+        Some(save) => save.await,
         None => std::future::pending().await,
     }
 }
@@ -1139,5 +1061,58 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(ms: u64) -> BackoffPolicy {
+        BackoffPolicy {
+            initial: Duration::from_millis(ms),
+            max: Duration::from_millis(ms * 8),
+        }
+    }
+
+    #[test]
+    fn own_failures_count_towards_dead_lettering_and_outages_do_not() {
+        let mut attempts = Attempts::new(policy(100), policy(10), Some(2));
+        assert!(matches!(attempts.failed(false), Retry::After(_)));
+        for _ in 0..10 {
+            match attempts.failed(true) {
+                Retry::After(delay) => assert!(delay <= Duration::from_millis(80)),
+                Retry::DeadLetter(_) => panic!("an outage dead-lettered the entry"),
+            }
+        }
+        assert_eq!(attempts.failed(false), Retry::DeadLetter(2));
+    }
+
+    #[test]
+    fn without_a_limit_nothing_is_dead_lettered() {
+        let mut attempts = Attempts::new(policy(100), policy(10), None);
+        for _ in 0..50 {
+            assert!(matches!(attempts.failed(false), Retry::After(_)));
+        }
+    }
+
+    #[test]
+    fn an_outage_resets_the_handler_back_off_and_repeats_are_quiet() {
+        let mut attempts = Attempts::new(policy(100), policy(10), None);
+        for _ in 0..4 {
+            attempts.failed(false);
+        }
+        assert!(!attempts.outage_repeat());
+        attempts.failed(true);
+        assert!(
+            !attempts.outage_repeat(),
+            "an outage's first failure is logged"
+        );
+        attempts.failed(true);
+        assert!(attempts.outage_repeat());
+        match attempts.failed(false) {
+            Retry::After(delay) => assert!(delay <= Duration::from_millis(100), "{delay:?}"),
+            Retry::DeadLetter(_) => panic!("no limit"),
+        }
     }
 }

@@ -17,17 +17,27 @@
 //!   flight finish within a grace period, saves the offset and returns.
 //! - With `concurrency` > 1, items of one ordering key (user) run one at a
 //!   time in stream order, and the saved offset is the low watermark.
-//! - Memory is bounded whatever the entries: replies are sized by entry size
-//!   and capped; an entry larger than a reply may be is absorbed unread.
+//! - Memory is bounded by bytes whatever the entries: entries read but not
+//!   finished are charged what they cost once parsed, reading pauses at
+//!   `max_held_bytes`, replies are capped at `max_reply_bytes` and an entry
+//!   larger than that is absorbed unread. Jobs own their decoded items, never
+//!   the reply they came in.
+//! - One deadline, `shutdown_timeout`, bounds the whole stop.
 //!
 //! # Layout
 //!
-//! - [`engine`]: the loop ([`StreamConsumer`]).
-//! - [`decoder`]: the traits it is generic over.
-//! - [`read_conn`]: the reading connection (hand-written `XREAD`, the next
-//!   read pipelined, a deletion probe before each read); [`resp`]: its
-//!   zero-copy, resumable reply scanner.
-//! - [`window`]: the low watermark and the per-key queues.
+//! - [`engine`]: the driver ([`StreamConsumer`]): the async loop that
+//!   performs what the state machine decides.
+//! - `machine`: the state machine, with no I/O and no clock: what to read
+//!   next, what to start, which offset to save, when reading pauses; `trim`:
+//!   judging from reads and probes whether entries were deleted unread;
+//!   `window`: the per-key queues.
+//! - `reader`: the task that owns the reading connection and the reply in
+//!   flight, fed by a channel.
+//! - [`decoder`]: the traits the engine is generic over.
+//! - [`read_conn`]: the reading connection (hand-written `XREAD`, a
+//!   deletion probe before each read); [`resp`]: its zero-copy, resumable
+//!   reply scanner.
 //! - [`config`]: its settings; [`backoff`]: retry delays; [`fault`]:
 //!   transient versus permanent Redis failures; [`reply`]: parsing the
 //!   replies of the general client without trusting them; [`stats`]:
@@ -39,15 +49,20 @@ pub mod decoder;
 pub mod engine;
 pub mod error;
 pub mod fault;
+mod machine;
 pub mod read_conn;
+mod reader;
 pub mod reply;
 pub mod resp;
 pub mod stats;
 pub mod tls;
-pub mod window;
+mod trim;
+mod window;
 
 pub use backoff::{Backoff, BackoffPolicy};
-pub use config::{Checkpoint, ConsumerConfig, StartFrom};
+pub use config::{
+    Checkpoint, ConsumerConfig, StartFrom, DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_REPLY_BYTES,
+};
 pub use decoder::{Decoded, EntryDecoder, EntryHandler};
 pub use engine::{RunReport, StopReason, StreamConsumer};
 pub use error::ConsumerError;

@@ -68,6 +68,10 @@ pub struct ReadConnection {
     /// Whether this server has the probe's script cached, so that its hash
     /// (`EVALSHA`) is sent rather than its text.
     probe_cached: bool,
+    /// The probe's answer once parsed, until its read's reply is complete:
+    /// kept here rather than in the receiving future, so that dropping that
+    /// future loses nothing.
+    probe_seen: Option<DeletionProbe>,
 }
 
 /// The SHA1 of the probe's script, computed once for the process.
@@ -165,6 +169,7 @@ impl ReadConnection {
             out: Vec::with_capacity(256),
             probe_pending: false,
             probe_cached: false,
+            probe_seen: None,
         };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
@@ -258,14 +263,17 @@ impl ReadConnection {
     }
 
     /// Receives the answer to the oldest `XREAD` sent, holding at most
-    /// about `limit` bytes of it.
+    /// about `limit` bytes of it once parsed (its bytes and the scanner's
+    /// records of them).
     ///
     /// # Errors
     ///
     /// [`ReadError`] when the socket fails, the server answers with an
     /// error, the reply is malformed or grows past `limit`.
+    /// Cancellation-safe: every byte received and the probe's answer are
+    /// kept in the connection, so a call dropped at an await point is
+    /// resumed by the next.
     pub async fn receive_batch(&mut self, limit: usize) -> Result<Received, ReadError> {
-        let mut probe = None;
         while self.probe_pending {
             if self.buf.starts_with(b"-NOSCRIPT") {
                 // The script cache was flushed: send the text again next time.
@@ -275,14 +283,14 @@ impl ReadConnection {
                 Some((len, seen)) => {
                     self.buf.advance(len);
                     self.probe_pending = false;
-                    probe = Some(seen);
+                    self.probe_seen = Some(seen);
                 }
                 None => self.fill().await?,
             }
         }
         loop {
             match self.parser.parse(&self.buf)? {
-                Parsed::Incomplete if self.buf.len() > limit => {
+                Parsed::Incomplete if self.parser.held_bytes(self.buf.len()) > limit => {
                     return Err(ReadError::ReplyTooLarge {
                         limit,
                         entries: self.parser.entries_parsed(),
@@ -294,12 +302,13 @@ impl ReadConnection {
                     let data = self.buf.split_to(len).freeze();
                     return Ok(Received {
                         batch: self.parser.take_batch(data),
-                        probe,
+                        probe: self.probe_seen.take(),
                     });
                 }
                 Parsed::Error(len, err) => {
                     self.buf.advance(len);
                     self.parser.reset();
+                    self.probe_seen = None;
                     return Err(ReadError::Server(err));
                 }
             }

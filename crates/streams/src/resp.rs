@@ -17,6 +17,10 @@ use lifecycle_domain::EntryId;
 
 /// The largest bulk string Redis can send (its `proto-max-bulk-len` ceiling).
 const MAX_BULK_LEN: usize = 512 * 1024 * 1024;
+/// Bytes the scanner keeps per string (a field name or value) it records.
+pub(crate) const SPAN_BYTES: usize = std::mem::size_of::<Span>();
+/// Bytes the scanner keeps per entry it records.
+const SLOT_BYTES: usize = std::mem::size_of::<EntrySlot>();
 /// Counts larger than this are not preallocated: memory grows with what
 /// actually arrives, not with what a header claims.
 const MAX_PREALLOCATED: usize = 4096;
@@ -409,6 +413,12 @@ impl XreadParser {
         batch
     }
 
+    /// Bytes held for the reply being parsed, `buffered` of which are
+    /// received: the bytes and the records of what was scanned so far.
+    pub fn held_bytes(&self, buffered: usize) -> usize {
+        parsed_bytes(buffered, self.entries.len(), self.spans.len())
+    }
+
     /// Forgets a partly parsed reply (after the connection was dropped).
     pub fn reset(&mut self) {
         *self = Self::new();
@@ -423,27 +433,39 @@ pub struct DeletionProbe {
     pub first_entry_id: Option<EntryId>,
     /// The largest id ever removed by `XDEL` (Redis 7), if any.
     pub max_deleted_entry_id: Option<EntryId>,
+    /// The id of the last entry ever added, if any.
+    pub last_generated_id: Option<EntryId>,
+    /// How many entries were ever added (Redis 7).
+    pub entries_added: Option<u64>,
+    /// How many entries the stream holds.
+    pub length: Option<u64>,
 }
 
-/// The probe's script: the two ids of `XINFO STREAM` that reveal deletions,
+/// The probe's script: the fields of `XINFO STREAM` that reveal deletions,
 /// without shipping the first and last entries `XINFO` also returns. A
-/// missing key or one of another type answers two empty strings (the read
-/// that follows reports the latter).
+/// missing key or one of another type answers empty strings (the read that
+/// follows reports the latter).
 pub const DELETION_PROBE_SCRIPT: &str = r"
 local ok, info = pcall(redis.call, 'XINFO', 'STREAM', KEYS[1])
-if not ok then return { '', '' } end
-local first, deleted = '', ''
+if not ok then return { '', '', '', '', '' } end
+local first, deleted, last, added, length = '', '', '', '', ''
 for i = 1, #info, 2 do
   local name = info[i]
   if name == 'recorded-first-entry-id' then
     first = info[i + 1]
   elseif name == 'max-deleted-entry-id' then
     deleted = info[i + 1]
+  elseif name == 'last-generated-id' then
+    last = info[i + 1]
+  elseif name == 'entries-added' then
+    added = tostring(info[i + 1])
+  elseif name == 'length' then
+    length = tostring(info[i + 1])
   elseif name == 'first-entry' and first == '' and type(info[i + 1]) == 'table' then
     first = info[i + 1][1]
   end
 end
-return { first, deleted }
+return { first, deleted, last, added, length }
 ";
 
 /// Parses the probe's reply at the start of `buf`: its length and content,
@@ -462,27 +484,33 @@ pub fn parse_probe_reply(buf: &[u8]) -> Result<Option<(usize, DeletionProbe)>, P
     match cursor.line()? {
         None => return Ok(None),
         Some(Line::Error(_)) => return Ok(Some((cursor.pos, DeletionProbe::default()))),
-        Some(Line::Array(2)) => {}
-        Some(_) => return Err(protocol("expected the deletion probe's two ids")),
+        Some(Line::Array(5)) => {}
+        Some(_) => return Err(protocol("expected the deletion probe's five fields")),
     }
-    let mut ids = [None, None];
-    for slot in &mut ids {
+    let mut texts: [Option<&[u8]>; 5] = [None; 5];
+    for slot in &mut texts {
         match cursor.string()? {
             None => return Ok(None),
-            Some(span) => {
-                *slot = span
-                    .and_then(|span| buf.get(span.start..span.end))
-                    .and_then(|raw| EntryId::from_bytes(raw).ok())
-                    .filter(|id| *id > EntryId::ZERO);
-            }
+            Some(span) => *slot = span.and_then(|span| buf.get(span.start..span.end)),
         }
     }
-    let [first_entry_id, max_deleted_entry_id] = ids;
+    let id = |raw: Option<&[u8]>| {
+        raw.and_then(|raw| EntryId::from_bytes(raw).ok())
+            .filter(|id| *id > EntryId::ZERO)
+    };
+    let number = |raw: Option<&[u8]>| {
+        raw.and_then(|raw| std::str::from_utf8(raw).ok())
+            .and_then(|text| text.parse::<u64>().ok())
+    };
+    let [first, deleted, last, added, length] = texts;
     Ok(Some((
         cursor.pos,
         DeletionProbe {
-            first_entry_id,
-            max_deleted_entry_id,
+            first_entry_id: id(first),
+            max_deleted_entry_id: id(deleted),
+            last_generated_id: id(last),
+            entries_added: number(added),
+            length: number(length),
         },
     )))
 }
@@ -516,6 +544,12 @@ impl Batch {
     /// Bytes of the reply.
     pub fn reply_bytes(&self) -> usize {
         self.data.len()
+    }
+
+    /// Bytes the reply holds once parsed: its bytes and the scanner's
+    /// records of its entries and strings.
+    pub fn parsed_bytes(&self) -> usize {
+        parsed_bytes(self.data.len(), self.entries.len(), self.spans.len())
     }
 
     /// The entries, in stream order.
@@ -555,6 +589,11 @@ impl<'a> EntryView<'a> {
         self.slot.size
     }
 
+    /// How many field/value pairs it has.
+    pub fn field_count(&self) -> usize {
+        self.slot.count / 2
+    }
+
     /// Its field/value pairs, written into `out` (cleared first) so one
     /// vector serves a whole batch.
     pub fn fields_into(&self, out: &mut Vec<(&'a [u8], &'a [u8])>) {
@@ -569,6 +608,14 @@ impl<'a> EntryView<'a> {
             _ => None,
         }));
     }
+}
+
+/// Bytes of a reply of `bytes` bytes once parsed into `entries` entries and
+/// `spans` strings.
+fn parsed_bytes(bytes: usize, entries: usize, spans: usize) -> usize {
+    bytes
+        .saturating_add(entries.saturating_mul(SLOT_BYTES))
+        .saturating_add(spans.saturating_mul(SPAN_BYTES))
 }
 
 /// Encodes a command as a RESP array of bulk strings.
@@ -773,21 +820,31 @@ mod tests {
 
     #[test]
     fn probe_replies_parse_whole_or_not_at_all() {
-        let reply = b"*2\r\n$3\r\n5-0\r\n$3\r\n7-1\r\nrest";
+        let reply = b"*5\r\n$3\r\n5-0\r\n$3\r\n7-1\r\n$3\r\n9-0\r\n$2\r\n12\r\n$1\r\n4\r\nrest";
         let (len, probe) = parse_probe_reply(reply).unwrap().unwrap();
         assert_eq!(len, reply.len() - 4);
-        assert_eq!(probe.first_entry_id, Some(EntryId::new(5, 0)));
-        assert_eq!(probe.max_deleted_entry_id, Some(EntryId::new(7, 1)));
+        assert_eq!(
+            probe,
+            DeletionProbe {
+                first_entry_id: Some(EntryId::new(5, 0)),
+                max_deleted_entry_id: Some(EntryId::new(7, 1)),
+                last_generated_id: Some(EntryId::new(9, 0)),
+                entries_added: Some(12),
+                length: Some(4),
+            }
+        );
         for end in 0..len {
             assert!(parse_probe_reply(&reply[..end]).unwrap().is_none(), "{end}");
         }
-        let (_, empty) = parse_probe_reply(b"*2\r\n$0\r\n\r\n$3\r\n0-0\r\n")
-            .unwrap()
-            .unwrap();
+        let (_, empty) =
+            parse_probe_reply(b"*5\r\n$0\r\n\r\n$3\r\n0-0\r\n$0\r\n\r\n$1\r\nx\r\n$0\r\n\r\n")
+                .unwrap()
+                .unwrap();
         assert_eq!(empty, DeletionProbe::default());
         let (len, failed) = parse_probe_reply(b"-ERR oops\r\n").unwrap().unwrap();
         assert_eq!((len, failed), (11, DeletionProbe::default()));
         assert!(parse_probe_reply(b":1\r\n").is_err());
+        assert!(parse_probe_reply(b"*2\r\n$3\r\n5-0\r\n$3\r\n7-1\r\n").is_err());
     }
 
     #[test]

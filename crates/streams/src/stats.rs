@@ -16,6 +16,10 @@ pub struct ConsumerStats {
     offset_saves: AtomicU64,
     reads: AtomicU64,
     trimmed: AtomicU64,
+    trims_suspected: AtomicU64,
+    held_bytes: AtomicU64,
+    held_bytes_peak: AtomicU64,
+    held_entries: AtomicU64,
     last_read_ms: AtomicU64,
     last_fault_ms: AtomicU64,
 }
@@ -41,8 +45,19 @@ pub struct StatsSnapshot {
     pub offset_saves: u64,
     /// `XREAD` round trips.
     pub reads: u64,
-    /// Times entries were found deleted before they were handled.
+    /// Times entries were found deleted before they were handled (or the
+    /// stream found behind the position).
     pub trimmed: u64,
+    /// Times the stream was found to begin after the position with nothing
+    /// to prove that entries lay in between.
+    pub trims_suspected: u64,
+    /// Bytes of entries read but not finished, as the engine charges them
+    /// (see `ConsumerConfig::max_held_bytes`).
+    pub held_bytes: u64,
+    /// The largest `held_bytes` seen.
+    pub held_bytes_peak: u64,
+    /// Entries read and not yet behind the offset.
+    pub held_entries: u64,
     /// When the last `XREAD` reply arrived (ms since the Unix epoch; 0:
     /// never), entries or not: the read connection works.
     pub last_read_ms: u64,
@@ -102,6 +117,18 @@ impl ConsumerStats {
     pub(crate) fn trimmed(&self) {
         bump(&self.trimmed);
     }
+    pub(crate) fn held(&self, bytes: usize, entries: usize) {
+        let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        self.held_bytes.store(bytes, Ordering::Relaxed);
+        self.held_bytes_peak.fetch_max(bytes, Ordering::Relaxed);
+        self.held_entries.store(
+            u64::try_from(entries).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+    pub(crate) fn trim_suspected(&self) {
+        bump(&self.trims_suspected);
+    }
     pub(crate) fn read_completed(&self) {
         self.last_read_ms.store(now_ms(), Ordering::Relaxed);
     }
@@ -120,6 +147,10 @@ impl ConsumerStats {
             offset_saves: get(&self.offset_saves),
             reads: get(&self.reads),
             trimmed: get(&self.trimmed),
+            trims_suspected: get(&self.trims_suspected),
+            held_bytes: get(&self.held_bytes),
+            held_bytes_peak: get(&self.held_bytes_peak),
+            held_entries: get(&self.held_entries),
             last_read_ms: get(&self.last_read_ms),
             last_fault_ms: get(&self.last_fault_ms),
         }

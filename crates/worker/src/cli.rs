@@ -213,9 +213,16 @@ pub struct RunArgs {
     #[arg(long, env = "LOBBY_DEAD_LETTER_STREAM")]
     pub dead_letter_stream: Option<String>,
 
-    /// How long a handler call in flight may finish after SIGINT/SIGTERM.
-    #[arg(long, env = "LOBBY_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
-    pub shutdown_grace: Duration,
+    /// How long the whole stop may take after SIGINT/SIGTERM: handler calls
+    /// in flight, the final offset save and any reconnect it needs.
+    #[arg(long, alias = "shutdown-grace", env = "LOBBY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// The most memory for entries read but not finished (queued, running,
+    /// waiting to be dead-lettered), as they cost once read; reading pauses
+    /// there. At least 8MiB (e.g. 16MiB, 64MiB).
+    #[arg(long, env = "LOBBY_MAX_HELD_BYTES", default_value = "16MiB", value_parser = parse_size)]
+    pub max_held_bytes: usize,
 
     /// Handle the entries present at start-up, save the offset and exit 0.
     #[arg(long, env = "LOBBY_DRAIN")]
@@ -380,6 +387,36 @@ pub enum OffsetsAction {
 }
 
 /// Parses `250ms`, `2s`, `1m`, `1h` or `1m30s`.
+/// Parses a size in bytes: a number with an optional unit (`B`, `KiB`,
+/// `MiB`, `GiB`), such as `16MiB`; at least 8 MiB, so that an entry of
+/// 1 MiB still fits in one read.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let invalid =
+        || format!("{text:?} is not a size: use a number with a unit, like 16MiB or 512KiB");
+    let trimmed = text.trim();
+    let digits = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(digits);
+    let value: usize = number.parse().map_err(|_| invalid())?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(invalid()),
+    };
+    let bytes = value.checked_mul(scale).ok_or_else(invalid)?;
+    if bytes < MIN_HELD_BYTES {
+        return Err(format!("{text:?} is too small: at least 8MiB"));
+    }
+    Ok(bytes)
+}
+
+/// The smallest `--max-held-bytes`.
+pub const MIN_HELD_BYTES: usize = 8 << 20;
+
+/// Parses a duration such as `250ms`, `2s`, `1m30s`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let invalid = || {
         format!("{text:?} is not a duration: use a number with a unit, like 250ms, 2s, 1m or 1h")
@@ -461,6 +498,19 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_a_floor() {
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("8388608"), Ok(8 << 20));
+        assert_eq!(parse_size("9000KiB"), Ok(9000 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("8388607").is_err(), "below the floor");
+        assert!(parse_size("4MiB").is_err());
+        assert!(parse_size("16MB").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
     }
 
     #[test]

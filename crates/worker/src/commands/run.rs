@@ -8,6 +8,7 @@ use lifecycle_domain::{CascadeHandler, UserLifecycleConsumer, USER_LIFECYCLE_LAB
 use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore};
 use lifecycle_streams::{
     BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerStats, StartFrom, StopReason,
+    DEFAULT_MAX_REPLY_BYTES,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -50,22 +51,48 @@ pub fn consumer_config(args: &RunArgs) -> ConsumerConfig {
     if let Some(stream) = &args.dead_letter_stream {
         config.dead_letter_stream = stream.clone();
     }
-    config.shutdown_grace = args.shutdown_grace;
+    config.shutdown_timeout = args.shutdown_timeout;
+    config.max_held_bytes = args.max_held_bytes;
+    // A reply is at most a quarter of the budget, so that one in flight and
+    // one being decoded fit beside what is held.
+    config.max_reply_bytes = (args.max_held_bytes / 4).min(DEFAULT_MAX_REPLY_BYTES);
     config.drain = args.drain;
     config.concurrency = args.concurrency as usize;
     config
+}
+
+/// The engine's setting names and the flags that set them, for messages.
+const SETTING_FLAGS: &[(&str, &str)] = &[
+    ("handler_retry.initial", "--retry-initial"),
+    ("handler_retry.max", "--retry-max"),
+    ("batch_size", "--batch-size"),
+    ("block_timeout", "--block-timeout"),
+    ("dead_letter_after", "--dead-letter-after"),
+    ("max_held_bytes", "--max-held-bytes"),
+    ("max_reply_bytes", "a quarter of --max-held-bytes"),
+    ("shutdown_timeout", "--shutdown-timeout"),
+    ("concurrency", "--concurrency"),
+];
+
+/// A message of the engine's, in terms of the flags that set what it names.
+fn in_flag_terms(reason: &str) -> String {
+    SETTING_FLAGS
+        .iter()
+        .fold(reason.to_owned(), |text, (setting, flag)| {
+            text.replace(setting, flag)
+        })
 }
 
 /// Runs the worker until SIGINT/SIGTERM, drain's end or a permanent fault;
 /// with `--print-config`, prints the settings instead.
 pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     let config = consumer_config(&args);
+    config
+        .validate()
+        .map_err(|reason| anyhow::anyhow!("invalid settings: {}", in_flag_terms(&reason)))?;
     let target = RedisTarget::from_args(&args.redis)?;
     let client = target.client()?;
     if args.print_config {
-        config
-            .validate()
-            .map_err(|reason| anyhow::anyhow!("invalid settings: {reason}"))?;
         print_config(&args, &config, logging)?;
         return Ok(());
     }
@@ -320,7 +347,8 @@ fn print_config(
             optional(config.dead_letter_after.map(|n| n.to_string())),
         ),
         ("dead_letter_stream", config.dead_letter_stream.clone()),
-        ("shutdown_grace", format_duration(config.shutdown_grace)),
+        ("shutdown_timeout", format_duration(config.shutdown_timeout)),
+        ("max_held_bytes", config.max_held_bytes.to_string()),
         ("drain", config.drain.to_string()),
         ("concurrency", config.concurrency.to_string()),
         (
@@ -352,4 +380,21 @@ pub fn peak_rss_kib() -> u64 {
                 .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_setting_names_become_flags() {
+        assert_eq!(
+            in_flag_terms("handler_retry.initial must not be larger than handler_retry.max"),
+            "--retry-initial must not be larger than --retry-max"
+        );
+        assert_eq!(
+            in_flag_terms("batch_size must be at least 1"),
+            "--batch-size must be at least 1"
+        );
+    }
 }

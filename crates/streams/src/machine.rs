@@ -1,0 +1,1023 @@
+//! The consumer's decisions, without I/O or a clock (the "sans-IO" core).
+//!
+//! [`Machine`] is told what happened (a batch arrived, a job finished, a read
+//! or a save failed, shutdown began) and answers with [`Action`]s for the
+//! driver to perform: read after an id, start a job, save an offset. It owns
+//! every rule the guarantees rest on:
+//!
+//! - the saved offset is the low watermark: never past an unfinished entry;
+//! - one ordering key (user) runs one job at a time, in stream order, and
+//!   with `concurrency` 1 every job runs in stream order;
+//! - the bytes of entries read but not finished stay under a cap: a read is
+//!   asked for only while the cap leaves room for its whole reply, and
+//!   reading pauses otherwise;
+//! - after shutdown begins nothing new is read or started.
+//!
+//! Tests drive it step by step, and a property test over random
+//! interleavings checks those invariants without Redis.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use lifecycle_domain::EntryId;
+
+use crate::backoff::{Backoff, BackoffPolicy};
+use crate::config::Checkpoint;
+use crate::window::KeyQueues;
+
+/// What one held entry costs beyond its bytes: its job, its slot in the
+/// window, its key and the allocator's rounding.
+pub(crate) const ENTRY_OVERHEAD: usize = 256;
+/// What a finished entry still costs until the watermark passes it.
+const SLOT_BYTES: usize = 32;
+
+/// The settings the decisions depend on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settings {
+    /// Entries asked for per read, at most.
+    pub batch_size: usize,
+    /// Jobs running at once, at most.
+    pub concurrency: usize,
+    /// Bytes of held entries, at most (see the module doc).
+    pub max_held_bytes: usize,
+    /// Bytes one read's reply may hold once parsed.
+    pub max_reply_bytes: usize,
+    /// When offsets are saved.
+    pub checkpoint: Checkpoint,
+    /// Back-off between attempts after a read fault.
+    pub redis_retry: BackoffPolicy,
+}
+
+/// A decoded entry for the handler, with the key it is ordered by.
+#[derive(Debug)]
+pub(crate) struct Job<T> {
+    /// The entry's id.
+    pub id: EntryId,
+    /// The decoded item.
+    pub item: T,
+    /// Its ordering key.
+    pub key: String,
+}
+
+/// One entry of a batch, as the driver decoded it.
+#[derive(Debug)]
+pub(crate) struct Arrival<T> {
+    /// The entry's id.
+    pub id: EntryId,
+    /// The item and its key; `None` for an entry absorbed at once
+    /// (malformed, unknown type, too large).
+    pub item: Option<(T, String)>,
+    /// What the entry costs while held (see [`entry_cost`]).
+    pub cost: usize,
+}
+
+/// How a job ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Completion {
+    /// Its handling finished (handled, or dead-lettered): the offset may move
+    /// past it.
+    Finished,
+    /// Shutdown came first: the offset stays before it.
+    Interrupted,
+}
+
+/// What the driver is to do next.
+#[derive(Debug)]
+pub(crate) enum Action<T> {
+    /// Read up to `count` entries after `after`, holding at most `max_bytes`
+    /// of reply.
+    Read {
+        /// The id to read after.
+        after: EntryId,
+        /// Entries to ask for.
+        count: usize,
+        /// Parsed bytes the reply may hold.
+        max_bytes: usize,
+    },
+    /// Start the handler on this job.
+    Start(Job<T>),
+    /// Store this offset.
+    Save(EntryId),
+}
+
+/// Where reading stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reading {
+    /// No read in flight; one may be asked for.
+    Idle,
+    /// A read of this many entries is in flight.
+    InFlight { count: usize },
+    /// After a fault: waiting for the driver's retry timer.
+    Waiting,
+    /// Drain mode read its last entry, or shutdown began.
+    Done,
+}
+
+/// One entry held in the window.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    id: EntryId,
+    finished: bool,
+    /// Bytes charged for it now.
+    cost: usize,
+}
+
+/// The consumer's state: see the module doc.
+#[derive(Debug)]
+pub(crate) struct Machine<T> {
+    settings: Settings,
+    reading: Reading,
+    /// The id after which the next read starts.
+    read_after: EntryId,
+    /// The current read count: the configured batch, lowered while entries
+    /// are large.
+    batch_size: usize,
+    /// Drain mode's last entry.
+    drain_target: Option<EntryId>,
+    /// Entries read and not yet behind the watermark, in stream order.
+    window: VecDeque<Slot>,
+    held_bytes: usize,
+    /// Jobs whose key is free, by id: the oldest starts first.
+    ready: BTreeMap<EntryId, Job<T>>,
+    /// Jobs waiting behind their key's running job.
+    queues: KeyQueues<Job<T>>,
+    running: usize,
+    /// The watermark: every entry up to it is finished.
+    finished: EntryId,
+    /// The offset known to be stored.
+    saved: Option<EntryId>,
+    /// The start position must be stored although nothing moved.
+    save_forced: bool,
+    save_in_flight: Option<EntryId>,
+    checkpoint_due: bool,
+    stopping: bool,
+    redis_backoff: Backoff,
+    actions: VecDeque<Action<T>>,
+}
+
+/// What an entry of `bytes` (names and values) in `fields` field/value pairs
+/// costs while held: its bytes, the scanner's record of each string, and the
+/// per-entry overhead. The same measure bounds a reply (see
+/// [`crate::resp::XreadParser::held_bytes`]), so a reply within its limit
+/// never charges more than that limit plus the overhead of its entries.
+pub(crate) fn entry_cost(bytes: usize, fields: usize) -> usize {
+    bytes
+        .saturating_add(fields.saturating_mul(2 * crate::resp::SPAN_BYTES))
+        .saturating_add(ENTRY_OVERHEAD)
+}
+
+impl<T> Machine<T> {
+    /// A machine that reads after `start`; `persist_start` when the position
+    /// came from the start option and must be stored before the first read.
+    pub(crate) fn new(
+        settings: Settings,
+        start: EntryId,
+        saved: Option<EntryId>,
+        persist_start: bool,
+        drain_target: Option<EntryId>,
+    ) -> Self {
+        let settings = Settings {
+            batch_size: settings.batch_size.max(1),
+            concurrency: settings.concurrency.max(1),
+            ..settings
+        };
+        let mut machine = Self {
+            settings,
+            reading: Reading::Idle,
+            read_after: start,
+            batch_size: settings.batch_size,
+            drain_target,
+            window: VecDeque::new(),
+            held_bytes: 0,
+            ready: BTreeMap::new(),
+            queues: KeyQueues::new(),
+            running: 0,
+            finished: start,
+            saved,
+            save_forced: persist_start,
+            save_in_flight: None,
+            checkpoint_due: persist_start,
+            stopping: false,
+            redis_backoff: Backoff::new(settings.redis_retry),
+            actions: VecDeque::new(),
+        };
+        if drain_target.is_some_and(|target| target <= start) {
+            machine.reading = Reading::Done;
+        }
+        machine
+    }
+
+    /// The next thing to do, if any.
+    pub(crate) fn poll_action(&mut self) -> Option<Action<T>> {
+        if self.actions.is_empty() {
+            self.decide();
+        }
+        self.actions.pop_front()
+    }
+
+    fn decide(&mut self) {
+        if self.checkpoint_due && self.save_in_flight.is_none() && self.dirty() {
+            self.checkpoint_due = false;
+            self.save_in_flight = Some(self.finished);
+            self.actions.push_back(Action::Save(self.finished));
+        }
+        if self.stopping {
+            return;
+        }
+        while self.running < self.settings.concurrency {
+            let Some((_, job)) = self.ready.pop_first() else {
+                break;
+            };
+            self.running += 1;
+            self.actions.push_back(Action::Start(job));
+        }
+        if self.reading == Reading::Idle {
+            if let Some(count) = self.read_count() {
+                self.reading = Reading::InFlight { count };
+                self.actions.push_back(Action::Read {
+                    after: self.read_after,
+                    count,
+                    max_bytes: self.settings.max_reply_bytes,
+                });
+            }
+        }
+    }
+
+    /// How many entries the next read may ask for; `None` while the held
+    /// bytes leave no room for a whole reply.
+    fn read_count(&self) -> Option<usize> {
+        let free = self.settings.max_held_bytes.checked_sub(self.held_bytes)?;
+        let for_overhead = free.checked_sub(self.settings.max_reply_bytes)?;
+        let affordable = for_overhead / ENTRY_OVERHEAD;
+        (affordable >= 1).then(|| affordable.min(self.batch_size))
+    }
+
+    /// Whether the watermark is ahead of what is stored.
+    pub(crate) fn dirty(&self) -> bool {
+        self.save_forced || self.finished > self.saved.unwrap_or(EntryId::ZERO)
+    }
+
+    /// A batch arrived for the read in flight: `arrivals` in stream order,
+    /// `last_id` the last entry of the reply (`None`: it was empty),
+    /// `reply_bytes` what the reply held once parsed.
+    pub(crate) fn batch_received(
+        &mut self,
+        arrivals: Vec<Arrival<T>>,
+        last_id: Option<EntryId>,
+        reply_bytes: usize,
+    ) {
+        let requested = match self.reading {
+            Reading::InFlight { count } => count,
+            _ => 0,
+        };
+        self.redis_backoff.reset();
+        self.reading = if self.stopping {
+            Reading::Done
+        } else {
+            Reading::Idle
+        };
+        let Some(last) = last_id else {
+            if self.drain_target.is_some() {
+                // Nothing after our position although the target lies
+                // ahead: the rest was deleted. Done all the same.
+                self.reading = Reading::Done;
+            }
+            self.checkpoint_due = true;
+            return;
+        };
+        let received = arrivals.len();
+        for arrival in arrivals {
+            self.admit(arrival);
+        }
+        self.read_after = self.read_after.max(last);
+        if self.drain_target.is_some_and(|target| last >= target) {
+            self.reading = Reading::Done;
+        }
+        self.adapt_batch_size(received, requested, reply_bytes);
+        if self.settings.checkpoint == Checkpoint::EveryBatch {
+            self.checkpoint_due = true;
+        }
+    }
+
+    /// Sizes the next read so that its reply stays near a quarter of the
+    /// reply limit, judging by this one: a backlog of large entries is read a
+    /// few at a time, small ones a full batch at a time; after it was
+    /// lowered, the count doubles back one full reply at a time.
+    fn adapt_batch_size(&mut self, received: usize, requested: usize, reply_bytes: usize) {
+        let configured = self.settings.batch_size;
+        let per_entry = (reply_bytes / received.max(1)).max(1);
+        let fitting = (self.settings.max_reply_bytes / 4 / per_entry).clamp(1, configured);
+        if fitting < self.batch_size {
+            self.batch_size = fitting;
+        } else if received >= requested && self.batch_size < configured {
+            self.batch_size = self.batch_size.saturating_mul(2).min(fitting);
+        }
+    }
+
+    fn admit(&mut self, arrival: Arrival<T>) {
+        let Arrival { id, item, cost } = arrival;
+        if self.window.back().is_some_and(|last| last.id >= id) || id <= self.finished {
+            // Never from Redis: ids grow along a stream.
+            return;
+        }
+        if self.drain_target.is_some_and(|target| id > target) {
+            return;
+        }
+        match item {
+            None => {
+                self.window.push_back(Slot {
+                    id,
+                    finished: true,
+                    cost: SLOT_BYTES,
+                });
+                self.held_bytes += SLOT_BYTES;
+                self.advance();
+            }
+            Some((item, key)) => {
+                self.window.push_back(Slot {
+                    id,
+                    finished: false,
+                    cost,
+                });
+                self.held_bytes += cost;
+                if let Some(job) = self.queues.offer(
+                    &key,
+                    Job {
+                        id,
+                        item,
+                        key: key.clone(),
+                    },
+                ) {
+                    self.ready.insert(id, job);
+                }
+            }
+        }
+    }
+
+    /// A job ended.
+    pub(crate) fn completed(&mut self, id: EntryId, key: &str, completion: Completion) {
+        self.running = self.running.saturating_sub(1);
+        if completion == Completion::Interrupted {
+            return;
+        }
+        if let Some(next) = self.queues.release(key) {
+            if !self.stopping {
+                self.ready.insert(next.id, next);
+            }
+        }
+        if let Ok(index) = self.window.binary_search_by(|slot| slot.id.cmp(&id)) {
+            if let Some(slot) = self.window.get_mut(index) {
+                if !slot.finished {
+                    slot.finished = true;
+                    self.held_bytes = self.held_bytes.saturating_sub(slot.cost) + SLOT_BYTES;
+                    slot.cost = SLOT_BYTES;
+                }
+            }
+        }
+        self.advance();
+        if self.running == 0 {
+            self.checkpoint_due = true;
+        }
+    }
+
+    /// Moves the watermark past the finished entries at the window's front.
+    fn advance(&mut self) {
+        let mut moved = false;
+        while let Some(front) = self.window.front().copied() {
+            if !front.finished {
+                break;
+            }
+            self.window.pop_front();
+            self.held_bytes = self.held_bytes.saturating_sub(front.cost);
+            self.finished = front.id;
+            moved = true;
+        }
+        if moved && self.settings.checkpoint == Checkpoint::EveryEntry {
+            self.checkpoint_due = true;
+        }
+    }
+
+    /// The read in flight failed; returns how long to wait before
+    /// [`Machine::retry_read`].
+    pub(crate) fn read_failed(&mut self) -> Duration {
+        self.reading = if self.stopping {
+            Reading::Done
+        } else {
+            Reading::Waiting
+        };
+        self.redis_backoff.next_delay()
+    }
+
+    /// The retry timer after a read fault fired.
+    pub(crate) fn retry_read(&mut self) {
+        if self.reading == Reading::Waiting {
+            self.reading = Reading::Idle;
+        }
+    }
+
+    /// Whether a read fault's retry timer should be running.
+    pub(crate) fn waiting_to_retry(&self) -> bool {
+        self.reading == Reading::Waiting
+    }
+
+    /// The reply of the read in flight outgrew its limit after `entries`
+    /// complete entries. Reads fewer at a time; when one entry alone is too
+    /// large, returns `true` if the driver should absorb it (see
+    /// [`Machine::absorb_oversized`]).
+    pub(crate) fn reply_too_large(&mut self, entries: usize) -> bool {
+        let count = match self.reading {
+            Reading::InFlight { count } => count,
+            _ => self.batch_size,
+        };
+        self.reading = if self.stopping {
+            Reading::Done
+        } else {
+            Reading::Idle
+        };
+        if entries > 0 || count > 1 {
+            self.batch_size = entries.clamp(1, (count / 2).max(1));
+            return false;
+        }
+        self.batch_size = 1;
+        true
+    }
+
+    /// Moves past an entry larger than any reply may be, without reading it.
+    pub(crate) fn absorb_oversized(&mut self, id: EntryId) {
+        self.admit(Arrival {
+            id,
+            item: None,
+            cost: 0,
+        });
+        self.read_after = self.read_after.max(id);
+        if self.drain_target.is_some_and(|target| id >= target) {
+            self.reading = Reading::Done;
+        }
+        self.checkpoint_due = true;
+    }
+
+    /// The save of `offset` succeeded.
+    pub(crate) fn saved(&mut self, offset: EntryId) {
+        self.save_in_flight = None;
+        self.save_forced = false;
+        self.saved = Some(self.saved.map_or(offset, |saved| saved.max(offset)));
+    }
+
+    /// The save in flight failed; it is tried again at the next checkpoint.
+    pub(crate) fn save_failed(&mut self) {
+        self.save_in_flight = None;
+    }
+
+    /// Shutdown began: nothing new is read or started; jobs not yet started
+    /// are dropped (their entries stay after the offset); the offset is due.
+    pub(crate) fn stop(&mut self) {
+        self.stopping = true;
+        self.reading = Reading::Done;
+        self.ready.clear();
+        self.queues = KeyQueues::new();
+        self.checkpoint_due = true;
+    }
+
+    /// Asks for a save of the watermark now if it moved (before idling).
+    pub(crate) fn checkpoint_now(&mut self) {
+        self.checkpoint_due = true;
+    }
+
+    /// Whether drain mode has handled every entry it will and nothing is
+    /// left to save.
+    pub(crate) fn drained(&self) -> bool {
+        self.reading == Reading::Done
+            && !self.stopping
+            && self.drain_target.is_some()
+            && self.window.is_empty()
+            && self.running == 0
+            && self.save_in_flight.is_none()
+            && !self.dirty()
+    }
+
+    /// The id the next read starts after.
+    pub(crate) fn read_after(&self) -> EntryId {
+        self.read_after
+    }
+
+    /// The watermark.
+    pub(crate) fn finished(&self) -> EntryId {
+        self.finished
+    }
+
+    /// The offset known to be stored.
+    pub(crate) fn saved_offset(&self) -> Option<EntryId> {
+        self.saved
+    }
+
+    /// Bytes charged for held entries now.
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
+    /// Entries held in the window.
+    pub(crate) fn held_entries(&self) -> usize {
+        self.window.len()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeSet, HashMap};
+
+    fn id(n: u64) -> EntryId {
+        EntryId::new(n, 0)
+    }
+
+    fn settings(concurrency: usize) -> Settings {
+        Settings {
+            batch_size: 4,
+            concurrency,
+            max_held_bytes: 64 * 1024,
+            max_reply_bytes: 16 * 1024,
+            checkpoint: Checkpoint::EveryBatch,
+            redis_retry: BackoffPolicy::default(),
+        }
+    }
+
+    fn job(n: u64, key: &str) -> Arrival<u64> {
+        Arrival {
+            id: id(n),
+            item: Some((n, key.to_owned())),
+            cost: 1000,
+        }
+    }
+
+    fn absorbed(n: u64) -> Arrival<u64> {
+        Arrival {
+            id: id(n),
+            item: None,
+            cost: 1000,
+        }
+    }
+
+    fn drain(machine: &mut Machine<u64>) -> Vec<Action<u64>> {
+        std::iter::from_fn(|| machine.poll_action()).collect()
+    }
+
+    fn started(actions: &[Action<u64>]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::Start(job) => Some(job.item),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn saves(actions: &[Action<u64>]) -> Vec<EntryId> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::Save(offset) => Some(*offset),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn reads(actions: &[Action<u64>]) -> Vec<(EntryId, usize)> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::Read { after, count, .. } => Some((*after, *count)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_first_action_is_a_read_after_the_start() {
+        let mut machine = Machine::<u64>::new(settings(1), id(7), Some(id(7)), false, None);
+        let actions = drain(&mut machine);
+        assert_eq!(reads(&actions), vec![(id(7), 4)]);
+        assert!(saves(&actions).is_empty());
+        assert!(
+            drain(&mut machine).is_empty(),
+            "one read in flight at a time"
+        );
+    }
+
+    #[test]
+    fn a_start_position_from_the_start_option_is_saved_before_anything() {
+        let mut machine = Machine::<u64>::new(settings(1), id(7), None, true, None);
+        let actions = drain(&mut machine);
+        assert!(matches!(actions.first(), Some(Action::Save(offset)) if *offset == id(7)));
+    }
+
+    #[test]
+    fn concurrency_one_runs_every_job_in_stream_order_across_keys() {
+        let mut machine = Machine::new(settings(1), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(
+            vec![job(1, "a"), job(2, "a"), job(3, "b")],
+            Some(id(3)),
+            100,
+        );
+        let actions = drain(&mut machine);
+        assert_eq!(started(&actions), vec![1]);
+        assert_eq!(
+            reads(&actions),
+            vec![(id(3), 4)],
+            "the next read is pipelined"
+        );
+        machine.completed(id(1), "a", Completion::Finished);
+        assert_eq!(started(&drain(&mut machine)), vec![2]);
+        machine.completed(id(2), "a", Completion::Finished);
+        assert_eq!(started(&drain(&mut machine)), vec![3]);
+    }
+
+    #[test]
+    fn one_key_never_runs_twice_at_once_while_keys_overlap() {
+        let mut machine = Machine::new(settings(8), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(
+            vec![job(1, "a"), job(2, "b"), job(3, "a")],
+            Some(id(3)),
+            100,
+        );
+        assert_eq!(started(&drain(&mut machine)), vec![1, 2]);
+        machine.completed(id(2), "b", Completion::Finished);
+        assert!(started(&drain(&mut machine)).is_empty());
+        machine.completed(id(1), "a", Completion::Finished);
+        assert_eq!(started(&drain(&mut machine)), vec![3]);
+    }
+
+    #[test]
+    fn the_saved_offset_is_the_watermark_behind_an_unfinished_entry() {
+        let mut machine = Machine::new(settings(8), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(
+            vec![job(1, "a"), job(2, "b"), absorbed(3)],
+            Some(id(3)),
+            100,
+        );
+        drain(&mut machine);
+        machine.completed(id(2), "b", Completion::Finished);
+        assert!(saves(&drain(&mut machine)).is_empty(), "1 holds the offset");
+        machine.completed(id(1), "a", Completion::Finished);
+        assert_eq!(saves(&drain(&mut machine)), vec![id(3)]);
+    }
+
+    #[test]
+    fn one_save_at_a_time_and_a_failed_save_is_tried_again() {
+        let mut machine = Machine::new(settings(8), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(vec![absorbed(1)], Some(id(1)), 100);
+        assert_eq!(saves(&drain(&mut machine)), vec![id(1)]);
+        machine.batch_received(vec![absorbed(2)], Some(id(2)), 100);
+        assert!(
+            saves(&drain(&mut machine)).is_empty(),
+            "a save is in flight"
+        );
+        machine.save_failed();
+        machine.checkpoint_now();
+        assert_eq!(saves(&drain(&mut machine)), vec![id(2)]);
+        machine.saved(id(2));
+        assert!(!machine.dirty());
+    }
+
+    #[test]
+    fn every_entry_checkpoints_each_move_of_the_watermark() {
+        let mut config = settings(1);
+        config.checkpoint = Checkpoint::EveryEntry;
+        let mut machine = Machine::new(config, id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(vec![job(1, "a"), job(2, "b")], Some(id(2)), 100);
+        let actions = drain(&mut machine);
+        assert!(saves(&actions).is_empty(), "nothing finished yet");
+        machine.completed(id(1), "a", Completion::Finished);
+        assert_eq!(saves(&drain(&mut machine)), vec![id(1)]);
+    }
+
+    #[test]
+    fn reading_pauses_while_held_bytes_leave_no_room_for_a_reply() {
+        let mut config = settings(1);
+        config.max_held_bytes = config.max_reply_bytes + ENTRY_OVERHEAD * 3;
+        let mut machine = Machine::new(config, id(0), Some(id(0)), false, None);
+        let first = drain(&mut machine);
+        assert_eq!(reads(&first), vec![(id(0), 3)], "the count fits the budget");
+        let big = |n| Arrival {
+            id: id(n),
+            item: Some((n, format!("k{n}"))),
+            cost: 2 * ENTRY_OVERHEAD,
+        };
+        machine.batch_received(vec![big(1)], Some(id(1)), 100);
+        let actions = drain(&mut machine);
+        assert_eq!(reads(&actions), vec![(id(1), 1)]);
+        machine.batch_received(vec![big(2)], Some(id(2)), 100);
+        let actions = drain(&mut machine);
+        assert!(reads(&actions).is_empty(), "no room: reading pauses");
+        assert!(machine.held_bytes() <= config.max_held_bytes);
+        machine.completed(id(1), "k1", Completion::Finished);
+        assert_eq!(reads(&drain(&mut machine)).len(), 1, "room again");
+    }
+
+    #[test]
+    fn after_stop_nothing_is_read_or_started_and_the_offset_is_due() {
+        let mut machine = Machine::new(settings(1), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(vec![job(1, "a"), job(2, "b")], Some(id(2)), 100);
+        drain(&mut machine);
+        machine.stop();
+        machine.completed(id(1), "a", Completion::Finished);
+        let actions = drain(&mut machine);
+        assert!(started(&actions).is_empty());
+        assert!(reads(&actions).is_empty());
+        assert_eq!(saves(&actions), vec![id(1)]);
+    }
+
+    #[test]
+    fn an_interrupted_job_holds_the_offset() {
+        let mut machine = Machine::new(settings(1), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(vec![job(1, "a")], Some(id(1)), 100);
+        drain(&mut machine);
+        machine.stop();
+        machine.completed(id(1), "a", Completion::Interrupted);
+        assert!(saves(&drain(&mut machine)).is_empty());
+        assert_eq!(machine.finished(), id(0));
+    }
+
+    #[test]
+    fn drain_ends_at_the_target_and_ignores_later_entries() {
+        let mut machine = Machine::new(settings(2), id(0), Some(id(0)), false, Some(id(2)));
+        drain(&mut machine);
+        machine.batch_received(
+            vec![job(1, "a"), job(2, "b"), job(3, "c")],
+            Some(id(3)),
+            100,
+        );
+        let actions = drain(&mut machine);
+        assert_eq!(started(&actions), vec![1, 2]);
+        assert!(reads(&actions).is_empty(), "the target was read");
+        machine.completed(id(1), "a", Completion::Finished);
+        machine.completed(id(2), "b", Completion::Finished);
+        let actions = drain(&mut machine);
+        assert_eq!(saves(&actions), vec![id(2)]);
+        assert!(!machine.drained(), "the save is in flight");
+        machine.saved(id(2));
+        assert!(machine.drained());
+    }
+
+    #[test]
+    fn a_drain_with_nothing_to_do_is_done_at_once() {
+        let machine = Machine::<u64>::new(settings(2), id(5), Some(id(5)), false, Some(id(5)));
+        assert!(machine.drained());
+    }
+
+    #[test]
+    fn a_read_fault_waits_for_the_retry_timer() {
+        let mut machine = Machine::<u64>::new(settings(1), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        let delay = machine.read_failed();
+        assert!(delay <= BackoffPolicy::default().initial);
+        assert!(machine.waiting_to_retry());
+        assert!(reads(&drain(&mut machine)).is_empty());
+        machine.retry_read();
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 4)]);
+    }
+
+    #[test]
+    fn a_reply_too_large_reads_fewer_then_absorbs_a_lone_oversized_entry() {
+        let mut machine = Machine::<u64>::new(settings(1), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        assert!(!machine.reply_too_large(3));
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 2)]);
+        assert!(!machine.reply_too_large(0));
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 1)]);
+        assert!(machine.reply_too_large(0), "one entry alone is too large");
+        machine.absorb_oversized(id(1));
+        let actions = drain(&mut machine);
+        assert_eq!(saves(&actions), vec![id(1)]);
+        assert_eq!(reads(&actions), vec![(id(1), 1)]);
+        machine.batch_received(vec![absorbed(2)], Some(id(2)), 100);
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(2), 2)], "grows back");
+    }
+
+    /// One step of a random interleaving.
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// The read in flight returns this many entries (keys drawn from a
+        /// few users, every third entry absorbed).
+        Arrive(usize, u64),
+        /// The n-th running job finishes (or fails for good and is
+        /// dead-lettered: the same to the machine).
+        Complete(usize),
+        /// The read in flight fails.
+        ReadFault,
+        /// The save in flight succeeds or fails.
+        SaveDone(bool),
+        /// The process stops; a new machine resumes from what was saved.
+        Restart,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => (0usize..6, any::<u64>()).prop_map(|(n, seed)| Step::Arrive(n, seed)),
+            4 => (0usize..16).prop_map(Step::Complete),
+            1 => Just(Step::ReadFault),
+            2 => any::<bool>().prop_map(Step::SaveDone),
+            1 => Just(Step::Restart),
+        ]
+    }
+
+    /// A stream, the store, and machines that come and go.
+    struct World {
+        config: Settings,
+        machine: Machine<u64>,
+        /// Every entry of the stream: id -> key.
+        stream: BTreeMap<u64, String>,
+        stored: Option<EntryId>,
+        /// Entries whose handling finished (handled at least once).
+        done: BTreeSet<u64>,
+        running: Vec<(u64, String)>,
+        save_in_flight: Option<EntryId>,
+        read_in_flight: Option<(EntryId, usize)>,
+        /// Per key, the ids started by the current machine, in order.
+        starts: HashMap<String, Vec<u64>>,
+        /// The last id started by the current machine.
+        last_start: Option<u64>,
+    }
+
+    impl World {
+        fn new(config: Settings) -> Self {
+            Self {
+                config,
+                machine: Machine::new(config, EntryId::ZERO, None, false, None),
+                stream: BTreeMap::new(),
+                stored: None,
+                done: BTreeSet::new(),
+                running: Vec::new(),
+                save_in_flight: None,
+                read_in_flight: None,
+                starts: HashMap::new(),
+                last_start: None,
+            }
+        }
+
+        fn perform(&mut self) -> Result<(), TestCaseError> {
+            while let Some(action) = self.machine.poll_action() {
+                match action {
+                    Action::Read { after, count, .. } => {
+                        prop_assert!(self.read_in_flight.is_none());
+                        self.read_in_flight = Some((after, count));
+                    }
+                    Action::Start(job) => {
+                        prop_assert!(
+                            !self.running.iter().any(|(_, key)| *key == job.key),
+                            "key {} ran twice at once",
+                            job.key
+                        );
+                        let order = self.starts.entry(job.key.clone()).or_default();
+                        if let Some(previous) = order.last() {
+                            prop_assert!(*previous < job.item, "key {} out of order", job.key);
+                        }
+                        order.push(job.item);
+                        if self.config.concurrency == 1 {
+                            prop_assert!(self.last_start.is_none_or(|last| last < job.item));
+                            self.last_start = Some(job.item);
+                        }
+                        // A restarted machine starts after the stored offset.
+                        prop_assert!(self.stored.is_none_or(|stored| job.id > stored));
+                        self.running.push((job.item, job.key));
+                    }
+                    Action::Save(offset) => {
+                        prop_assert!(self.save_in_flight.is_none());
+                        self.save_in_flight = Some(offset);
+                    }
+                }
+                prop_assert!(self.running.len() <= self.config.concurrency);
+                prop_assert!(self.machine.held_bytes() <= self.config.max_held_bytes);
+            }
+            Ok(())
+        }
+
+        fn apply(&mut self, step: Step) -> Result<(), TestCaseError> {
+            match step {
+                Step::Arrive(n, seed) => {
+                    if let Some((after, count)) = self.read_in_flight.take() {
+                        // New entries reach the stream, then the read
+                        // returns what follows `after`.
+                        let next = self.stream.keys().last().copied().unwrap_or(0);
+                        for k in 1..=n as u64 {
+                            let key = format!("u{}", (seed.wrapping_add(k * 7)) % 4);
+                            self.stream.insert(next + k, key);
+                        }
+                        let batch: Vec<_> = self
+                            .stream
+                            .range(after.ms + 1..)
+                            .take(count)
+                            .map(|(n, key)| (*n, key.clone()))
+                            .collect();
+                        let last = batch.last().map(|(n, _)| id(*n));
+                        // Each entry may cost up to the reply's share.
+                        let cost = self.config.max_reply_bytes / count.max(1) + ENTRY_OVERHEAD;
+                        let arrivals = batch
+                            .into_iter()
+                            .map(|(n, key)| {
+                                if n % 3 == 0 {
+                                    self.done.insert(n);
+                                    Arrival {
+                                        id: id(n),
+                                        item: None,
+                                        cost,
+                                    }
+                                } else {
+                                    Arrival {
+                                        id: id(n),
+                                        item: Some((n, key)),
+                                        cost,
+                                    }
+                                }
+                            })
+                            .collect();
+                        self.machine.batch_received(arrivals, last, 100);
+                    }
+                }
+                Step::Complete(index) => {
+                    if !self.running.is_empty() {
+                        let (n, key) = self.running.remove(index % self.running.len());
+                        self.done.insert(n);
+                        self.machine.completed(id(n), &key, Completion::Finished);
+                    }
+                }
+                Step::ReadFault => {
+                    if self.read_in_flight.take().is_some() {
+                        self.machine.read_failed();
+                        self.machine.retry_read();
+                    }
+                }
+                Step::SaveDone(ok) => {
+                    if let Some(offset) = self.save_in_flight.take() {
+                        if ok {
+                            self.stored = Some(self.stored.map_or(offset, |s| s.max(offset)));
+                            self.machine.saved(offset);
+                        } else {
+                            self.machine.save_failed();
+                        }
+                    }
+                }
+                Step::Restart => {
+                    self.machine.stop();
+                    for (n, key) in std::mem::take(&mut self.running) {
+                        self.machine.completed(id(n), &key, Completion::Interrupted);
+                    }
+                    self.read_in_flight = None;
+                    self.save_in_flight = None;
+                    self.starts.clear();
+                    self.last_start = None;
+                    let start = self.stored.unwrap_or(EntryId::ZERO);
+                    self.machine = Machine::new(self.config, start, self.stored, false, None);
+                }
+            }
+            self.check_offset()
+        }
+
+        fn check_offset(&self) -> Result<(), TestCaseError> {
+            let watermark = self.machine.finished();
+            for n in self.stream.keys().copied().filter(|n| id(*n) <= watermark) {
+                prop_assert!(
+                    self.done.contains(&n),
+                    "the watermark passed unfinished {n}"
+                );
+            }
+            if let Some(stored) = self.stored {
+                for n in self.stream.keys().copied().filter(|n| id(*n) <= stored) {
+                    prop_assert!(self.done.contains(&n), "the offset passed unfinished {n}");
+                }
+            }
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever the interleaving of arrivals, completions, faults, saves
+        /// and restarts: the saved offset never passes an unfinished entry,
+        /// one key never runs twice at once and its entries start in stream
+        /// order, and the held bytes stay under the cap.
+        #[test]
+        fn the_guarantees_hold_over_random_interleavings(
+            concurrency in 1usize..6,
+            steps in proptest::collection::vec(step(), 1..200),
+        ) {
+            let mut config = settings(concurrency);
+            config.max_held_bytes = config.max_reply_bytes + 8 * ENTRY_OVERHEAD;
+            let mut world = World::new(config);
+            world.perform()?;
+            for step in steps {
+                world.apply(step)?;
+                world.perform()?;
+            }
+        }
+    }
+}
