@@ -24,6 +24,8 @@
 //!
 //! - [`engine`]: the loop ([`StreamConsumer`]).
 //! - [`decoder`]: the traits it is generic over.
+//! - [`dead_letter`]: copying a failing entry to the dead-letter stream
+//!   exactly once (one script, with a marker keyed by the entry's id).
 //! - [`read_conn`]: the reading connection (hand-written `XREAD`, the next
 //!   read pipelined, a deletion probe before each read); [`resp`]: its
 //!   zero-copy, resumable reply scanner.
@@ -35,6 +37,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod dead_letter;
 pub mod decoder;
 pub mod engine;
 pub mod error;
