@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::config::{ConsumerConfig, StartFrom};
+use crate::dead_letter::{self, DeadLetterOutcome};
 use crate::decoder::{Decoded, EntryDecoder, EntryHandler};
 use crate::error::ConsumerError;
 use crate::fault::{classify, classify_read, FaultClass};
@@ -339,10 +340,11 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
         }
     }
 
-    /// Copies the entry `id` to the dead-letter stream with the failure, then
-    /// lets the offset move past it. The entry's fields are read again from
-    /// the stream: no reply is kept alive for a dead letter that may never
-    /// be needed.
+    /// Copies the entry `id` to the dead-letter stream with the failure (once:
+    /// a copy already there from a lost reply, a crash or another worker is
+    /// not added again), then lets the offset move past it. The entry's
+    /// fields are read again from the stream: no reply is kept alive for a
+    /// dead letter that may never be needed.
     async fn dead_letter(
         &self,
         id: EntryId,
@@ -359,41 +361,56 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
         else {
             return Ok(Completion::Interrupted);
         };
-        let fields = parse_range_reply(reply)?
+        let owned = parse_range_reply(reply)?
             .into_iter()
             .next()
             .map(|entry| entry.fields)
             .unwrap_or_default();
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&config.dead_letter_stream).arg("*");
-        for (name, value) in &fields {
-            cmd.arg(name.as_slice()).arg(value.as_slice());
-        }
-        cmd.arg("dead_letter_entry_id")
-            .arg(&id_text)
-            .arg("dead_letter_stream")
-            .arg(&config.stream)
-            .arg("dead_letter_error")
-            .arg(err.to_string())
-            .arg("dead_letter_attempts")
-            .arg(attempts);
-        let added = self
-            .command(
+        let fields: Vec<(&[u8], &[u8])> = owned
+            .iter()
+            .map(|(name, value)| (name.as_slice(), value.as_slice()))
+            .collect();
+        let error = err.to_string();
+        let outcome = self
+            .retrying(
                 "add to the dead-letter stream",
                 &config.dead_letter_stream,
-                &cmd,
+                |mut conn| {
+                    let (fields, error) = (&fields, &error);
+                    async move {
+                        dead_letter::append_once(
+                            &mut conn,
+                            &config.dead_letter_stream,
+                            &config.stream,
+                            id,
+                            fields,
+                            error,
+                            attempts,
+                        )
+                        .await
+                    }
+                },
             )
             .await?;
-        if added.is_none() {
-            return Ok(Completion::Interrupted);
+        match outcome {
+            None => return Ok(Completion::Interrupted),
+            Some(DeadLetterOutcome::Appended(copy)) => error!(
+                stream_entry_id = %id,
+                dead_letter_stream = %config.dead_letter_stream,
+                dead_letter_id = %copy,
+                attempts,
+                err = %err,
+                "entry dead-lettered after repeated handler failures; moving past it"
+            ),
+            Some(DeadLetterOutcome::AlreadyThere(copy)) => warn!(
+                stream_entry_id = %id,
+                dead_letter_stream = %config.dead_letter_stream,
+                dead_letter_id = %copy,
+                attempts,
+                err = %err,
+                "entry already in the dead-letter stream (a retried write, a replay after a crash, or another worker); not copied again, moving past it"
+            ),
         }
-        error!(
-            stream_entry_id = %id,
-            dead_letter_stream = %config.dead_letter_stream,
-            attempts,
-            err = %err,
-            "entry dead-lettered after repeated handler failures; moving past it"
-        );
         self.stats().dead_lettered();
         Ok(Completion::Finished)
     }
@@ -406,13 +423,31 @@ impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
         key: &str,
         cmd: &redis::Cmd,
     ) -> Result<Option<Value>, ConsumerError> {
+        self.retrying(action, key, |mut conn| async move {
+            cmd.query_async::<Value>(&mut conn).await
+        })
+        .await
+    }
+
+    /// Runs `attempt` on the command connection through transient faults,
+    /// backing off between attempts; only for idempotent work. `None` when
+    /// cancelled first.
+    async fn retrying<T, F, Fut>(
+        &self,
+        action: &'static str,
+        key: &str,
+        mut attempt: F,
+    ) -> Result<Option<T>, ConsumerError>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
         let mut backoff = Backoff::new(self.config().redis_retry);
         loop {
-            let mut conn = self.commands.clone();
             let result = tokio::select! {
                 biased;
                 () = self.cancel.cancelled() => return Ok(None),
-                result = cmd.query_async::<Value>(&mut conn) => result,
+                result = attempt(self.commands.clone()) => result,
             };
             let err = match result {
                 Ok(value) => return Ok(Some(value)),

@@ -35,6 +35,8 @@
 //! - `reader`: the task that owns the reading connection and the reply in
 //!   flight, fed by a channel.
 //! - [`decoder`]: the traits the engine is generic over.
+//! - [`dead_letter`]: copying a failing entry to the dead-letter stream
+//!   exactly once (one script, with a marker keyed by the entry's id).
 //! - [`read_conn`]: the reading connection (hand-written `XREAD`, a
 //!   deletion probe before each read); [`resp`]: its zero-copy, resumable
 //!   reply scanner.
@@ -45,6 +47,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod dead_letter;
 pub mod decoder;
 pub mod engine;
 pub mod error;

@@ -136,6 +136,10 @@ pub(crate) struct Machine<T> {
     drain_target: Option<EntryId>,
     /// Entries read and not yet behind the watermark, in stream order.
     window: VecDeque<Slot>,
+    /// The last id of each batch not yet wholly finished: with
+    /// [`Checkpoint::EveryBatch`] the offset is saved when the watermark
+    /// passes one.
+    batch_ends: VecDeque<EntryId>,
     held_bytes: usize,
     /// Jobs whose key is free, by id: the oldest starts first.
     ready: BTreeMap<EntryId, Job<T>>,
@@ -188,6 +192,7 @@ impl<T> Machine<T> {
             batch_size: settings.batch_size,
             drain_target,
             window: VecDeque::new(),
+            batch_ends: VecDeque::new(),
             held_bytes: 0,
             ready: BTreeMap::new(),
             queues: KeyQueues::new(),
@@ -294,7 +299,10 @@ impl<T> Machine<T> {
             self.reading = Reading::Done;
         }
         self.adapt_batch_size(received, requested, reply_bytes);
-        if self.settings.checkpoint == Checkpoint::EveryBatch {
+        if self.finished < last {
+            self.batch_ends.push_back(last);
+        } else {
+            // Every entry of the batch was absorbed at once.
             self.checkpoint_due = true;
         }
     }
@@ -375,7 +383,9 @@ impl<T> Machine<T> {
             }
         }
         self.advance();
-        if self.running == 0 {
+        if self.running == 0 && self.ready.is_empty() {
+            // Idle: save now rather than after the next (possibly long)
+            // blocking read.
             self.checkpoint_due = true;
         }
     }
@@ -392,7 +402,18 @@ impl<T> Machine<T> {
             self.finished = front.id;
             moved = true;
         }
-        if moved && self.settings.checkpoint == Checkpoint::EveryEntry {
+        if !moved {
+            return;
+        }
+        while self
+            .batch_ends
+            .front()
+            .is_some_and(|end| *end <= self.finished)
+        {
+            self.batch_ends.pop_front();
+            self.checkpoint_due = true;
+        }
+        if self.settings.checkpoint == Checkpoint::EveryEntry {
             self.checkpoint_due = true;
         }
     }
@@ -472,6 +493,7 @@ impl<T> Machine<T> {
     /// are dropped (their entries stay after the offset); the offset is due.
     pub(crate) fn stop(&mut self) {
         self.stopping = true;
+        self.batch_ends.clear();
         self.reading = Reading::Done;
         self.ready.clear();
         self.queues = KeyQueues::new();
@@ -682,6 +704,42 @@ mod tests {
         assert_eq!(saves(&drain(&mut machine)), vec![id(2)]);
         machine.saved(id(2));
         assert!(!machine.dirty());
+    }
+
+    #[test]
+    fn every_batch_saves_once_the_batch_is_finished_or_the_machine_idles() {
+        let mut machine = Machine::new(settings(1), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(
+            vec![job(1, "a"), job(2, "b"), job(3, "c")],
+            Some(id(3)),
+            100,
+        );
+        drain(&mut machine);
+        machine.completed(id(1), "a", Completion::Finished);
+        assert!(
+            saves(&drain(&mut machine)).is_empty(),
+            "the batch is not finished"
+        );
+        machine.completed(id(2), "b", Completion::Finished);
+        assert!(saves(&drain(&mut machine)).is_empty());
+        machine.completed(id(3), "c", Completion::Finished);
+        assert_eq!(saves(&drain(&mut machine)), vec![id(3)]);
+        machine.saved(id(3));
+        // Idle with a batch still open behind a failing entry: saved as far
+        // as finished.
+        let mut machine = Machine::new(settings(2), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(
+            vec![job(1, "a"), job(2, "a"), absorbed(3)],
+            Some(id(3)),
+            100,
+        );
+        drain(&mut machine);
+        machine.completed(id(1), "a", Completion::Finished);
+        assert!(saves(&drain(&mut machine)).is_empty(), "2 is ready");
+        machine.completed(id(2), "a", Completion::Finished);
+        assert_eq!(saves(&drain(&mut machine)), vec![id(3)]);
     }
 
     #[test]

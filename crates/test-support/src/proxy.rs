@@ -11,6 +11,8 @@
 //! proxy.cut(); // every current connection is closed; new ones are accepted
 //! proxy.pause(); // bytes stop flowing (both directions, old and new connections)
 //! proxy.resume();
+//! proxy.swallow_replies(); // requests still reach the server, its replies are dropped
+//! proxy.forward_replies();
 //! ```
 
 use std::collections::HashMap;
@@ -45,6 +47,11 @@ struct Shared {
     resumed: Condvar,
     /// Extra delay before each forwarded chunk.
     delay: Mutex<Duration>,
+    /// Whether bytes from the server are read and dropped instead of
+    /// forwarded: a request's effect happens, its reply is lost.
+    swallowing: AtomicBool,
+    /// Bytes from the server dropped so far.
+    swallowed: AtomicU64,
     /// Open connections by number: the client side and the upstream side.
     connections: Mutex<HashMap<u64, (TcpStream, TcpStream)>>,
     /// Connections accepted so far (including ones whose upstream failed).
@@ -118,6 +125,24 @@ impl TcpProxy {
         *lock(&self.shared.delay) = delay;
     }
 
+    /// Reads the server's bytes and drops them, on current and new
+    /// connections, while requests still go through: the server acts on a
+    /// command and its reply never arrives (then [`TcpProxy::cut`] the
+    /// connection for a lost reply). Bytes already forwarded are unaffected.
+    pub fn swallow_replies(&self) {
+        self.shared.swallowing.store(true, Ordering::SeqCst);
+    }
+
+    /// Forwards the server's bytes again (those swallowed stay lost).
+    pub fn forward_replies(&self) {
+        self.shared.swallowing.store(false, Ordering::SeqCst);
+    }
+
+    /// Bytes from the server swallowed so far.
+    pub fn swallowed_bytes(&self) -> u64 {
+        self.shared.swallowed.load(Ordering::SeqCst)
+    }
+
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::Relaxed)
@@ -177,16 +202,35 @@ fn accept_loop(listener: &TcpListener, upstream: SocketAddr, shared: &Arc<Shared
         let id = next_id;
         lock(&shared.connections).insert(id, (client, server));
         for (from, to, direction) in [
-            (client_read, server_write, "up"),
-            (server_read, client_write, "down"),
+            (client_read, server_write, Direction::Up),
+            (server_read, client_write, Direction::Down),
         ] {
             let forwarding = Arc::clone(shared);
             let spawned = thread::Builder::new()
-                .name(format!("proxy-conn-{id}-{direction}"))
-                .spawn(move || forward(from, to, id, &forwarding));
+                .name(format!("proxy-conn-{id}-{}", direction.name()))
+                .spawn(move || forward(from, to, direction, id, &forwarding));
             if spawned.is_err() {
                 close(shared, id);
             }
+        }
+    }
+}
+
+/// Which way a forwarding thread copies bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    /// Client to server: requests.
+    Up,
+    /// Server to client: replies.
+    Down,
+}
+
+impl Direction {
+    /// The thread name's suffix.
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Up => "up",
+            Direction::Down => "down",
         }
     }
 }
@@ -199,9 +243,9 @@ fn close(shared: &Shared, id: u64) {
     }
 }
 
-/// Copies `from` to `to` until either side closes or fails, honouring pause
-/// and delay; then closes the whole connection.
-fn forward(mut from: TcpStream, mut to: TcpStream, id: u64, shared: &Shared) {
+/// Copies `from` to `to` until either side closes or fails, honouring pause,
+/// delay and (replies only) swallowing; then closes the whole connection.
+fn forward(mut from: TcpStream, mut to: TcpStream, direction: Direction, id: u64, shared: &Shared) {
     let mut buf = vec![0_u8; CHUNK];
     loop {
         let read = match from.read(&mut buf) {
@@ -226,6 +270,10 @@ fn forward(mut from: TcpStream, mut to: TcpStream, id: u64, shared: &Shared) {
         let Some(chunk) = buf.get(..read) else {
             break;
         };
+        if direction == Direction::Down && shared.swallowing.load(Ordering::SeqCst) {
+            shared.swallowed.fetch_add(read as u64, Ordering::SeqCst);
+            continue;
+        }
         if to.write_all(chunk).is_err() {
             break;
         }
@@ -325,6 +373,33 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         assert_eq!(client.line().unwrap(), "+PONG");
+    }
+
+    #[test]
+    fn swallowed_replies_are_lost_while_requests_take_effect() {
+        let server = RedisServer::start();
+        let proxy = TcpProxy::start(server.port());
+        let mut client = Client::connect(&proxy);
+        assert_eq!(client.ping().unwrap(), "+PONG");
+        proxy.swallow_replies();
+        client
+            .writer
+            .write_all(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n")
+            .unwrap();
+        // The server acted on it, and its reply (`+OK\r\n`) was dropped.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proxy.swallowed_bytes() < 5 {
+            assert!(Instant::now() < deadline, "no reply swallowed");
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(server.cli(&["GET", "k"]), "v");
+        assert_eq!(proxy.swallowed_bytes(), 5);
+        proxy.forward_replies();
+        assert_eq!(
+            client.ping().unwrap(),
+            "+PONG",
+            "a swallowed reply was delivered"
+        );
     }
 
     #[test]
