@@ -1308,3 +1308,63 @@ async fn with_a_failing_entry_the_others_go_on_only_up_to_the_byte_cap() {
     recorder.assert_same_user_calls_never_overlapped();
     assert_eq!(recorder.succeeded_per_user(0), per_user(&users, &ids));
 }
+
+/// Entries trimmed past the position while a backlog drains at concurrency
+/// 64 are reported, every time: the engine reads one entry beyond what it
+/// dispatches, and finding that entry gone proves the loss. Twenty
+/// repetitions, each on a fresh server: calls are held at a gate so that
+/// reading pauses at the byte cap, the stream is trimmed well past what was
+/// read, then the calls are released.
+#[tokio::test]
+async fn a_trim_past_the_position_during_a_concurrent_drain_is_reported_every_time() {
+    for repetition in 0..20 {
+        let env = Env::start().await;
+        let users = scattered(3000, 100, repetition);
+        let ids = env.publish(&users).await;
+        let last = *ids.last().unwrap();
+        let recorder = Recorder::new();
+        recorder.gate_all.store(true, Ordering::SeqCst);
+        let mut config = config(64);
+        small_budget(&mut config);
+        let room_for_a_read = (config.max_held_bytes - config.max_reply_bytes) as u64;
+        let consumer = env.consumer(config, &recorder);
+        let stats = consumer.stats();
+        let run = spawn_run(&consumer);
+        wait_until!(
+            PATIENCE,
+            "reading pauses at the byte cap",
+            stats.snapshot().held_bytes + 256 > room_for_a_read
+                && env.xread_calls().await == stats.snapshot().reads
+                && env.blocked_clients().await == 0
+        );
+        let read = stats.snapshot().held_entries as usize;
+        assert!(
+            read + 600 < ids.len(),
+            "{read} entries read before the pause"
+        );
+        let kept_from = read + 500;
+        env.server
+            .cli(&["XTRIM", STREAM, "MINID", &ids[kept_from].to_string()]);
+        recorder.gate.open();
+        wait_until!(
+            PATIENCE,
+            "the offset reaches the last id",
+            env.offset().await == Some(last)
+        );
+        let report = stop(&consumer, run).await;
+        assert_eq!(report.offset, Some(last));
+        let snapshot = stats.snapshot();
+        assert_eq!(
+            snapshot.trimmed, 1,
+            "repetition {repetition}: the trim past the position was not reported ({} read before it)",
+            read
+        );
+        let succeeded = recorder.succeeded();
+        assert!(ids[..read].iter().all(|id| succeeded.contains(id)));
+        assert!(ids[read..kept_from]
+            .iter()
+            .all(|id| !succeeded.contains(id)));
+        assert!(ids[kept_from..].iter().all(|id| succeeded.contains(id)));
+        recorder.assert_same_user_calls_never_overlapped();
+    }
+}

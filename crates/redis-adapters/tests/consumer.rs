@@ -29,7 +29,7 @@ use lifecycle_redis::{
 use lifecycle_streams::{
     BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerError, StartFrom, StopReason,
 };
-use lifecycle_test_support::{RedisServer, RedisServerOptions};
+use lifecycle_test_support::{RedisServer, RedisServerOptions, TcpProxy};
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamRangeReply;
 use tokio::sync::Notify;
@@ -1281,4 +1281,74 @@ async fn deletions_are_noticed_after_the_script_cache_is_flushed() {
         recorder.handled_ids(),
         vec![EntryId::new(7, 1), EntryId::new(7, 3)]
     );
+}
+
+/// The response timeout measures one reply, not one pass of the loop: with
+/// the reader's connection stalled (through a proxy that stops forwarding)
+/// while handlers keep completing the entries already held, the stalled read
+/// is cut within the configured response timeout, and once the connection
+/// flows again everything is handled.
+#[tokio::test]
+async fn a_read_stalled_mid_reply_is_cut_within_the_response_timeout_while_handlers_complete() {
+    let env = Env::start().await;
+    let ids = env.publish_many(800).await;
+    let proxy = TcpProxy::start(env.server.port());
+    let recorder = Recorder::new();
+    // Slow handling paces reading at the byte cap, so reads keep being sent
+    // while held entries are still being handled, for longer than the
+    // response timeout (about 160 entries held, 15 ms each).
+    *recorder.delay.lock().unwrap() = Duration::from_millis(15);
+    let mut config = config();
+    config.max_reply_bytes = 64 * 1024;
+    config.max_held_bytes = 128 * 1024;
+    let timeout = config.read_response_timeout();
+    // The reader (and the engine's own commands) go through the proxy; the
+    // offsets go straight to the server.
+    let client = open_client(&format!("redis://127.0.0.1:{}/", proxy.port())).unwrap();
+    let store: Arc<dyn StreamOffsetStore> = Arc::new(env.offset_store());
+    let consumer = Arc::new(RedisUserLifecycleConsumer::new(client, store, config).unwrap());
+    consumer.on_event(Arc::clone(&recorder) as Arc<dyn UserLifecycleHandler>);
+    let stats = consumer.stats();
+    let run = spawn_run(&consumer);
+    wait_until!(
+        PATIENCE,
+        "some entries are handled",
+        recorder.handled_count() >= 50
+    );
+
+    proxy.pause();
+    let stalled_at = Instant::now();
+    let handled_at_stall = recorder.handled_count();
+    wait_until!(
+        timeout + Duration::from_secs(5),
+        "the stalled read is given up",
+        stats.snapshot().redis_faults >= 1
+    );
+    let cut_after = stalled_at.elapsed();
+    let handled_meanwhile = recorder.handled_count() - handled_at_stall;
+    assert!(
+        cut_after <= timeout + Duration::from_secs(1),
+        "the stalled read was cut after {cut_after:?}, the response timeout is {timeout:?}"
+    );
+    assert!(
+        handled_meanwhile >= 10,
+        "only {handled_meanwhile} entries were handled during the stall: the test did not keep handlers busy"
+    );
+
+    proxy.resume();
+    wait_until!(
+        Duration::from_secs(60),
+        "every entry is handled",
+        recorder.handled_count() >= ids.len()
+    );
+    wait_until!(
+        PATIENCE,
+        "the offset reaches the last entry",
+        env.offset().await == ids.last().copied()
+    );
+    stop(&consumer, run).await;
+    let mut handled = recorder.handled_ids();
+    handled.dedup();
+    assert_eq!(handled, ids, "an entry was skipped or reordered");
+    eprintln!("stalled read cut after {cut_after:?} (timeout {timeout:?}); {handled_meanwhile} handled meanwhile");
 }

@@ -541,6 +541,9 @@ struct Driver<'a, D: EntryDecoder, H: ?Sized> {
     /// The read in flight: how many entries the machine asked for, and
     /// whether one more was asked for as a look-ahead.
     read_in_flight: Option<(usize, bool)>,
+    /// What one entry of the last reply cost once parsed (the whole limit
+    /// after a reply outgrew it).
+    entry_bytes: usize,
     running: FuturesUnordered<JobFuture<'a>>,
     save: Option<SaveFuture<'a>>,
     /// After a read fault: when to read again.
@@ -572,6 +575,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             machine: None,
             reader: Reader::spawn(settings, ctx.cancel.child_token()),
             read_in_flight: None,
+            entry_bytes: 0,
             running: FuturesUnordered::new(),
             save: None,
             read_retry_at: None,
@@ -688,7 +692,6 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
     /// Performs every action the machine has decided on.
     fn perform(&mut self) -> Result<(), ConsumerError> {
         let ctx = self.ctx;
-        let look_ahead = self.config().batch_size > 1;
         while let Some(action) = self.machine.as_mut().and_then(Machine::poll_action) {
             match action {
                 Action::Read {
@@ -697,9 +700,11 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                     max_bytes,
                 } => {
                     // One entry more than dispatched, as a look-ahead for
-                    // trim detection (see `trim`); not for single-entry
-                    // reads, whose entries may be too large for two.
-                    let look_ahead = look_ahead && count > 1;
+                    // trim detection (see `trim`); not in the reference's
+                    // one-entry reads, nor when two entries may not fit in
+                    // one reply.
+                    let look_ahead = self.config().batch_size > 1
+                        && (count > 1 || self.entry_bytes.saturating_mul(4) <= max_bytes);
                     let asked = if look_ahead { count + 1 } else { count };
                     let request = ReadRequest {
                         after,
@@ -823,6 +828,9 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             report_finding(stats, finding);
         }
         let parsed = batch.parsed_bytes();
+        if !batch.is_empty() {
+            self.entry_bytes = parsed / batch.len();
+        }
         drop(batch);
         machine.batch_received(arrivals, ids.last().copied(), parsed);
     }
@@ -840,6 +848,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             limit,
         } = err
         {
+            self.entry_bytes = limit;
             // Not an outage: read again at once, fewer at a time.
             if !machine.reply_too_large(entries) {
                 warn!(
