@@ -28,6 +28,6 @@ pub use decode::{decode_user_lifecycle_event, DecodeError, MAX_ENTRY_BYTES};
 pub use entry_id::{EntryId, ParseEntryIdError};
 pub use event::{EventType, UserLifecycleEvent};
 pub use ports::{
-    BoxFuture, HandlerError, StoreError, StreamOffsetStore, UserLifecycleConsumer,
+    BoxFuture, HandlerError, SaveOutcome, StoreError, StreamOffsetStore, UserLifecycleConsumer,
     UserLifecycleHandler, USER_LIFECYCLE_LABEL,
 };

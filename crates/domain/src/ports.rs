@@ -149,6 +149,27 @@ pub trait StreamOffsetStore: Send + Sync {
     fn load<'a>(&'a self, label: &'a str) -> BoxFuture<'a, Result<Option<EntryId>, StoreError>>;
 
     /// Stores `id` for `label` unless a larger id is stored already: the
-    /// consumer's own saves never move an offset backwards.
-    fn save<'a>(&'a self, label: &'a str, id: EntryId) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// consumer's own saves never move an offset backwards. With `expected`
+    /// (the offset this consumer last stored or loaded), nothing is written
+    /// when the stored offset is behind it or gone: the store lost writes it
+    /// had acknowledged (a crash, a failover) or an operator rewound it, and
+    /// the consumer must replay from what is stored.
+    fn save<'a>(
+        &'a self,
+        label: &'a str,
+        id: EntryId,
+        expected: Option<EntryId>,
+    ) -> BoxFuture<'a, Result<SaveOutcome, StoreError>>;
+}
+
+/// What an offset save found in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaveOutcome {
+    /// The offset was stored.
+    Saved,
+    /// A larger offset is stored; it was kept.
+    Kept(EntryId),
+    /// The stored offset (`None`: none) is behind what the saver expected;
+    /// nothing was written.
+    Behind(Option<EntryId>),
 }

@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lifecycle_domain::{
-    BoxFuture, EntryId, EventType, HandlerError, StreamOffsetStore, UserLifecycleConsumer,
-    UserLifecycleEvent, UserLifecycleHandler, USER_LIFECYCLE_LABEL,
+    BoxFuture, EntryId, EventType, HandlerError, SaveOutcome, StreamOffsetStore,
+    UserLifecycleConsumer, UserLifecycleEvent, UserLifecycleHandler, USER_LIFECYCLE_LABEL,
 };
 use lifecycle_redis::{
     open_client, RedisOffsetStore, RedisUserLifecycleConsumer, DEFAULT_KEY_PREFIX,
@@ -890,13 +890,44 @@ async fn offset_saves_compare_ids_numerically_and_never_move_backwards() {
     assert_eq!(store.get(label).await.unwrap(), Some(EntryId::MAX));
 
     // The port's save keeps the larger id too.
-    StreamOffsetStore::save(&store, label, id("5-0"))
-        .await
-        .unwrap();
+    assert_eq!(
+        StreamOffsetStore::save(&store, label, id("5-0"), None)
+            .await
+            .unwrap(),
+        SaveOutcome::Kept(EntryId::MAX)
+    );
     assert_eq!(
         StreamOffsetStore::load(&store, label).await.unwrap(),
         Some(EntryId::MAX)
     );
+    // A store behind what the saver expects (it lost writes, or an operator
+    // rewound it) is not written, and says what it holds.
+    store.set(label, id("3-0")).await.unwrap();
+    assert_eq!(
+        store
+            .save_checked(label, id("6-0"), Some(id("5-0")))
+            .await
+            .unwrap(),
+        SaveOutcome::Behind(Some(id("3-0")))
+    );
+    assert_eq!(env.offset().await, Some(id("3-0")));
+    assert_eq!(
+        store
+            .save_checked(label, id("6-0"), Some(id("3-0")))
+            .await
+            .unwrap(),
+        SaveOutcome::Saved
+    );
+    store.reset(label).await.unwrap();
+    assert_eq!(
+        store
+            .save_checked(label, id("7-0"), Some(id("6-0")))
+            .await
+            .unwrap(),
+        SaveOutcome::Behind(None)
+    );
+    assert_eq!(env.offset().await, None);
+    store.set(label, EntryId::MAX).await.unwrap();
 
     // An operator's `set` may rewind; `reset` deletes.
     store.set(label, id("1-0")).await.unwrap();

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use lifecycle_domain::{EntryId, HandlerError, StoreError, StreamOffsetStore};
+use lifecycle_domain::{EntryId, HandlerError, SaveOutcome, StoreError, StreamOffsetStore};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokio_util::sync::CancellationToken;
@@ -208,7 +208,19 @@ struct Done {
 }
 
 type JobFuture<'a> = Pin<Box<dyn Future<Output = Done> + Send + 'a>>;
-type SaveFuture<'a> = Pin<Box<dyn Future<Output = (EntryId, Result<(), StoreError>)> + Send + 'a>>;
+/// A save in flight: the offset, and what the store found.
+type SaveFuture<'a> =
+    Pin<Box<dyn Future<Output = (EntryId, Result<SaveOutcome, StoreError>)> + Send + 'a>>;
+
+/// Starts saving `offset`, expecting the store to hold `expected`.
+fn start_save<'a>(
+    offsets: &'a Arc<dyn StreamOffsetStore>,
+    label: &'a str,
+    offset: EntryId,
+    expected: Option<EntryId>,
+) -> SaveFuture<'a> {
+    Box::pin(async move { (offset, offsets.save(label, offset, expected).await) })
+}
 
 /// What every job shares: read-only for the whole session.
 struct Ctx<'a, D: EntryDecoder, H: ?Sized> {
@@ -664,6 +676,11 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                     Some(ReaderEvent::Batch { received, reconnected }) => {
                         if reconnected {
                             self.stats().reconnect();
+                            // Redis may have restarted and lost writes: the
+                            // next save compares what it holds.
+                            if let Some(machine) = self.machine.as_mut() {
+                                machine.verify();
+                            }
                         }
                         self.on_batch(received);
                     }
@@ -722,11 +739,13 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                 }
                 Action::Start(job) => self.running.push(Box::pin(ctx.run_job(job))),
                 Action::Save(offset) => {
-                    let offsets = &ctx.consumer.offsets;
-                    let label = ctx.config().label.as_str();
-                    self.save = Some(Box::pin(async move {
-                        (offset, offsets.save(label, offset).await)
-                    }));
+                    let expected = self.machine.as_ref().and_then(Machine::saved_offset);
+                    self.save = Some(start_save(
+                        &ctx.consumer.offsets,
+                        &ctx.config().label,
+                        offset,
+                        expected,
+                    ));
                 }
             }
         }
@@ -746,15 +765,32 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
         }
     }
 
-    fn on_saved(&mut self, offset: EntryId, result: Result<(), StoreError>) {
+    fn on_saved(&mut self, offset: EntryId, result: Result<SaveOutcome, StoreError>) {
         let Some(machine) = self.machine.as_mut() else {
             return;
         };
         match result {
-            Ok(()) => {
+            Ok(SaveOutcome::Saved | SaveOutcome::Kept(_)) => {
                 machine.saved(offset);
                 self.save_backoff.reset();
                 self.ctx.stats().offset_saved();
+            }
+            Ok(SaveOutcome::Behind(stored)) => {
+                let to = stored.unwrap_or_else(|| match self.ctx.config().start_from {
+                    StartFrom::Beginning => EntryId::ZERO,
+                    StartFrom::Id(id) => id.predecessor().unwrap_or(EntryId::ZERO),
+                    StartFrom::End => machine.finished(),
+                });
+                error!(
+                    offset = %offset,
+                    expected = machine.saved_offset().map(|id| id.to_string()).unwrap_or_default(),
+                    stored = stored.map(|id| id.to_string()).unwrap_or_default(),
+                    replay_after = %to,
+                    "the stored offset is behind what this worker saved: Redis lost acknowledged writes (a restart without appendfsync always, a failover) or an operator rewound it; handling again every entry after it"
+                );
+                self.ctx.stats().rewound();
+                machine.rewind(to, stored);
+                self.trim.forget();
             }
             Err(err) if err.permanent => {
                 machine.save_failed();
@@ -818,14 +854,16 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             });
         }
         let extra = batch.entry(dispatch).map(|view| view.id());
-        let finding = self.trim.observe(ReadSeen {
-            read_from,
-            ids: &ids,
-            look_ahead: extra,
-            probe,
-        });
-        if let Some(finding) = finding {
-            report_finding(stats, finding);
+        if !machine.rewinding() {
+            let finding = self.trim.observe(ReadSeen {
+                read_from,
+                ids: &ids,
+                look_ahead: extra,
+                probe,
+            });
+            if let Some(finding) = finding {
+                report_finding(stats, finding);
+            }
         }
         let parsed = batch.parsed_bytes();
         if !batch.is_empty() {
@@ -1006,11 +1044,12 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
         loop {
             if self.save.is_none() {
                 if let Some(Action::Save(offset)) = machine.poll_action() {
-                    let offsets = &self.ctx.consumer.offsets;
-                    let label = self.ctx.config().label.as_str();
-                    self.save = Some(Box::pin(async move {
-                        (offset, offsets.save(label, offset).await)
-                    }));
+                    self.save = Some(start_save(
+                        &self.ctx.consumer.offsets,
+                        &self.ctx.config().label,
+                        offset,
+                        machine.saved_offset(),
+                    ));
                 }
             }
             let Some(save) = self.save.as_mut() else {
@@ -1019,9 +1058,18 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             let outcome = tokio::time::timeout_at(deadline.0, save).await;
             self.save = None;
             match outcome {
-                Ok((offset, Ok(()))) => {
+                Ok((offset, Ok(SaveOutcome::Saved | SaveOutcome::Kept(_)))) => {
                     machine.saved(offset);
                     self.ctx.stats().offset_saved();
+                }
+                Ok((offset, Ok(SaveOutcome::Behind(stored)))) => {
+                    machine.save_failed();
+                    error!(
+                        offset = %offset,
+                        stored = stored.map(|id| id.to_string()).unwrap_or_default(),
+                        "the stored offset is behind what this worker saved (Redis lost writes, or an operator rewound it); left as it is: the next start handles every entry after it again"
+                    );
+                    return false;
                 }
                 Ok((_, Err(err))) => {
                     machine.save_failed();
@@ -1094,7 +1142,9 @@ fn report_finding(stats: &ConsumerStats, finding: Finding) {
 
 /// Awaits the save in flight, if any; pending otherwise. The save itself
 /// lives in `save`, so dropping this future loses nothing.
-async fn poll_save<'a>(save: &mut Option<SaveFuture<'a>>) -> (EntryId, Result<(), StoreError>) {
+async fn poll_save<'a>(
+    save: &mut Option<SaveFuture<'a>>,
+) -> (EntryId, Result<SaveOutcome, StoreError>) {
     match save {
         Some(save) => save.await,
         None => std::future::pending().await,

@@ -155,6 +155,10 @@ pub(crate) struct Machine<T> {
     save_in_flight: Option<EntryId>,
     checkpoint_due: bool,
     stopping: bool,
+    /// The store went behind this machine's saves: once nothing runs and no
+    /// read is in flight, start over after the first id, with the second as
+    /// what is stored.
+    rewind_to: Option<(EntryId, Option<EntryId>)>,
     redis_backoff: Backoff,
     actions: VecDeque<Action<T>>,
 }
@@ -203,6 +207,7 @@ impl<T> Machine<T> {
             save_in_flight: None,
             checkpoint_due: persist_start,
             stopping: false,
+            rewind_to: None,
             redis_backoff: Backoff::new(settings.redis_retry),
             actions: VecDeque::new(),
         };
@@ -221,6 +226,9 @@ impl<T> Machine<T> {
     }
 
     fn decide(&mut self) {
+        if self.rewind_to.is_some() {
+            return;
+        }
         if self.checkpoint_due && self.save_in_flight.is_none() && self.dirty() {
             self.checkpoint_due = false;
             self.save_in_flight = Some(self.finished);
@@ -281,6 +289,11 @@ impl<T> Machine<T> {
         } else {
             Reading::Idle
         };
+        if self.rewind_to.is_some() {
+            // A reply for the position given up: dropped.
+            self.finish_rewind();
+            return;
+        }
         let Some(last) = last_id else {
             if self.drain_target.is_some() {
                 // Nothing after our position although the target lies
@@ -365,6 +378,10 @@ impl<T> Machine<T> {
     /// A job ended.
     pub(crate) fn completed(&mut self, id: EntryId, key: &str, completion: Completion) {
         self.running = self.running.saturating_sub(1);
+        if self.rewind_to.is_some() {
+            self.finish_rewind();
+            return;
+        }
         if completion == Completion::Interrupted {
             return;
         }
@@ -426,6 +443,7 @@ impl<T> Machine<T> {
         } else {
             Reading::Waiting
         };
+        self.finish_rewind();
         self.redis_backoff.next_delay()
     }
 
@@ -455,6 +473,10 @@ impl<T> Machine<T> {
         } else {
             Reading::Idle
         };
+        if self.rewind_to.is_some() {
+            self.finish_rewind();
+            return false;
+        }
         if entries > 0 || count > 1 {
             self.batch_size = entries.clamp(1, (count / 2).max(1));
             return false;
@@ -489,10 +511,71 @@ impl<T> Machine<T> {
         self.save_in_flight = None;
     }
 
+    /// The store holds `stored` (`None`: nothing), behind what this machine
+    /// saved: it lost acknowledged writes (a crash without `appendfsync
+    /// always`, a failover) or an operator rewound it. Nothing new starts;
+    /// once the jobs running end and the read in flight returns, reading
+    /// starts over after `to` and every entry after it is handled again
+    /// (cascades are idempotent), so nothing whose effect the store lost
+    /// is skipped.
+    pub(crate) fn rewind(&mut self, to: EntryId, stored: Option<EntryId>) {
+        self.save_in_flight = None;
+        if self.stopping {
+            return;
+        }
+        self.rewind_to = Some((to, stored));
+        self.ready.clear();
+        self.queues = KeyQueues::new();
+        self.checkpoint_due = false;
+        self.finish_rewind();
+    }
+
+    /// Completes a rewind once nothing runs and no read is in flight.
+    fn finish_rewind(&mut self) {
+        let Some((to, stored)) = self.rewind_to else {
+            return;
+        };
+        if self.running > 0 || matches!(self.reading, Reading::InFlight { .. }) {
+            return;
+        }
+        self.rewind_to = None;
+        self.window.clear();
+        self.batch_ends.clear();
+        self.held_bytes = 0;
+        self.read_after = to;
+        self.finished = to;
+        self.saved = stored;
+        self.save_forced = false;
+        self.batch_size = self.settings.batch_size;
+        if self.reading == Reading::Done {
+            self.reading = if self.drain_target.is_some_and(|target| target <= to) {
+                Reading::Done
+            } else {
+                Reading::Idle
+            };
+        }
+    }
+
+    /// Whether a rewind is waiting for jobs or a read to end.
+    pub(crate) fn rewinding(&self) -> bool {
+        self.rewind_to.is_some()
+    }
+
+    /// Asks the store to confirm what it holds (after a reconnect: Redis may
+    /// have restarted and lost writes): a save of the watermark is due even
+    /// if it did not move.
+    pub(crate) fn verify(&mut self) {
+        if self.saved.is_some() {
+            self.save_forced = true;
+            self.checkpoint_due = true;
+        }
+    }
+
     /// Shutdown began: nothing new is read or started; jobs not yet started
     /// are dropped (their entries stay after the offset); the offset is due.
     pub(crate) fn stop(&mut self) {
         self.stopping = true;
+        self.rewind_to = None;
         self.batch_ends.clear();
         self.reading = Reading::Done;
         self.ready.clear();
@@ -510,6 +593,7 @@ impl<T> Machine<T> {
     pub(crate) fn drained(&self) -> bool {
         self.reading == Reading::Done
             && !self.stopping
+            && self.rewind_to.is_none()
             && self.drain_target.is_some()
             && self.window.is_empty()
             && self.running == 0
@@ -779,6 +863,57 @@ mod tests {
     }
 
     #[test]
+    fn a_store_behind_the_saves_replays_from_it_once_running_jobs_end() {
+        let mut machine = Machine::new(settings(2), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(
+            vec![job(1, "a"), job(2, "b"), job(3, "a")],
+            Some(id(3)),
+            100,
+        );
+        let actions = drain(&mut machine);
+        assert_eq!(started(&actions), vec![1, 2]);
+        assert_eq!(reads(&actions), vec![(id(3), 4)]);
+        machine.completed(id(1), "a", Completion::Finished);
+        machine.completed(id(2), "b", Completion::Finished);
+        let actions = drain(&mut machine);
+        assert_eq!(started(&actions), vec![3]);
+        // The save of 2 finds the store emptied (Redis lost it).
+        machine.rewind(id(0), None);
+        assert!(machine.rewinding());
+        assert!(
+            drain(&mut machine).is_empty(),
+            "nothing starts, reads or saves"
+        );
+        machine.batch_received(vec![job(4, "c")], Some(id(4)), 100);
+        assert!(
+            drain(&mut machine).is_empty(),
+            "the reply for the old position is dropped"
+        );
+        machine.completed(id(3), "a", Completion::Finished);
+        assert!(!machine.rewinding());
+        assert_eq!(machine.finished(), id(0));
+        assert_eq!(machine.saved_offset(), None);
+        assert_eq!(
+            reads(&drain(&mut machine)),
+            vec![(id(0), 4)],
+            "read again from the start"
+        );
+        machine.batch_received(vec![job(1, "a"), job(2, "b")], Some(id(2)), 100);
+        assert_eq!(started(&drain(&mut machine)), vec![1, 2], "handled again");
+    }
+
+    #[test]
+    fn a_verify_saves_the_unmoved_watermark_to_compare() {
+        let mut machine = Machine::<u64>::new(settings(1), id(5), Some(id(5)), false, None);
+        drain(&mut machine);
+        machine.verify();
+        assert_eq!(saves(&drain(&mut machine)), vec![id(5)]);
+        machine.saved(id(5));
+        assert!(!machine.dirty());
+    }
+
+    #[test]
     fn after_stop_nothing_is_read_or_started_and_the_offset_is_due() {
         let mut machine = Machine::new(settings(1), id(0), Some(id(0)), false, None);
         drain(&mut machine);
@@ -875,6 +1010,10 @@ mod tests {
         SaveDone(bool),
         /// The process stops; a new machine resumes from what was saved.
         Restart,
+        /// The store crashes and comes back with an earlier offset (and
+        /// without the effects of everything after it), as Redis does after
+        /// losing acknowledged writes; the driver asks the machine to verify.
+        StoreLost(usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -884,6 +1023,7 @@ mod tests {
             1 => Just(Step::ReadFault),
             2 => any::<bool>().prop_map(Step::SaveDone),
             1 => Just(Step::Restart),
+            1 => (0usize..8).prop_map(Step::StoreLost),
         ]
     }
 
@@ -897,7 +1037,12 @@ mod tests {
         /// Entries whose handling finished (handled at least once).
         done: BTreeSet<u64>,
         running: Vec<(u64, String)>,
-        save_in_flight: Option<EntryId>,
+        /// The save in flight and what the machine expected to be stored.
+        save_in_flight: Option<(EntryId, Option<EntryId>)>,
+        /// Every offset the store held, oldest first.
+        history: Vec<Option<EntryId>>,
+        /// The store lost writes the machine has not been told of yet.
+        lost: bool,
         read_in_flight: Option<(EntryId, usize)>,
         /// Per key, the ids started by the current machine, in order.
         starts: HashMap<String, Vec<u64>>,
@@ -915,6 +1060,8 @@ mod tests {
                 done: BTreeSet::new(),
                 running: Vec::new(),
                 save_in_flight: None,
+                history: vec![None],
+                lost: false,
                 read_in_flight: None,
                 starts: HashMap::new(),
                 last_start: None,
@@ -949,7 +1096,7 @@ mod tests {
                     }
                     Action::Save(offset) => {
                         prop_assert!(self.save_in_flight.is_none());
-                        self.save_in_flight = Some(offset);
+                        self.save_in_flight = Some((offset, self.machine.saved_offset()));
                     }
                 }
                 prop_assert!(self.running.len() <= self.config.concurrency);
@@ -1014,14 +1161,34 @@ mod tests {
                     }
                 }
                 Step::SaveDone(ok) => {
-                    if let Some(offset) = self.save_in_flight.take() {
-                        if ok {
-                            self.stored = Some(self.stored.map_or(offset, |s| s.max(offset)));
-                            self.machine.saved(offset);
-                        } else {
+                    if let Some((offset, expected)) = self.save_in_flight.take() {
+                        let behind = expected
+                            .is_some_and(|expected| self.stored.is_none_or(|s| s < expected));
+                        if !ok {
                             self.machine.save_failed();
+                        } else if behind {
+                            self.lost = false;
+                            self.starts.clear();
+                            self.last_start = None;
+                            let to = self.stored.unwrap_or(EntryId::ZERO);
+                            self.machine.rewind(to, self.stored);
+                        } else {
+                            self.stored = Some(self.stored.map_or(offset, |s| s.max(offset)));
+                            self.history.push(self.stored);
+                            self.machine.saved(offset);
                         }
                     }
+                }
+                Step::StoreLost(back) => {
+                    let keep = self.history.len().saturating_sub(1 + back % 3).max(1);
+                    self.history.truncate(keep);
+                    let survived = self.history.last().copied().flatten();
+                    if survived != self.stored {
+                        self.stored = survived;
+                        self.done.retain(|n| survived.is_some_and(|s| id(*n) <= s));
+                        self.lost = true;
+                    }
+                    self.machine.verify();
                 }
                 Step::Restart => {
                     self.machine.stop();
@@ -1032,6 +1199,7 @@ mod tests {
                     self.save_in_flight = None;
                     self.starts.clear();
                     self.last_start = None;
+                    self.lost = false;
                     let start = self.stored.unwrap_or(EntryId::ZERO);
                     self.machine = Machine::new(self.config, start, self.stored, false, None);
                 }
@@ -1041,11 +1209,15 @@ mod tests {
 
         fn check_offset(&self) -> Result<(), TestCaseError> {
             let watermark = self.machine.finished();
-            for n in self.stream.keys().copied().filter(|n| id(*n) <= watermark) {
-                prop_assert!(
-                    self.done.contains(&n),
-                    "the watermark passed unfinished {n}"
-                );
+            // Until the machine learns of a store's loss its watermark is
+            // ahead of what the store kept; what it may save is checked below.
+            if !self.lost && !self.machine.rewinding() {
+                for n in self.stream.keys().copied().filter(|n| id(*n) <= watermark) {
+                    prop_assert!(
+                        self.done.contains(&n),
+                        "the watermark passed unfinished {n}"
+                    );
+                }
             }
             if let Some(stored) = self.stored {
                 for n in self.stream.keys().copied().filter(|n| id(*n) <= stored) {
@@ -1059,8 +1231,9 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
-        /// Whatever the interleaving of arrivals, completions, faults, saves
-        /// and restarts: the saved offset never passes an unfinished entry,
+        /// Whatever the interleaving of arrivals, completions, faults, saves,
+        /// restarts and a store losing acknowledged writes: the saved offset
+        /// never passes an unfinished entry,
         /// one key never runs twice at once and its entries start in stream
         /// order, and the held bytes stay under the cap.
         #[test]

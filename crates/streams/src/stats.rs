@@ -17,6 +17,7 @@ pub struct ConsumerStats {
     reads: AtomicU64,
     trimmed: AtomicU64,
     trims_suspected: AtomicU64,
+    rewinds: AtomicU64,
     held_bytes: AtomicU64,
     held_bytes_peak: AtomicU64,
     held_entries: AtomicU64,
@@ -51,6 +52,10 @@ pub struct StatsSnapshot {
     /// Times the stream was found to begin after the position with nothing
     /// to prove that entries lay in between.
     pub trims_suspected: u64,
+    /// Times the stored offset was found behind this consumer's saves (Redis
+    /// lost acknowledged writes, or an operator rewound it) and the entries
+    /// after it were read again.
+    pub rewinds: u64,
     /// Bytes of entries read but not finished, as the engine charges them
     /// (see `ConsumerConfig::max_held_bytes`).
     pub held_bytes: u64,
@@ -126,6 +131,9 @@ impl ConsumerStats {
             Ordering::Relaxed,
         );
     }
+    pub(crate) fn rewound(&self) {
+        bump(&self.rewinds);
+    }
     pub(crate) fn trim_suspected(&self) {
         bump(&self.trims_suspected);
     }
@@ -148,6 +156,7 @@ impl ConsumerStats {
             reads: get(&self.reads),
             trimmed: get(&self.trimmed),
             trims_suspected: get(&self.trims_suspected),
+            rewinds: get(&self.rewinds),
             held_bytes: get(&self.held_bytes),
             held_bytes_peak: get(&self.held_bytes_peak),
             held_entries: get(&self.held_entries),
