@@ -1737,3 +1737,91 @@ fn two_workers_by_mistake_never_move_the_offset_backwards() {
         secs(began.elapsed())
     );
 }
+
+// ---------------------------------------------------------------------------
+// Redis losing acknowledged writes
+// ---------------------------------------------------------------------------
+
+/// How long the lost-writes test waits for a condition.
+const LOST_WRITES_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Redis loses writes it had acknowledged (here: killed and restarted from an
+/// older snapshot, as an `appendfsync everysec` crash or a failover to a
+/// lagging replica does): the cascades applied after the snapshot and the
+/// offset saves covering them are gone, while their entries remain. The
+/// running worker notices when it next saves (the stored offset is behind
+/// what it saved; it checks after every reconnect) and handles those entries
+/// again, so no cascade stays lost, even when a new entry then moves the
+/// offset on.
+#[test]
+#[allow(clippy::indexing_slicing)]
+fn cascades_redis_lost_after_acknowledging_them_are_applied_again() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    let mut conn = connect(&url);
+    let lobby = Lobby { tag: "lost", n: 40 };
+    lobby.seed(&mut conn);
+    let first = lobby.publish(&mut conn, 0..20);
+    let drained = common::worker(&url, &["run", "--drain", "--metrics-addr", "off"]);
+    common::assert_success(&drained);
+    assert_eq!(stored_offset(&mut conn).as_ref(), first.last());
+    let rest = lobby.publish(&mut conn, 20..40);
+    // The snapshot Redis will come back from: every entry, the first 20
+    // cascades, the offset of the 20th.
+    let _: () = redis::cmd("SAVE").query(&mut conn).unwrap();
+
+    let mut running = Worker::start(&url, &["--metrics-addr", "off", "--block-timeout", "200ms"]);
+    wait_until(
+        LOST_WRITES_PATIENCE,
+        "the last 20 entries are handled",
+        || stored_offset(&mut conn).as_ref() == rest.last(),
+    );
+    assert!(lobby
+        .recorded_entries(&mut conn)
+        .iter()
+        .all(Option::is_some));
+
+    server.kill();
+    server.restart();
+    let mut conn = connect(&url);
+    assert_eq!(
+        stored_offset(&mut conn).as_ref(),
+        first.last(),
+        "the restart did not lose the later writes"
+    );
+    let lost: Vec<Option<String>> = lobby.recorded_entries(&mut conn).split_off(20);
+    assert!(
+        lost.iter().all(Option::is_none),
+        "cascades survived: {lost:?}"
+    );
+    // A new entry after the loss: saving it must not cover the lost ones.
+    let extra = Lobby { tag: "later", n: 1 };
+    let later = extra.publish(&mut conn, 0..1);
+    wait_until(
+        LOST_WRITES_PATIENCE,
+        "every cascade is applied again",
+        || {
+            stored_offset(&mut conn).as_ref() == later.last()
+                && lobby
+                    .recorded_entries(&mut conn)
+                    .iter()
+                    .all(Option::is_some)
+        },
+    );
+    let recorded = lobby.recorded_entries(&mut conn);
+    for (i, id) in rest.iter().enumerate() {
+        assert_eq!(recorded[20 + i].as_ref(), Some(id), "user {}", 20 + i);
+    }
+    assert_eq!(
+        running.count("the stored offset is behind what this worker saved"),
+        1,
+        "{}",
+        running.log()
+    );
+    running.terminate();
+    assert!(
+        running.wait_exit(LOST_WRITES_PATIENCE).success(),
+        "{}",
+        running.log()
+    );
+}
