@@ -111,6 +111,20 @@ pub fn classify_code(code: &str) -> FaultClass {
     }
 }
 
+/// The code of a refused write (`OOM`, `MISCONF`, `NOREPLICAS`,
+/// `READONLY`, `BUSY`) when `err` is one, or carries one among the errors of
+/// a transaction or pipeline: Redis is up, but will not take writes until
+/// the condition is cleared. For telling an operator what to fix.
+pub fn write_refusal(err: &RedisError) -> Option<&'static str> {
+    let errors = err.clone().into_server_errors()?;
+    errors.iter().find_map(|(_, error)| {
+        WRITE_REFUSAL_CODES
+            .iter()
+            .copied()
+            .find(|code| *code == error.code())
+    })
+}
+
 /// Classifies a failure of the reading connection.
 pub fn classify_read(err: &ReadError) -> FaultClass {
     match err {
@@ -223,6 +237,18 @@ mod tests {
                 "{line}"
             );
         }
+    }
+
+    #[test]
+    fn refused_writes_are_named_by_their_code() {
+        for (code, _, line) in CODES {
+            let expected = WRITE_REFUSAL_CODES.contains(code).then_some(*code);
+            assert_eq!(write_refusal(&server_error(line)), expected, "{line}");
+        }
+        let io = RedisError::from(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert_eq!(write_refusal(&io), None);
+        let client = RedisError::from((ErrorKind::Client, "client-side"));
+        assert_eq!(write_refusal(&client), None);
     }
 
     #[test]

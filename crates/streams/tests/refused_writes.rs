@@ -11,7 +11,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lifecycle_streams::{classify, FaultClass};
+use lifecycle_streams::{classify, write_refusal, FaultClass};
 use lifecycle_test_support::{RedisServer, RedisServerOptions};
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Script};
@@ -39,6 +39,7 @@ async fn refused_everywhere(conn: &mut MultiplexedConnection, code: &str) -> Vec
         let err = result.expect_err(what);
         assert_eq!(classify(&err), FaultClass::Transient, "{what}: {err:?}");
         assert_eq!(err.code(), Some(code), "{what}: {err:?}");
+        assert_eq!(write_refusal(&err), Some(code), "{what}: {err:?}");
         texts.push(format!("{what}: {err}"));
     };
     check(
@@ -88,6 +89,7 @@ async fn transactions_and_pipelines_under_oom(conn: &mut MultiplexedConnection) 
     let err = atomic.query_async::<()>(conn).await.unwrap_err();
     assert_eq!(err.code(), Some("EXECABORT"), "{err:?}");
     assert_eq!(classify(&err), FaultClass::Transient, "{err:?}");
+    assert_eq!(write_refusal(&err), Some("OOM"), "{err:?}");
 
     let mut pipeline = redis::pipe();
     pipeline.set("a", "1").set("b", "2");
