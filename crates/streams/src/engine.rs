@@ -612,7 +612,11 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
     async fn on_batch(&mut self, received: Received) -> Result<(), ConsumerError> {
         let Received { batch, probe } = received;
         self.stats().read_completed();
-        self.recovered();
+        // Redis may serve reads while it refuses writes (OOM, MISCONF): with
+        // an offset left unsaved, only a save ends the outage.
+        if !self.dirty {
+            self.recovered();
+        }
         if batch.is_empty() {
             if self.drain_target.is_some() {
                 // Nothing after our position although the target lies ahead:
@@ -1026,6 +1030,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Session<'a, D, H> {
                 self.saved = Some(offset);
                 self.dirty = false;
                 self.stats().offset_saved();
+                self.recovered();
                 Ok(())
             }
             Err(err) if err.permanent => Err(ConsumerError::Store(err)),
