@@ -527,20 +527,17 @@ async fn a_failing_handler_is_retried_with_growing_delays_holding_the_offset() {
 
     let attempts = recorder.attempts_at(flaky);
     assert_eq!(attempts.len(), 5, "4 failures and 1 success");
+    // The delays' growth is pinned in virtual time by the engine's unit
+    // tests; here, only what load cannot make false: no hot loop (each delay
+    // is at least half its ceiling, 20 ms doubling: 10 + 20 + 40 + 80 ms).
     let gaps: Vec<Duration> = attempts.windows(2).map(|pair| pair[1] - pair[0]).collect();
-    for pair in gaps.windows(2) {
-        assert!(
-            pair[1].as_secs_f64() >= pair[0].as_secs_f64() * 0.9,
-            "retry delays shrank: {gaps:?}"
-        );
-    }
-    assert!(
-        gaps[3] >= gaps[0] * 2,
-        "retry delays did not grow: {gaps:?}"
-    );
     assert!(
         gaps[0] >= Duration::from_millis(10),
         "first retry too early: {gaps:?}"
+    );
+    assert!(
+        attempts[4] - attempts[0] >= Duration::from_millis(150),
+        "retries came too fast: {gaps:?}"
     );
     let mut expected = vec![before, flaky, flaky, flaky, flaky, flaky];
     expected.extend(&after);

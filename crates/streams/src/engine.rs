@@ -774,6 +774,7 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                 machine.saved(offset);
                 self.save_backoff.reset();
                 self.ctx.stats().offset_saved();
+                self.outage.recovered();
             }
             Ok(SaveOutcome::Behind(stored)) => {
                 let to = stored.unwrap_or_else(|| match self.ctx.config().start_from {
@@ -811,11 +812,15 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
     fn on_batch(&mut self, received: Received) {
         let Received { batch, probe } = received;
         self.stats().read_completed();
-        self.outage.recovered();
         let (requested, look_ahead) = self.read_in_flight.take().unwrap_or((batch.len(), false));
         let Some(machine) = self.machine.as_mut() else {
             return;
         };
+        // Redis may serve reads while it refuses writes (OOM, MISCONF): with
+        // an offset left unsaved, only a save ends the outage.
+        if !machine.dirty() {
+            self.outage.recovered();
+        }
         let read_from = machine.read_after();
         let dispatch = if look_ahead && batch.len() > requested {
             requested
@@ -1159,8 +1164,139 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    use lifecycle_domain::BoxFuture;
+
+    /// Items are user names; the ordering key is the name.
+    struct Names;
+
+    impl EntryDecoder for Names {
+        type Item = String;
+
+        fn decode(&self, _id: EntryId, _fields: &[(&[u8], &[u8])]) -> Decoded<String> {
+            Decoded::Malformed("not used".into())
+        }
+
+        fn event_type<'a>(&self, _item: &'a String) -> &'a str {
+            "test"
+        }
+
+        fn ordering_key<'a>(&self, item: &'a String) -> &'a str {
+            item
+        }
+    }
+
+    /// Fails the first `failures` calls, recording when each call started.
+    struct Flaky {
+        failures: u32,
+        calls: Mutex<Vec<tokio::time::Instant>>,
+    }
+
+    impl EntryHandler<String> for Flaky {
+        fn handle<'a>(&'a self, _item: &'a String) -> BoxFuture<'a, Result<(), HandlerError>> {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push(tokio::time::Instant::now());
+            let fail = calls.len() <= self.failures as usize;
+            Box::pin(async move {
+                if fail {
+                    Err(HandlerError::msg("not yet"))
+                } else {
+                    Ok(())
+                }
+            })
+        }
+    }
+
+    /// An offset store nothing is saved to here.
+    struct NoOffsets;
+
+    impl StreamOffsetStore for NoOffsets {
+        fn load<'a>(
+            &'a self,
+            _label: &'a str,
+        ) -> BoxFuture<'a, Result<Option<EntryId>, StoreError>> {
+            Box::pin(async { Ok(None) })
+        }
+
+        fn save<'a>(
+            &'a self,
+            _label: &'a str,
+            _id: EntryId,
+            _expected: Option<EntryId>,
+        ) -> BoxFuture<'a, Result<SaveOutcome, StoreError>> {
+            Box::pin(async { Ok(SaveOutcome::Saved) })
+        }
+    }
+
+    /// Runs one job through `run_job` (no Redis is reached: the command
+    /// connection is lazy and only dead letters would use it).
+    async fn run_one(handler: &Flaky, cancel: &CancellationToken) -> Done {
+        let client = redis::Client::open("redis://127.0.0.1:1/").unwrap();
+        let mut config = ConsumerConfig::new("s", "l");
+        config.handler_retry = policy(100);
+        let consumer =
+            StreamConsumer::new(client.clone(), Names, Arc::new(NoOffsets), config).unwrap();
+        let commands =
+            ConnectionManager::new_lazy_with_config(client, ConnectionManagerConfig::new())
+                .unwrap();
+        let ctx = Ctx {
+            consumer: &consumer,
+            handler,
+            cancel,
+            commands,
+        };
+        ctx.run_job(Job {
+            id: EntryId::new(1, 0),
+            item: "u".to_owned(),
+            key: "u".to_owned(),
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_handler_is_retried_after_growing_delays_in_virtual_time() {
+        let handler = Flaky {
+            failures: 5,
+            calls: Mutex::new(Vec::new()),
+        };
+        let done = run_one(&handler, &CancellationToken::new()).await;
+        assert_eq!(done.completion, Completion::Finished);
+        let calls = handler.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 6);
+        let gaps: Vec<Duration> = calls.windows(2).map(|pair| pair[1] - pair[0]).collect();
+        // Equal jitter: the n-th delay lies in [c/2, c] with the ceiling c
+        // doubling from 100 ms up to 800 ms, so each delay is at least the
+        // one before.
+        let ceilings = [100u64, 200, 400, 800, 800];
+        for (gap, ceiling) in gaps.iter().zip(ceilings) {
+            let ceiling = Duration::from_millis(ceiling);
+            assert!(*gap >= ceiling / 2 && *gap <= ceiling, "{gaps:?}");
+        }
+        for pair in gaps.windows(2).take(3) {
+            assert!(pair[1] >= pair[0], "delays shrank: {gaps:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancellation_ends_a_back_off_at_once_and_interrupts_the_job() {
+        let handler = Flaky {
+            failures: u32::MAX,
+            calls: Mutex::new(Vec::new()),
+        };
+        let cancel = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        let stopper = cancel.clone();
+        let (done, ()) = tokio::join!(run_one(&handler, &cancel), async move {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            stopper.cancel();
+        });
+        assert_eq!(done.completion, Completion::Interrupted);
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
+    }
 
     fn policy(ms: u64) -> BackoffPolicy {
         BackoffPolicy {

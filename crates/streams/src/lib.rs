@@ -69,7 +69,7 @@ pub use config::{
 pub use decoder::{Decoded, EntryDecoder, EntryHandler};
 pub use engine::{RunReport, StopReason, StreamConsumer};
 pub use error::ConsumerError;
-pub use fault::{classify, FaultClass};
+pub use fault::{classify, write_refusal, FaultClass};
 pub use reply::{parse_range_reply, parse_xread_reply, ReplyError, StreamEntry};
 pub use stats::{ConsumerStats, StatsSnapshot};
 pub use tls::{tls_failure, TlsError, TlsFiles, TlsSettings};

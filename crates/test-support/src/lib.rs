@@ -299,6 +299,68 @@ impl RedisServer {
         }
     }
 
+    /// Makes Redis refuse writes with `MISCONF`, as it does when it cannot persist (a full or broken
+    /// disk): points `dir` at a directory that is then removed, turns on a save point and
+    /// `stop-writes-on-bgsave-error`, and waits until a `BGSAVE` has failed. Reads still work.
+    /// Needs the server started with `extra_args` `--enable-protected-configs yes` (`dir` is a
+    /// protected setting); [`RedisServer::repair_persistence`] undoes it.
+    pub fn break_persistence(&self) {
+        let protected = self.cli(&["CONFIG", "GET", "enable-protected-configs"]);
+        assert!(
+            protected.ends_with("yes"),
+            "test-support: break_persistence needs the server started with extra_args \
+             [\"--enable-protected-configs\", \"yes\"] (got {protected:?})"
+        );
+        let gone = self.dir.path().join("persistence-broken");
+        fs::create_dir_all(&gone)
+            .expect("test-support: cannot create a directory for redis-server");
+        let gone_text = gone.to_string_lossy().into_owned();
+        self.cli(&["CONFIG", "SET", "dir", &gone_text]);
+        fs::remove_dir(&gone).expect("test-support: cannot remove redis-server's directory");
+        self.cli(&["CONFIG", "SET", "save", "3600 1"]);
+        self.cli(&["CONFIG", "SET", "stop-writes-on-bgsave-error", "yes"]);
+        self.bgsave_until("err");
+    }
+
+    /// Undoes [`RedisServer::break_persistence`]: `dir` back to the server's own directory, a
+    /// `BGSAVE` that succeeds (after which Redis accepts writes again), no save point.
+    pub fn repair_persistence(&self) {
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        self.cli(&["CONFIG", "SET", "dir", &dir]);
+        self.bgsave_until("ok");
+        self.cli(&["CONFIG", "SET", "save", ""]);
+    }
+
+    /// Starts a `BGSAVE` once none is running, and waits until it ended with `status` (`ok` or `err`).
+    fn bgsave_until(&self, status: &str) {
+        let field = |info: &str, name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(|value| value.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut started = false;
+        loop {
+            let info = self.cli(&["INFO", "persistence"]);
+            let idle = field(&info, "rdb_bgsave_in_progress:") == "0";
+            if idle && started && field(&info, "rdb_last_bgsave_status:") == status {
+                return;
+            }
+            if idle && !started {
+                started = self
+                    .cli(&["BGSAVE"])
+                    .starts_with("Background saving started");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "test-support: no BGSAVE ended with status {status:?} within {READY_TIMEOUT:?}\n{info}\n{}",
+                log_tail(self.dir.path())
+            );
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
     /// Runs `redis-cli -h 127.0.0.1 -p <port> [-a <pw> --no-auth-warning] <args>` and returns its trimmed stdout; panics on failure.
     pub fn cli(&self, args: &[&str]) -> String {
         let mut command = Command::new("redis-cli");
@@ -662,6 +724,24 @@ mod tests {
             server.cli(&["CONFIG", "GET", "maxmemory"]),
             "maxmemory\n12345678"
         );
+    }
+
+    #[test]
+    fn broken_persistence_refuses_writes_until_repaired() {
+        let server = RedisServer::start_with(RedisServerOptions {
+            extra_args: vec!["--enable-protected-configs".to_owned(), "yes".to_owned()],
+            ..RedisServerOptions::default()
+        });
+        server.cli(&["SET", "k", "v"]);
+        server.break_persistence();
+        assert!(
+            server.cli(&["SET", "k", "w"]).starts_with("MISCONF "),
+            "writes are refused"
+        );
+        assert_eq!(server.cli(&["GET", "k"]), "v", "reads are served");
+        server.repair_persistence();
+        assert_eq!(server.cli(&["SET", "k", "w"]), "OK");
+        assert_eq!(server.cli(&["CONFIG", "GET", "save"]), "save");
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Whether the worker is consuming: what `/readyz` and `lobby_ready` say.
 
-use std::sync::Arc;
+use std::error::Error;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use lifecycle_streams::ConsumerStats;
+use lifecycle_streams::{write_refusal, ConsumerStats};
 
-use crate::metrics::HandlerMetrics;
+use crate::metrics::{now_ms, HandlerMetrics};
 
 /// The verdict of one readiness check.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,31 +25,109 @@ impl Readiness {
     }
 }
 
-/// Tells readiness from the consumer's counters and the handler's last
-/// success.
+/// The outcome of the last attempt at one kind of work that writes to
+/// Redis (offset saves, cascades), for readiness: failing from a failed
+/// attempt until one succeeds. Redis serves reads while it refuses writes
+/// (`OOM`, `MISCONF`, ...), so only the writes themselves tell.
+#[derive(Debug, Default)]
+pub struct LastOutcome {
+    /// When an attempt last succeeded (ms since the Unix epoch; 0: never).
+    succeeded_ms: AtomicU64,
+    /// When an attempt last failed (ms since the Unix epoch; 0: never).
+    failed_ms: AtomicU64,
+    /// Redis's code when the last failure was a refused write.
+    refused: Mutex<Option<&'static str>>,
+}
+
+/// A failing [`LastOutcome`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failing {
+    /// When the last attempt failed (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Redis's code when it refused the write (`OOM`, `MISCONF`, ...).
+    pub refused: Option<&'static str>,
+}
+
+impl LastOutcome {
+    /// Records a success now.
+    pub fn succeeded(&self) {
+        self.succeeded_at(now_ms());
+    }
+
+    /// Records `err` now.
+    pub fn failed(&self, err: &(dyn Error + 'static)) {
+        self.failed_at(now_ms(), err);
+    }
+
+    fn succeeded_at(&self, at_ms: u64) {
+        self.succeeded_ms.store(at_ms, Ordering::Relaxed);
+    }
+
+    fn failed_at(&self, at_ms: u64, err: &(dyn Error + 'static)) {
+        *self.refused.lock().unwrap_or_else(PoisonError::into_inner) = refusal_in(err);
+        self.failed_ms.store(at_ms, Ordering::Relaxed);
+    }
+
+    /// When an attempt last succeeded (ms since the Unix epoch; 0: never).
+    pub fn last_success_ms(&self) -> u64 {
+        self.succeeded_ms.load(Ordering::Relaxed)
+    }
+
+    /// The last failure, while no attempt succeeded after it.
+    pub fn failing(&self) -> Option<Failing> {
+        let failed = self.failed_ms.load(Ordering::Relaxed);
+        (failed > self.last_success_ms()).then(|| Failing {
+            at_ms: failed,
+            refused: *self.refused.lock().unwrap_or_else(PoisonError::into_inner),
+        })
+    }
+}
+
+/// The code of a write Redis refused, found anywhere in `err`'s causes (a
+/// handler's error wraps the store's, which wraps the client's).
+fn refusal_in(err: &(dyn Error + 'static)) -> Option<&'static str> {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if let Some(code) = err
+            .downcast_ref::<redis::RedisError>()
+            .and_then(write_refusal)
+        {
+            return Some(code);
+        }
+        current = err.source();
+    }
+    None
+}
+
+/// Tells readiness from the consumer's counters, the handler's outcomes
+/// and the offset saves' outcomes.
 #[derive(Debug)]
 pub struct Health {
     stats: Arc<ConsumerStats>,
     handler: Arc<HandlerMetrics>,
+    offset_saves: Arc<LastOutcome>,
     stale_after: Duration,
     /// When the worker started (ms since the Unix epoch).
     started_ms: u64,
 }
 
 impl Health {
-    /// Ready once the first read was sent, while no Redis failure came
-    /// after the last read reply, and while the last read reply (or handled
-    /// event) is at most `stale_after` old.
+    /// Ready once the first read was sent, while Redis takes the worker's
+    /// writes (the last offset save and the last cascade did not fail), no
+    /// Redis failure came after the last read reply, and the last read reply
+    /// (or handled event) is at most `stale_after` old.
     pub fn new(
         stats: Arc<ConsumerStats>,
         handler: Arc<HandlerMetrics>,
+        offset_saves: Arc<LastOutcome>,
         stale_after: Duration,
     ) -> Self {
         Self {
             stats,
             handler,
+            offset_saves,
             stale_after,
-            started_ms: crate::metrics::now_ms(),
+            started_ms: now_ms(),
         }
     }
 
@@ -61,11 +141,36 @@ impl Health {
     pub fn readiness(&self, now_ms: u64) -> Readiness {
         let stats = self.stats.snapshot();
         let ago = |at: u64| seconds(now_ms.saturating_sub(at));
+        let writes = [
+            ("offset save", self.offset_saves.failing()),
+            ("cascade", self.handler.outcome().failing()),
+        ];
+        // Refused writes first: reads may go on meanwhile.
+        for (what, failing) in writes {
+            if let Some(Failing {
+                at_ms,
+                refused: Some(code),
+            }) = failing
+            {
+                return Readiness::NotReady(format!(
+                    "Redis refuses writes ({code}): the last {what} was refused {} ago, retrying",
+                    ago(at_ms)
+                ));
+            }
+        }
         if stats.last_fault_ms > 0 && stats.last_fault_ms >= stats.last_read_ms {
             return Readiness::NotReady(format!(
                 "Redis unavailable: last failure {} ago, retrying",
                 ago(stats.last_fault_ms)
             ));
+        }
+        for (what, failing) in writes {
+            if let Some(Failing { at_ms, .. }) = failing {
+                return Readiness::NotReady(format!(
+                    "the last {what} failed {} ago, retrying",
+                    ago(at_ms)
+                ));
+            }
         }
         if stats.last_read_ms == 0 && stats.reads == 0 {
             return Readiness::NotReady("starting: not reading from Redis yet".to_owned());
@@ -73,7 +178,7 @@ impl Health {
         // The first read of an idle stream is answered after a whole block.
         let progress = stats
             .last_read_ms
-            .max(self.handler.last_success_ms())
+            .max(self.handler.outcome().last_success_ms())
             .max(self.started_ms);
         let idle = now_ms.saturating_sub(progress);
         if u128::from(idle) > self.stale_after.as_millis() {
@@ -91,12 +196,157 @@ fn seconds(ms: u64) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
+    use lifecycle_domain::{HandlerError, StoreError};
+
     use super::*;
+
+    /// The error the `redis` crate makes of the server's reply `-LINE`.
+    fn redis_error(line: &str) -> redis::RedisError {
+        redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+            .and_then(redis::Value::extract_error)
+            .unwrap_err()
+    }
+
+    /// A store's failure over `err`, as the Redis stores make it.
+    fn store_error(err: redis::RedisError) -> StoreError {
+        StoreError {
+            action: "save the offset 5-0 at lobby:stream_offsets:user_lifecycle".to_owned(),
+            permanent: false,
+            source: Box::new(err),
+        }
+    }
+
+    const OOM: &str = "OOM command not allowed when used memory > 'maxmemory'. script: d60fc68d93de5c99ba4ffcd709951d3992a752ee, on @user_script:28.";
+
+    fn health(handler: &Arc<HandlerMetrics>, offset_saves: &Arc<LastOutcome>) -> Health {
+        Health::new(
+            Arc::default(),
+            Arc::clone(handler),
+            Arc::clone(offset_saves),
+            Health::stale_after(Duration::from_secs(5)),
+        )
+    }
+
+    #[test]
+    fn a_refusal_is_found_among_the_causes() {
+        let store = store_error(redis_error(OOM));
+        assert_eq!(refusal_in(&store), Some("OOM"));
+        let handler = HandlerError::with_source("apply the lobby cascade", store).transient();
+        assert_eq!(refusal_in(&handler), Some("OOM"));
+        let misconf = store_error(redis_error(
+            "MISCONF Redis is configured to save RDB snapshots",
+        ));
+        assert_eq!(refusal_in(&misconf), Some("MISCONF"));
+        let wrong_type = store_error(redis_error("WRONGTYPE Operation against a key"));
+        assert_eq!(refusal_in(&wrong_type), None);
+        let io = store_error(redis::RedisError::from(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(refusal_in(&io), None);
+        assert_eq!(refusal_in(&HandlerError::msg("no cause")), None);
+    }
+
+    #[test]
+    fn an_outcome_fails_from_a_failure_until_a_success() {
+        let outcome = LastOutcome::default();
+        assert_eq!(outcome.failing(), None);
+        outcome.failed_at(1_000, &store_error(redis_error(OOM)));
+        assert_eq!(
+            outcome.failing(),
+            Some(Failing {
+                at_ms: 1_000,
+                refused: Some("OOM")
+            })
+        );
+        outcome.succeeded_at(1_500);
+        assert_eq!(outcome.failing(), None);
+        assert_eq!(outcome.last_success_ms(), 1_500);
+        // The latest failure's cause is the one told.
+        outcome.failed_at(2_000, &HandlerError::msg("no cause"));
+        assert_eq!(
+            outcome.failing(),
+            Some(Failing {
+                at_ms: 2_000,
+                refused: None
+            })
+        );
+    }
+
+    #[test]
+    fn refused_writes_make_the_worker_not_ready_until_one_passes() {
+        let handler = Arc::new(HandlerMetrics::default());
+        let offset_saves = Arc::new(LastOutcome::default());
+        let health = health(&handler, &offset_saves);
+        offset_saves.failed_at(1_000, &store_error(redis_error(OOM)));
+        assert_eq!(
+            health.readiness(1_400),
+            Readiness::NotReady(
+                "Redis refuses writes (OOM): the last offset save was refused 0.4s ago, retrying"
+                    .into()
+            )
+        );
+        offset_saves.succeeded_at(1_500);
+        let cascade = HandlerError::with_source(
+            "apply the lobby cascade",
+            store_error(redis_error(
+                "MISCONF Redis is configured to save RDB snapshots",
+            )),
+        )
+        .transient();
+        handler.outcome().failed_at(2_000, &cascade);
+        assert_eq!(
+            health.readiness(4_000),
+            Readiness::NotReady(
+                "Redis refuses writes (MISCONF): the last cascade was refused 2.0s ago, retrying"
+                    .into()
+            )
+        );
+        handler.outcome().succeeded_at(4_500);
+        assert_eq!(
+            health.readiness(5_000),
+            Readiness::NotReady("starting: not reading from Redis yet".into())
+        );
+    }
+
+    #[test]
+    fn other_write_failures_make_the_worker_not_ready_too() {
+        let handler = Arc::new(HandlerMetrics::default());
+        let offset_saves = Arc::new(LastOutcome::default());
+        let health = health(&handler, &offset_saves);
+        let reset = || {
+            store_error(redis::RedisError::from(std::io::Error::from(
+                std::io::ErrorKind::ConnectionReset,
+            )))
+        };
+        handler.outcome().failed_at(1_000, &reset());
+        assert_eq!(
+            health.readiness(1_300),
+            Readiness::NotReady("the last cascade failed 0.3s ago, retrying".into())
+        );
+        offset_saves.failed_at(1_100, &reset());
+        assert_eq!(
+            health.readiness(1_300),
+            Readiness::NotReady("the last offset save failed 0.2s ago, retrying".into())
+        );
+        // A refusal is told before a plain failure.
+        handler
+            .outcome()
+            .failed_at(1_200, &store_error(redis_error(OOM)));
+        assert_eq!(
+            health.readiness(1_300),
+            Readiness::NotReady(
+                "Redis refuses writes (OOM): the last cascade was refused 0.1s ago, retrying"
+                    .into()
+            )
+        );
+    }
 
     #[test]
     fn a_fresh_worker_is_starting() {
         let health = Health::new(
+            Arc::default(),
             Arc::default(),
             Arc::default(),
             Health::stale_after(Duration::from_secs(5)),

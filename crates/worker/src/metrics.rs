@@ -7,12 +7,13 @@
 //! ([`lag_task`]). Labels are fixed words (`outcome`), never values taken
 //! from entries, users or errors.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lifecycle_domain::{
-    BoxFuture, EntryId, HandlerError, UserLifecycleEvent, UserLifecycleHandler,
+    BoxFuture, EntryId, HandlerError, SaveOutcome, StoreError, StreamOffsetStore,
+    UserLifecycleEvent, UserLifecycleHandler,
 };
 use lifecycle_redis::RedisOffsetStore;
 use lifecycle_streams::{ConsumerStats, StartFrom};
@@ -25,7 +26,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::health::Health;
+use crate::health::{Health, LastOutcome};
 use crate::stream_status::{lag, stream_state};
 
 /// How often the lag gauges are refreshed.
@@ -53,8 +54,10 @@ pub fn now_ms() -> u64 {
 pub struct HandlerMetrics {
     duration: Histogram,
     in_flight: Gauge,
-    /// When a handler call last succeeded (ms since the epoch; 0: never).
-    last_success_ms: AtomicU64,
+    /// Successes, and failures on an unavailable dependency (transient: a
+    /// cascade Redis refused or could not take); failures that may be the
+    /// event's own fault are left out.
+    outcome: LastOutcome,
 }
 
 impl Default for HandlerMetrics {
@@ -62,15 +65,15 @@ impl Default for HandlerMetrics {
         Self {
             duration: Histogram::new(HANDLER_BUCKETS),
             in_flight: Gauge::default(),
-            last_success_ms: AtomicU64::new(0),
+            outcome: LastOutcome::default(),
         }
     }
 }
 
 impl HandlerMetrics {
-    /// When a handler call last succeeded (ms since the epoch; 0: never).
-    pub fn last_success_ms(&self) -> u64 {
-        self.last_success_ms.load(Ordering::Relaxed)
+    /// The last handler call's success or dependency failure.
+    pub fn outcome(&self) -> &LastOutcome {
+        &self.outcome
     }
 }
 
@@ -116,10 +119,46 @@ impl<H: UserLifecycleHandler> UserLifecycleHandler for InstrumentedHandler<H> {
             self.metrics
                 .duration
                 .observe(started.elapsed().as_secs_f64());
-            if result.is_ok() {
-                self.metrics
-                    .last_success_ms
-                    .store(now_ms(), Ordering::Relaxed);
+            match &result {
+                Ok(()) => self.metrics.outcome.succeeded(),
+                Err(err) if err.is_transient() => self.metrics.outcome.failed(err),
+                Err(_) => {}
+            }
+            result
+        })
+    }
+}
+
+/// An offset store that records the outcome of every save, for readiness:
+/// Redis may refuse the saves (`OOM`, `MISCONF`) while it serves reads.
+pub struct InstrumentedOffsets<S> {
+    inner: S,
+    saves: Arc<LastOutcome>,
+}
+
+impl<S> InstrumentedOffsets<S> {
+    /// Wraps `inner`, recording its saves' outcomes into `saves`.
+    pub fn new(inner: S, saves: Arc<LastOutcome>) -> Self {
+        Self { inner, saves }
+    }
+}
+
+impl<S: StreamOffsetStore> StreamOffsetStore for InstrumentedOffsets<S> {
+    fn load<'a>(&'a self, label: &'a str) -> BoxFuture<'a, Result<Option<EntryId>, StoreError>> {
+        self.inner.load(label)
+    }
+
+    fn save<'a>(
+        &'a self,
+        label: &'a str,
+        id: EntryId,
+        expected: Option<EntryId>,
+    ) -> BoxFuture<'a, Result<SaveOutcome, StoreError>> {
+        Box::pin(async move {
+            let result = self.inner.save(label, id, expected).await;
+            match &result {
+                Ok(_) => self.saves.succeeded(),
+                Err(err) => self.saves.failed(err),
             }
             result
         })
@@ -438,6 +477,7 @@ mod tests {
         let health = Arc::new(Health::new(
             Arc::clone(&stats),
             Arc::clone(&handler),
+            Arc::default(),
             Duration::from_secs(5),
         ));
         let metrics = Metrics::new(stats, Arc::clone(&handler), health);
@@ -463,6 +503,108 @@ mod tests {
             assert!(body.lines().any(|l| l == line), "no {line:?} in:\n{body}");
         }
         assert!(body.contains("# TYPE lobby_handler_duration_seconds histogram"));
+    }
+
+    /// A handler answering each call with the next of `outcomes`.
+    struct Scripted(std::sync::Mutex<Vec<Result<(), HandlerError>>>);
+
+    impl UserLifecycleHandler for Scripted {
+        fn handle<'a>(
+            &'a self,
+            _event: &'a UserLifecycleEvent,
+        ) -> BoxFuture<'a, Result<(), HandlerError>> {
+            let next = self.0.lock().unwrap().remove(0);
+            Box::pin(async move { next })
+        }
+    }
+
+    fn refused() -> StoreError {
+        StoreError {
+            action: "apply the cascade of entry 1-0".to_owned(),
+            permanent: false,
+            source: Box::new(redis::make_extension_error(
+                "OOM".to_owned(),
+                Some("command not allowed when used memory > 'maxmemory'.".to_owned()),
+            )),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_handlers_dependency_failures_are_recorded_and_its_own_are_not() {
+        let metrics = Arc::new(HandlerMetrics::default());
+        let handler = InstrumentedHandler::new(
+            Scripted(std::sync::Mutex::new(vec![
+                Err(HandlerError::with_source("apply the lobby cascade", refused()).transient()),
+                Ok(()),
+                Err(HandlerError::msg("the event's own fault")),
+            ])),
+            Arc::clone(&metrics),
+        );
+        let fields: [(&[u8], &[u8]); 3] = [
+            (b"event_type", b"user.deleted"),
+            (b"user_id", b"u"),
+            (b"occurred_at_ms", b"5"),
+        ];
+        let event =
+            lifecycle_domain::decode_user_lifecycle_event(EntryId::new(1, 0), &fields).unwrap();
+        assert!(handler.handle(&event).await.is_err());
+        let failing = metrics.outcome().failing().unwrap();
+        assert_eq!(failing.refused, Some("OOM"));
+        handler.handle(&event).await.unwrap();
+        assert_eq!(metrics.outcome().failing(), None);
+        assert!(metrics.outcome().last_success_ms() > 0);
+        assert!(handler.handle(&event).await.is_err());
+        assert_eq!(
+            metrics.outcome().failing(),
+            None,
+            "an own fault was recorded"
+        );
+    }
+
+    /// An offset store whose saves answer with the next of `outcomes`.
+    struct ScriptedOffsets(std::sync::Mutex<Vec<Result<SaveOutcome, StoreError>>>);
+
+    impl StreamOffsetStore for ScriptedOffsets {
+        fn load<'a>(
+            &'a self,
+            _label: &'a str,
+        ) -> BoxFuture<'a, Result<Option<EntryId>, StoreError>> {
+            Box::pin(async { Ok(None) })
+        }
+
+        fn save<'a>(
+            &'a self,
+            _label: &'a str,
+            _id: EntryId,
+            _expected: Option<EntryId>,
+        ) -> BoxFuture<'a, Result<SaveOutcome, StoreError>> {
+            let next = self.0.lock().unwrap().remove(0);
+            Box::pin(async move { next })
+        }
+    }
+
+    #[tokio::test]
+    async fn offset_saves_are_recorded() {
+        let saves = Arc::new(LastOutcome::default());
+        let offsets = InstrumentedOffsets::new(
+            ScriptedOffsets(std::sync::Mutex::new(vec![
+                Err(refused()),
+                Ok(SaveOutcome::Saved),
+            ])),
+            Arc::clone(&saves),
+        );
+        assert_eq!(offsets.load("label").await.unwrap(), None);
+        assert_eq!(saves.failing(), None, "a load is no save");
+        assert!(offsets
+            .save("label", EntryId::new(1, 0), None)
+            .await
+            .is_err());
+        assert_eq!(saves.failing().unwrap().refused, Some("OOM"));
+        offsets
+            .save("label", EntryId::new(1, 0), None)
+            .await
+            .unwrap();
+        assert_eq!(saves.failing(), None);
     }
 
     #[test]

@@ -11,13 +11,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    assert_one_error_line, assert_success, stderr, stdout, wait_until, worker, Running, BIN,
+    assert_one_error_line, assert_success, get, sample, stderr, stdout, wait_until, worker,
+    Running, BIN,
 };
 use lifecycle_test_support::{free_port, RedisServer};
 use serde_json::Value;
@@ -33,33 +33,6 @@ fn status_json(url: &str, extra: &[&str]) -> Value {
     let text = stdout(&output);
     assert_eq!(text.lines().count(), 1, "{text}");
     serde_json::from_str(text.trim()).expect("one JSON object")
-}
-
-/// One HTTP/1.1 GET: the status code and the body, or `None` when nothing
-/// answers.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_owned()))
-}
-
-/// The value of the sample named exactly `series` (name and labels).
-fn sample(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
 }
 
 fn add_event(server: &RedisServer, event_type: &str, user: &str) {

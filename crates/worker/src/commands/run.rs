@@ -17,8 +17,10 @@ use tracing::{error, info, warn};
 use crate::cli::{
     format_duration, CheckpointArg, LogFormat, MetricsAddr, RunArgs, DEFAULT_METRICS_ADDR,
 };
-use crate::health::Health;
-use crate::metrics::{lag_task, HandlerMetrics, InstrumentedHandler, LagProbe, Metrics};
+use crate::health::{Health, LastOutcome};
+use crate::metrics::{
+    lag_task, HandlerMetrics, InstrumentedHandler, InstrumentedOffsets, LagProbe, Metrics,
+};
 use crate::redis_conn::RedisTarget;
 
 /// The logging settings, for `--print-config`.
@@ -100,7 +102,14 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         .context("cannot set up the offset store")?;
     let lobby = RedisLobbyStore::new(client.clone(), &args.redis.key_prefix)
         .context("cannot set up the lobby store")?;
-    let consumer = target.consumer(Arc::new(offsets.clone()), config.clone())?;
+    let offset_saves = Arc::new(LastOutcome::default());
+    let consumer = target.consumer(
+        Arc::new(InstrumentedOffsets::new(
+            offsets.clone(),
+            Arc::clone(&offset_saves),
+        )),
+        config.clone(),
+    )?;
     let handler_metrics = Arc::new(HandlerMetrics::default());
     consumer.on_event(Arc::new(InstrumentedHandler::new(
         CascadeHandler::new(lobby),
@@ -114,6 +123,7 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         Endpoints {
             stats: consumer.stats(),
             handler: handler_metrics,
+            offset_saves,
             block_timeout: config.block_timeout,
             lag: LagSettings {
                 client,
@@ -166,6 +176,7 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
 struct Endpoints {
     stats: Arc<ConsumerStats>,
     handler: Arc<HandlerMetrics>,
+    offset_saves: Arc<LastOutcome>,
     block_timeout: Duration,
     lag: LagSettings,
 }
@@ -237,12 +248,14 @@ async fn start_endpoints(
     let Endpoints {
         stats,
         handler,
+        offset_saves,
         block_timeout,
         lag,
     } = endpoints;
     let health = Arc::new(Health::new(
         Arc::clone(&stats),
         Arc::clone(&handler),
+        offset_saves,
         Health::stale_after(block_timeout),
     ));
     let metrics = Metrics::new(stats, handler, Arc::clone(&health));
