@@ -66,10 +66,14 @@ if copy then
     return {0, copy}
   end
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then
+-- XADD is the script's first write: Redis refuses a script's first write
+-- that may grow memory when over maxmemory, and only that one, so no other
+-- write may come before it (an UNLINK first would let the copy through OOM).
+local fresh = redis.call('EXISTS', KEYS[1]) == 0
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+if fresh then
   redis.call('UNLINK', KEYS[2])
 end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
 redis.call('HSET', KEYS[2], ARGV[1], id)
 return {1, id}
 ";

@@ -125,6 +125,21 @@ async fn oom_is_transient_in_every_shape_and_passes_when_lifted() {
     server.cli(&["CONFIG", "SET", "maxmemory", &below]);
     let texts = refused_everywhere(&mut conn, "OOM").await;
     transactions_and_pipelines_under_oom(&mut conn).await;
+    // The dead-letter script too, into a stream that does not exist yet (its
+    // first write must be the append, or Redis would let the copy through).
+    let err = lifecycle_streams::dead_letter::append_once(
+        &mut conn,
+        "fresh:dead",
+        "fresh",
+        lifecycle_domain::EntryId::new(1, 0),
+        &[(b"f".as_slice(), b"v".as_slice())],
+        "boom",
+        1,
+    )
+    .await
+    .expect_err("a dead letter under OOM");
+    assert_eq!(write_refusal(&err), Some("OOM"), "{err:?}");
+    assert_eq!(server.cli(&["EXISTS", "fresh:dead"]), "0");
     // Reads and shrinking writes are served.
     let _: Option<String> = redis::cmd("GET")
         .arg("k")
