@@ -184,9 +184,22 @@ impl StopReason {
 #[derive(Clone, Copy, Debug)]
 struct Deadline(tokio::time::Instant);
 
+/// How long before the deadline the final save makes its last attempt: the
+/// time one connect and one round trip may need.
+const FINAL_SAVE_LAST_TRY: Duration = Duration::from_millis(200);
+
 impl Deadline {
     fn after(timeout: Duration) -> Self {
         Self(tokio::time::Instant::now() + timeout)
+    }
+
+    /// When the final save, failed at `now`, tries again after its back-off
+    /// `delay`: then, or at its last try ([`FINAL_SAVE_LAST_TRY`] before the
+    /// deadline) when `delay` would overshoot that; `None` once the last try
+    /// is due or past (it was just made, or there is no time for one).
+    fn retry_at(self, now: tokio::time::Instant, delay: Duration) -> Option<tokio::time::Instant> {
+        let last_try = self.0.checked_sub(FINAL_SAVE_LAST_TRY)?;
+        (now < last_try).then(|| (now + delay).min(last_try))
     }
 
     /// The instant `reserve` before the deadline (at least now).
@@ -1082,11 +1095,13 @@ impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                         error!(err = %err, "final offset save failed");
                         break;
                     }
-                    let delay = backoff.next_delay();
-                    if tokio::time::Instant::now() + delay >= deadline.0 {
+                    // Back off, but never past the last try: Redis back
+                    // shortly before the deadline still gets the save.
+                    let now = tokio::time::Instant::now();
+                    let Some(retry_at) = deadline.retry_at(now, backoff.next_delay()) else {
                         break;
-                    }
-                    tokio::time::sleep(delay).await;
+                    };
+                    tokio::time::sleep_until(retry_at).await;
                     machine.checkpoint_now();
                 }
                 Err(_) => {
@@ -1303,6 +1318,36 @@ mod tests {
             initial: Duration::from_millis(ms),
             max: Duration::from_millis(ms * 8),
         }
+    }
+
+    #[test]
+    fn the_final_save_backs_off_but_always_tries_once_more_before_the_deadline() {
+        let now = tokio::time::Instant::now();
+        let deadline = Deadline(now + Duration::from_secs(3));
+        let last_try = deadline.0 - FINAL_SAVE_LAST_TRY;
+        // A delay that fits: taken as it is.
+        assert_eq!(
+            deadline.retry_at(now, Duration::from_millis(400)),
+            Some(now + Duration::from_millis(400))
+        );
+        // A delay that would overshoot the deadline: shortened to the last
+        // try, rather than giving up with time left.
+        let late = now + Duration::from_millis(1500);
+        assert_eq!(
+            deadline.retry_at(late, Duration::from_millis(1600)),
+            Some(last_try)
+        );
+        // The last try made (or no time left for one): no more.
+        assert_eq!(
+            deadline.retry_at(last_try, Duration::from_millis(100)),
+            None
+        );
+        assert_eq!(
+            deadline.retry_at(last_try + Duration::from_millis(1), Duration::ZERO),
+            None
+        );
+        let short = Deadline(now + Duration::from_millis(150));
+        assert_eq!(short.retry_at(now, Duration::from_millis(50)), None);
     }
 
     #[test]

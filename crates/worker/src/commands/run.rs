@@ -153,12 +153,17 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         crate::commands::shutdown_signal().await;
         info!("shutdown requested; finishing the entry in flight");
         cancel.cancel();
+        tokio::time::Instant::now()
     });
     let report = consumer.run_to_end().await;
     signals.abort();
+    // When a signal asked for the stop (`None`: drain's end or a fault).
+    let stop_requested = signals.await.ok();
     http_stop.cancel();
     if let Some(served) = endpoints {
-        served.stop().await;
+        served
+            .stop(http_deadline(stop_requested, config.shutdown_timeout))
+            .await;
     }
     let report = report?;
     let stats = consumer.stats().snapshot();
@@ -170,6 +175,19 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         StopReason::Cancelled => info!(handled = stats.handled, peak_rss_kib, "stopped"),
     }
     Ok(())
+}
+
+/// Until when the HTTP endpoints may finish their requests at exit: at most
+/// [`HTTP_SHUTDOWN_GRACE`] from now, and after a signal no later than the
+/// shutdown deadline it started (they began closing with the signal), so
+/// that a slow or half-sent request cannot hold the process past
+/// `--shutdown-timeout`.
+fn http_deadline(
+    stop_requested: Option<tokio::time::Instant>,
+    shutdown_timeout: Duration,
+) -> tokio::time::Instant {
+    let grace = tokio::time::Instant::now() + HTTP_SHUTDOWN_GRACE;
+    stop_requested.map_or(grace, |at| grace.min(at + shutdown_timeout))
 }
 
 /// What the HTTP endpoints and the lag task need.
@@ -197,13 +215,14 @@ struct Served {
 }
 
 impl Served {
-    /// Waits for the server's graceful end (requests in progress finish)
-    /// and the lag task's; `stop` must have fired.
-    async fn stop(self) {
+    /// Waits until `until` for the server's graceful end (requests in
+    /// progress finish), then closes what is left, and ends the lag task;
+    /// `stop` must have fired.
+    async fn stop(self, until: tokio::time::Instant) {
         let Served {
             mut server, lag, ..
         } = self;
-        match tokio::time::timeout(HTTP_SHUTDOWN_GRACE, &mut server).await {
+        match tokio::time::timeout_at(until, &mut server).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(err))) => error!(err = %err, "the HTTP endpoints failed"),
             Ok(Err(err)) => error!(err = %err, "the HTTP endpoints' task failed"),
