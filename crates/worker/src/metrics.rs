@@ -342,6 +342,32 @@ impl Collector for StatsCollector {
             "Times the consumer found entries trimmed or deleted before it handled them.",
             stats.trimmed,
         )?;
+        counter(
+            &mut encoder,
+            "trims_suspected",
+            "Times the stream began after the consumer's position with nothing to prove entries lay in between.",
+            stats.trims_suspected,
+        )?;
+        counter(
+            &mut encoder,
+            "offset_rewinds",
+            "Times the stored offset was found behind the consumer's saves (Redis lost acknowledged writes, or an operator rewound it) and the entries after it were read again.",
+            stats.rewinds,
+        )?;
+        gauge(
+            &mut encoder,
+            "held",
+            "Memory charged for entries read but not finished (capped by --max-held-bytes).",
+            Some(&Unit::Bytes),
+            to_gauge(stats.held_bytes),
+        )?;
+        gauge(
+            &mut encoder,
+            "held_entries",
+            "Entries read and not yet behind the saved offset.",
+            None,
+            to_gauge(stats.held_entries),
+        )?;
         gauge(
             &mut encoder,
             "last_read_timestamp",
@@ -493,6 +519,10 @@ mod tests {
             "lobby_redis_reconnects_total 0",
             "lobby_offset_saves_total 0",
             "lobby_reads_total 0",
+            "lobby_trims_suspected_total 0",
+            "lobby_offset_rewinds_total 0",
+            "lobby_held_bytes 0",
+            "lobby_held_entries 0",
             "lobby_handler_duration_seconds_count 1",
             "lobby_handler_calls_in_flight 0",
             "lobby_lag_entries 0",
