@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use lifecycle_domain::{EntryId, HandlerError, StoreError, StreamOffsetStore};
+use lifecycle_domain::{EntryId, EventHandler, HandlerError, StoreError, StreamOffsetStore};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::config::{ConsumerConfig, StartFrom};
 use crate::dead_letter::{self, DeadLetterOutcome};
-use crate::decoder::{Decoded, EntryDecoder, EntryHandler};
+use crate::decoder::{Decoded, EntryDecoder};
 use crate::error::ConsumerError;
 use crate::fault::{classify, classify_read, FaultClass};
 use crate::machine::{entry_cost, Action, Arrival, Completion, Job, Machine, Settings};
@@ -129,7 +129,7 @@ impl<D: EntryDecoder> StreamConsumer<D> {
         cancel: &CancellationToken,
     ) -> Result<RunReport, ConsumerError>
     where
-        H: EntryHandler<D::Item> + ?Sized,
+        H: EventHandler<D::Item> + ?Sized,
     {
         let commands = ConnectionManager::new_lazy_with_config(
             self.client.clone(),
@@ -272,7 +272,7 @@ impl Attempts {
     }
 }
 
-impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
+impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
     fn config(&self) -> &ConsumerConfig {
         &self.consumer.config
     }
@@ -559,7 +559,7 @@ struct Driver<'a, D: EntryDecoder, H: ?Sized> {
     fault: Option<ConsumerError>,
 }
 
-impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
+impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
     fn new(ctx: &'a Ctx<'a, D, H>) -> Self {
         let config = ctx.config();
         let settings = ReaderSettings {

@@ -34,7 +34,8 @@
 //!   `window`: the per-key queues.
 //! - `reader`: the task that owns the reading connection and the reply in
 //!   flight, fed by a channel.
-//! - [`decoder`]: the traits the engine is generic over.
+//! - [`decoder`]: the decoder trait the engine is generic over; the handler
+//!   trait is the domain's [`EventHandler`], re-exported here.
 //! - [`dead_letter`]: copying a failing entry to the dead-letter stream
 //!   exactly once (one script, with a marker keyed by the entry's id).
 //! - [`read_conn`]: the reading connection (hand-written `XREAD`, a
@@ -43,7 +44,9 @@
 //! - [`config`]: its settings; [`backoff`]: retry delays; [`fault`]:
 //!   transient versus permanent Redis failures; [`reply`]: parsing the
 //!   replies of the general client without trusting them; [`stats`]:
-//!   counters; [`tls`]: certificates for `rediss://`.
+//!   counters; `outcome`: the engine's report in the domain's terms
+//!   ([`RunOutcome`](lifecycle_domain::RunOutcome), through `From`);
+//!   [`tls`]: certificates for `rediss://`.
 
 pub mod backoff;
 pub mod config;
@@ -53,6 +56,7 @@ pub mod engine;
 pub mod error;
 pub mod fault;
 mod machine;
+mod outcome;
 pub mod read_conn;
 mod reader;
 pub mod reply;
@@ -66,10 +70,11 @@ pub use backoff::{Backoff, BackoffPolicy};
 pub use config::{
     Checkpoint, ConsumerConfig, StartFrom, DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_REPLY_BYTES,
 };
-pub use decoder::{Decoded, EntryDecoder, EntryHandler};
+pub use decoder::{Decoded, EntryDecoder};
 pub use engine::{RunReport, StopReason, StreamConsumer};
 pub use error::ConsumerError;
 pub use fault::{classify, FaultClass};
+pub use lifecycle_domain::EventHandler;
 pub use reply::{parse_range_reply, parse_xread_reply, ReplyError, StreamEntry};
 pub use stats::{ConsumerStats, StatsSnapshot};
 pub use tls::{tls_failure, TlsError, TlsFiles, TlsSettings};

@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use lifecycle_domain::{
-    BoxFuture, EntryId, HandlerError, UserLifecycleEvent, UserLifecycleHandler,
-};
+use lifecycle_domain::{BoxFuture, EntryId, EventHandler, HandlerError};
 use lifecycle_redis::RedisOffsetStore;
 use lifecycle_streams::{ConsumerStats, StartFrom};
 use prometheus_client::collector::Collector;
@@ -104,11 +102,8 @@ impl<H> InstrumentedHandler<H> {
     }
 }
 
-impl<H: UserLifecycleHandler> UserLifecycleHandler for InstrumentedHandler<H> {
-    fn handle<'a>(
-        &'a self,
-        event: &'a UserLifecycleEvent,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+impl<T: Sync, H: EventHandler<T>> EventHandler<T> for InstrumentedHandler<H> {
+    fn handle<'a>(&'a self, event: &'a T) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             let _in_flight = InFlight::enter(&self.metrics.in_flight);
             let started = Instant::now();

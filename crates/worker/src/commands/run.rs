@@ -4,11 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use lifecycle_domain::{CascadeHandler, UserLifecycleConsumer, USER_LIFECYCLE_LABEL};
+use lifecycle_domain::{CascadeHandler, StopReason, UserLifecycleConsumer, USER_LIFECYCLE_LABEL};
 use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore};
 use lifecycle_streams::{
-    BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerStats, StartFrom, StopReason,
-    DEFAULT_MAX_REPLY_BYTES,
+    BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerStats, StartFrom, DEFAULT_MAX_REPLY_BYTES,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -106,9 +105,8 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         CascadeHandler::new(lobby),
         Arc::clone(&handler_metrics),
     )));
-    let cancel = consumer.cancellation();
-    // Stops with the consumer's cancellation, and after drain's end too.
-    let http_stop = cancel.child_token();
+    // Stops at a shutdown signal, and when the run ends.
+    let http_stop = CancellationToken::new();
     let endpoints = start_endpoints(
         args.metrics_addr,
         Endpoints {
@@ -139,23 +137,27 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         metrics_addr = %endpoints.as_ref().map_or_else(|| "off".to_owned(), |served| served.addr.to_string()),
         "lobby-worker starting"
     );
-    let signals = tokio::spawn(async move {
-        crate::commands::shutdown_signal().await;
-        info!("shutdown requested; finishing the entry in flight");
-        cancel.cancel();
-    });
-    let report = consumer.run_to_end().await;
-    signals.abort();
+    // Through the consumer port: run, and shut down at SIGINT/SIGTERM.
+    let mut running = consumer.run();
+    let outcome = tokio::select! {
+        outcome = &mut running => outcome,
+        () = crate::commands::shutdown_signal() => {
+            info!("shutdown requested; finishing the entry in flight");
+            consumer.shutdown();
+            http_stop.cancel();
+            running.await
+        }
+    };
     http_stop.cancel();
     if let Some(served) = endpoints {
         served.stop().await;
     }
-    let report = report?;
+    let outcome = outcome?;
     let stats = consumer.stats().snapshot();
     let peak_rss_kib = peak_rss_kib();
-    match report.reason {
+    match outcome.reason {
         StopReason::Drained => {
-            info!(offset = ?report.offset.map(|id| id.to_string()), handled = stats.handled, malformed = stats.malformed, unknown_type = stats.unknown_type, dead_lettered = stats.dead_lettered, peak_rss_kib, "drained")
+            info!(offset = ?outcome.offset.map(|id| id.to_string()), handled = stats.handled, malformed = stats.malformed, unknown_type = stats.unknown_type, dead_lettered = stats.dead_lettered, peak_rss_kib, "drained")
         }
         StopReason::Cancelled => info!(handled = stats.handled, peak_rss_kib, "stopped"),
     }
