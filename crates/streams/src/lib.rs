@@ -76,5 +76,5 @@ pub use error::ConsumerError;
 pub use fault::{classify, FaultClass};
 pub use lifecycle_domain::EventHandler;
 pub use reply::{parse_range_reply, parse_xread_reply, ReplyError, StreamEntry};
-pub use stats::{ConsumerStats, StatsSnapshot};
+pub use stats::{now_ms, ConsumerStats, StatsSnapshot};
 pub use tls::{tls_failure, TlsError, TlsFiles, TlsSettings};

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lifecycle_streams::ConsumerStats;
+use lifecycle_streams::{now_ms, ConsumerStats};
 
-use crate::metrics::HandlerMetrics;
+use crate::handler_metrics::HandlerMetrics;
 
 /// The verdict of one readiness check.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,7 +47,7 @@ impl Health {
             stats,
             handler,
             stale_after,
-            started_ms: crate::metrics::now_ms(),
+            started_ms: now_ms(),
         }
     }
 
@@ -57,10 +57,11 @@ impl Health {
         block_timeout.saturating_mul(2) + Duration::from_secs(5)
     }
 
-    /// The verdict at `now_ms` (ms since the Unix epoch).
-    pub fn readiness(&self, now_ms: u64) -> Readiness {
+    /// The verdict at `now` (ms since the Unix epoch, on the clock of
+    /// [`now_ms`]).
+    pub fn readiness(&self, now: u64) -> Readiness {
         let stats = self.stats.snapshot();
-        let ago = |at: u64| seconds(now_ms.saturating_sub(at));
+        let ago = |at: u64| seconds(now.saturating_sub(at));
         if stats.last_fault_ms > 0 && stats.last_fault_ms >= stats.last_read_ms {
             return Readiness::NotReady(format!(
                 "Redis unavailable: last failure {} ago, retrying",
@@ -75,7 +76,7 @@ impl Health {
             .last_read_ms
             .max(self.handler.last_success_ms())
             .max(self.started_ms);
-        let idle = now_ms.saturating_sub(progress);
+        let idle = now.saturating_sub(progress);
         if u128::from(idle) > self.stale_after.as_millis() {
             return Readiness::NotReady(format!(
                 "not consuming: no read from Redis and no event handled for {}",

@@ -5,6 +5,7 @@
 mod cli;
 mod commands;
 mod config_file;
+mod handler_metrics;
 mod health;
 mod http;
 mod metrics;

@@ -2,124 +2,33 @@
 //!
 //! The consumer's counters are read from [`ConsumerStats`] at scrape time by
 //! a collector, so the hot path pays nothing for them. The handler's timing
-//! comes from a decorator around the handler ([`InstrumentedHandler`]); the
-//! lag gauges from a task that looks at the stream every few seconds
+//! comes from a decorator around the handler
+//! ([`InstrumentedHandler`](crate::handler_metrics::InstrumentedHandler));
+//! the lag gauges from a task that looks at the stream every few seconds
 //! ([`lag_task`]). Labels are fixed words (`outcome`), never values taken
 //! from entries, users or errors.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use lifecycle_domain::{BoxFuture, EntryId, EventHandler, HandlerError};
+use lifecycle_domain::EntryId;
 use lifecycle_redis::RedisOffsetStore;
-use lifecycle_streams::{ConsumerStats, StartFrom};
+use lifecycle_streams::{now_ms, ConsumerStats, StartFrom};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::handler_metrics::HandlerMetrics;
 use crate::health::Health;
 use crate::stream_status::{lag, stream_state};
 
 /// How often the lag gauges are refreshed.
 pub const LAG_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Upper bounds of the handler-duration buckets, in seconds: a cascade
-/// takes well under a millisecond on a quiet Redis, seconds when it is in
-/// trouble.
-const HANDLER_BUCKETS: [f64; 16] = [
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
-}
-
-/// What the handler decorator measures.
-#[derive(Debug)]
-pub struct HandlerMetrics {
-    duration: Histogram,
-    in_flight: Gauge,
-    /// When a handler call last succeeded (ms since the epoch; 0: never).
-    last_success_ms: AtomicU64,
-}
-
-impl Default for HandlerMetrics {
-    fn default() -> Self {
-        Self {
-            duration: Histogram::new(HANDLER_BUCKETS),
-            in_flight: Gauge::default(),
-            last_success_ms: AtomicU64::new(0),
-        }
-    }
-}
-
-impl HandlerMetrics {
-    /// When a handler call last succeeded (ms since the epoch; 0: never).
-    pub fn last_success_ms(&self) -> u64 {
-        self.last_success_ms.load(Ordering::Relaxed)
-    }
-}
-
-/// Decrements the in-flight gauge however the call ends (even dropped at
-/// the end of the shutdown grace period).
-struct InFlight<'a>(&'a Gauge);
-
-impl<'a> InFlight<'a> {
-    fn enter(gauge: &'a Gauge) -> Self {
-        gauge.inc();
-        Self(gauge)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// A handler that times every call of the handler it wraps.
-pub struct InstrumentedHandler<H> {
-    inner: H,
-    metrics: Arc<HandlerMetrics>,
-}
-
-impl<H> InstrumentedHandler<H> {
-    /// Wraps `inner`, recording into `metrics`.
-    pub fn new(inner: H, metrics: Arc<HandlerMetrics>) -> Self {
-        Self { inner, metrics }
-    }
-}
-
-impl<T: Sync, H: EventHandler<T>> EventHandler<T> for InstrumentedHandler<H> {
-    fn handle<'a>(&'a self, event: &'a T) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(async move {
-            let _in_flight = InFlight::enter(&self.metrics.in_flight);
-            let started = Instant::now();
-            let result = self.inner.handle(event).await;
-            self.metrics
-                .duration
-                .observe(started.elapsed().as_secs_f64());
-            if result.is_ok() {
-                self.metrics
-                    .last_success_ms
-                    .store(now_ms(), Ordering::Relaxed);
-            }
-            result
-        })
-    }
-}
 
 /// The gauges the lag task sets.
 #[derive(Debug, Default)]

@@ -248,13 +248,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let game_ids: Vec<&str> = games.iter().map(|(id, _)| *id).collect();
     print_lobby("The lobby before", &lobby, &game_ids).await?;
 
-    let now_ms = i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|since| since.as_millis())
-            .unwrap_or_default(),
-    )
-    .unwrap_or(i64::MAX);
+    let now_ms = i64::try_from(lifecycle_streams::now_ms()).unwrap_or(i64::MAX);
     println!("\n== Events published to {stream}");
     for (story, fields) in demo_events(now_ms) {
         let mut cmd = redis::cmd("XADD");

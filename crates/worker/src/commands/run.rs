@@ -16,8 +16,9 @@ use tracing::{error, info, warn};
 use crate::cli::{
     format_duration, CheckpointArg, LogFormat, MetricsAddr, RunArgs, DEFAULT_METRICS_ADDR,
 };
+use crate::handler_metrics::{HandlerMetrics, InstrumentedHandler};
 use crate::health::Health;
-use crate::metrics::{lag_task, HandlerMetrics, InstrumentedHandler, LagProbe, Metrics};
+use crate::metrics::{lag_task, LagProbe, Metrics};
 use crate::redis_conn::RedisTarget;
 
 /// The logging settings, for `--print-config`.
