@@ -24,7 +24,9 @@ use lifecycle_domain::{
     UserLifecycleConsumer, UserLifecycleEvent,
 };
 use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore};
-use lifecycle_streams::read_conn::ReadConnection;
+// The raw baseline reads with the engine's own connection, which is no
+// public API of the engine: it reaches it through its hidden internals.
+use lifecycle_streams::internals::ReadConnection;
 use lifecycle_streams::{Checkpoint, ConsumerConfig};
 use lifecycle_test_support::{RedisServer, RedisServerOptions};
 use redis::aio::MultiplexedConnection;
