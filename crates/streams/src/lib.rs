@@ -34,7 +34,8 @@
 //!   [`BackoffPolicy`], [`TlsFiles`] and [`TlsSettings`].
 //! - Its errors: [`ConsumerError`], [`TlsError`], [`ReplyError`], and
 //!   [`classify`] ([`FaultClass`]) for telling transient Redis failures from
-//!   permanent ones.
+//!   permanent ones. Errors name settings in backticks (`` `batch_size` ``),
+//!   never a program's flags: a program maps them to its own terms.
 //! - The traits it is generic over: [`EntryDecoder`] (with [`Decoded`]) and
 //!   the domain's [`EventHandler`], re-exported here.
 //! - Reading entries without consuming them (`tail`-like tools): the

@@ -74,6 +74,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// The error and its causes on one line, in the command line's terms: the
+/// settings the libraries name become the flags that set them.
+fn one_line(err: &anyhow::Error) -> String {
+    cli::in_flag_terms(&chain_line(err))
+}
+
 /// Parses the command line and, for `run --config FILE`, the file's settings
 /// that no flag or environment variable gave. Usage errors on the command
 /// line itself exit here, as clap does.
@@ -107,7 +113,7 @@ fn parse_command_line() -> Result<Cli, String> {
 
 /// The error and its causes on one line, leaving out a cause whose text the
 /// line already holds (most errors here quote their source).
-fn one_line(err: &anyhow::Error) -> String {
+fn chain_line(err: &anyhow::Error) -> String {
     let mut line = err.to_string();
     for cause in err.chain().skip(1) {
         let cause = cause.to_string();
