@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use lifecycle_streams::resp::{Parsed, XreadParser};
+use lifecycle_streams::internals::{Parsed, XreadParser};
 
 fuzz_target!(|input: (u16, Vec<u8>)| {
     let (cut, bytes) = input;

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 
 use crate::entry_id::EntryId;
 use crate::event::UserLifecycleEvent;
-use crate::ports::{BoxFuture, HandlerError, StoreError, UserLifecycleHandler};
+use crate::ports::{BoxFuture, EventHandler, HandlerError, StoreError};
 
 /// A game's lifecycle status, from the `status` field of its hash.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -230,7 +230,7 @@ impl<S: LobbyStore> CascadeHandler<S> {
     }
 }
 
-impl<S: LobbyStore> UserLifecycleHandler for CascadeHandler<S> {
+impl<S: LobbyStore> EventHandler<UserLifecycleEvent> for CascadeHandler<S> {
     fn handle<'a>(
         &'a self,
         event: &'a UserLifecycleEvent,

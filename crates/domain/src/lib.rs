@@ -11,8 +11,9 @@
 //!   an event or a typed reason why the entry is malformed.
 //! - [`cascade`]: the lobby cascade's rules, the lobby store port and the
 //!   handler that applies a cascade per event.
-//! - [`ports`]: the traits adapters implement: the consumer, the handler it
-//!   dispatches to, the stream-offset store.
+//! - [`ports`]: the traits adapters implement: the consumer (and how its run
+//!   ended), the one handler trait it and the engine dispatch to, the
+//!   stream-offset store.
 
 pub mod cascade;
 pub mod decode;
@@ -28,6 +29,6 @@ pub use decode::{decode_user_lifecycle_event, DecodeError, MAX_ENTRY_BYTES};
 pub use entry_id::{EntryId, ParseEntryIdError};
 pub use event::{EventType, UserLifecycleEvent};
 pub use ports::{
-    BoxFuture, HandlerError, SaveOutcome, StoreError, StreamOffsetStore, UserLifecycleConsumer,
-    UserLifecycleHandler, USER_LIFECYCLE_LABEL,
+    BoxFuture, EventHandler, HandlerError, RunOutcome, SaveOutcome, StopReason, StoreError,
+    StreamOffsetStore, UserLifecycleConsumer, USER_LIFECYCLE_LABEL,
 };

@@ -1,7 +1,9 @@
 //! The ports: traits the domain defines and adapters implement.
 //!
-//! The cascade worker registers a [`UserLifecycleHandler`] on a
-//! [`UserLifecycleConsumer`] and never learns that the events come from Redis.
+//! The cascade worker registers an [`EventHandler`] of
+//! [`UserLifecycleEvent`]s on a [`UserLifecycleConsumer`] and never learns
+//! that the events come from Redis; the consumer's [`RunOutcome`] says how
+//! its run ended.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -86,41 +88,76 @@ impl StdError for HandlerError {
     }
 }
 
-/// Handles one decoded, known event. Must be idempotent: delivery is
-/// at-least-once, so an event can arrive again after a crash.
-pub trait UserLifecycleHandler: Send + Sync {
-    /// Applies `event`; an error makes the consumer retry the same event.
-    fn handle<'a>(
-        &'a self,
-        event: &'a UserLifecycleEvent,
-    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+/// Handles decoded events of type `T`: the one handler trait between a
+/// stream consumer and the domain. The engine of `lifecycle-streams` calls it
+/// for every well-formed entry of a known type; the user-lifecycle consumer
+/// port takes it for [`UserLifecycleEvent`]s. Must be idempotent: delivery
+/// is at-least-once, so an event can arrive again after a crash.
+///
+/// A closure `Fn(T) -> impl Future<Output = Result<(), HandlerError>>` is a
+/// handler too (it receives a clone of the event).
+pub trait EventHandler<T>: Send + Sync {
+    /// Applies `event`; an error makes the consumer hold its offset and retry
+    /// the same event.
+    fn handle<'a>(&'a self, event: &'a T) -> BoxFuture<'a, Result<(), HandlerError>>;
 }
 
-impl<F, Fut> UserLifecycleHandler for F
+impl<T, F, Fut> EventHandler<T> for F
 where
-    F: Fn(UserLifecycleEvent) -> Fut + Send + Sync,
+    T: Clone,
+    F: Fn(T) -> Fut + Send + Sync,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
-    fn handle<'a>(
-        &'a self,
-        event: &'a UserLifecycleEvent,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(&'a self, event: &'a T) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(self(event.clone()))
     }
+}
+
+/// Why a consumer's `run` ended without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// Shutdown was requested.
+    Cancelled,
+    /// Drain mode reached the last entry present at start-up.
+    Drained,
+}
+
+impl StopReason {
+    /// The reason in one word, for logs: `cancelled` or `drained`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Cancelled => "cancelled",
+            StopReason::Drained => "drained",
+        }
+    }
+}
+
+/// How a consumer's `run` ended, when it ended without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// Why it ended.
+    pub reason: StopReason,
+    /// The offset stored when it ended (`None`: none is stored).
+    pub offset: Option<EntryId>,
+    /// Whether the last offset reached could not be saved (the store was
+    /// unreachable until the shutdown deadline): the entries after the stored
+    /// offset will be handled again.
+    pub offset_unsaved: bool,
 }
 
 /// A source of user-lifecycle events that dispatches each to one handler,
 /// at least once and in stream order.
 pub trait UserLifecycleConsumer: Send + Sync {
-    /// Why `run` ended other than by shutdown.
+    /// Why `run` ended other than by shutdown or drain's end.
     type Error: StdError + Send + Sync + 'static;
 
     /// Installs `handler` as the sole handler; a second call replaces it.
-    fn on_event(&self, handler: Arc<dyn UserLifecycleHandler>);
+    fn on_event(&self, handler: Arc<dyn EventHandler<UserLifecycleEvent>>);
 
-    /// Consumes until [`shutdown`](Self::shutdown) is called or a permanent
-    /// fault occurs. Starting without a handler is an error.
-    fn run(&self) -> BoxFuture<'_, Result<(), Self::Error>>;
+    /// Consumes until [`shutdown`](Self::shutdown) is called, drain mode
+    /// reaches its end or a permanent fault occurs, and says how it ended.
+    /// Starting without a handler is an error.
+    fn run(&self) -> BoxFuture<'_, Result<RunOutcome, Self::Error>>;
 
     /// Asks `run` to stop: the blocking read ends at once, the handler call
     /// in flight may finish within a grace period, the offset is saved.

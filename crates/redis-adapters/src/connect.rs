@@ -68,7 +68,7 @@ fn refuse_insecure(url: &str, client: &redis::Client) -> Result<(), ConnectError
     match client.get_connection_info().addr() {
         ConnectionAddr::TcpTls { insecure: true, .. } => Err(ConnectError {
             url: redact_url(url),
-            reason: "#insecure turns certificate checks off, which this worker does not do; give the CA that signed the server's certificate (--tls-ca-file) instead".into(),
+            reason: "#insecure turns certificate checks off, which this worker does not do; give the CA that signed the server's certificate (`ca_file`) instead".into(),
         }),
         _ => Ok(()),
     }

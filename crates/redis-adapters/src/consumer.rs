@@ -4,12 +4,12 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use lifecycle_domain::{
-    decode_user_lifecycle_event, BoxFuture, EntryId, HandlerError, StreamOffsetStore,
-    UserLifecycleConsumer, UserLifecycleEvent, UserLifecycleHandler,
+    decode_user_lifecycle_event, BoxFuture, EntryId, EventHandler, HandlerError, RunOutcome,
+    StreamOffsetStore, UserLifecycleConsumer, UserLifecycleEvent,
 };
 use lifecycle_streams::{
-    ConsumerConfig, ConsumerError, ConsumerStats, Decoded, EntryDecoder, EntryHandler, RunReport,
-    StreamConsumer, TlsSettings,
+    ConsumerConfig, ConsumerError, ConsumerStats, Decoded, EntryDecoder, StreamConsumer,
+    TlsSettings,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -38,11 +38,11 @@ impl EntryDecoder for UserLifecycleDecoder {
     }
 }
 
-/// Adapts the domain's handler to the engine, logging each outcome with the
-/// user it concerns.
-struct LoggedHandler(Arc<dyn UserLifecycleHandler>);
+/// The registered handler, logging each outcome with the user it concerns
+/// (the engine knows entries, not users).
+struct LoggedHandler(Arc<dyn EventHandler<UserLifecycleEvent>>);
 
-impl EntryHandler<UserLifecycleEvent> for LoggedHandler {
+impl EventHandler<UserLifecycleEvent> for LoggedHandler {
     fn handle<'a>(
         &'a self,
         event: &'a UserLifecycleEvent,
@@ -74,7 +74,7 @@ impl EntryHandler<UserLifecycleEvent> for LoggedHandler {
 /// The user-lifecycle consumer on Redis.
 pub struct RedisUserLifecycleConsumer {
     engine: StreamConsumer<UserLifecycleDecoder>,
-    handler: Mutex<Option<Arc<dyn UserLifecycleHandler>>>,
+    handler: Mutex<Option<Arc<dyn EventHandler<UserLifecycleEvent>>>>,
     cancel: CancellationToken,
 }
 
@@ -118,6 +118,14 @@ impl RedisUserLifecycleConsumer {
     pub fn cancellation(&self) -> CancellationToken {
         self.cancel.clone()
     }
+}
+
+impl UserLifecycleConsumer for RedisUserLifecycleConsumer {
+    type Error = ConsumerError;
+
+    fn on_event(&self, handler: Arc<dyn EventHandler<UserLifecycleEvent>>) {
+        *self.handler.lock().unwrap_or_else(PoisonError::into_inner) = Some(handler);
+    }
 
     /// Runs until shutdown, drain's end or a permanent fault, reporting how
     /// it ended.
@@ -126,26 +134,16 @@ impl RedisUserLifecycleConsumer {
     ///
     /// [`ConsumerError::NoHandler`] without a handler; otherwise permanent
     /// faults.
-    pub async fn run_to_end(&self) -> Result<RunReport, ConsumerError> {
-        let handler = self
-            .handler
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .ok_or(ConsumerError::NoHandler)?;
-        self.engine.run(&LoggedHandler(handler), &self.cancel).await
-    }
-}
-
-impl UserLifecycleConsumer for RedisUserLifecycleConsumer {
-    type Error = ConsumerError;
-
-    fn on_event(&self, handler: Arc<dyn UserLifecycleHandler>) {
-        *self.handler.lock().unwrap_or_else(PoisonError::into_inner) = Some(handler);
-    }
-
-    fn run(&self) -> BoxFuture<'_, Result<(), ConsumerError>> {
-        Box::pin(async move { self.run_to_end().await.map(|_| ()) })
+    fn run(&self) -> BoxFuture<'_, Result<RunOutcome, ConsumerError>> {
+        Box::pin(async move {
+            let handler = self
+                .handler
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+                .ok_or(ConsumerError::NoHandler)?;
+            self.engine.run(&LoggedHandler(handler), &self.cancel).await
+        })
     }
 
     fn shutdown(&self) {

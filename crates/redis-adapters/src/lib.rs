@@ -64,11 +64,11 @@ pub(crate) fn store_error(action: String, err: redis::RedisError) -> StoreError 
     let class = classify(&err);
     let source: Box<dyn std::error::Error + Send + Sync> = match class {
         FaultClass::Auth => format!(
-            "Redis refused access ({err}): check the user name and password in the Redis URL (--redis-url, REDIS_URL) and the user's ACL permissions"
+            "Redis refused access ({err}): check the user name and password in the Redis URL and the user's ACL permissions"
         )
         .into(),
         FaultClass::Tls => format!(
-            "the TLS handshake with Redis failed ({err}): check the CA certificate (--tls-ca-file) and the client certificate (--tls-cert-file, --tls-key-file)"
+            "the TLS handshake with Redis failed ({err}): check the CA certificate (`ca_file`) and the client certificate (`cert_file`, `key_file`)"
         )
         .into(),
         _ => Box::new(err),

@@ -36,13 +36,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lifecycle_domain::{
-    BoxFuture, EntryId, EventType, HandlerError, StreamOffsetStore, UserLifecycleConsumer,
-    UserLifecycleEvent, UserLifecycleHandler, USER_LIFECYCLE_LABEL,
+    BoxFuture, EntryId, EventHandler, EventType, HandlerError, StopReason, StreamOffsetStore,
+    UserLifecycleConsumer, UserLifecycleEvent, USER_LIFECYCLE_LABEL,
 };
 use lifecycle_redis::{
     open_client, RedisOffsetStore, RedisUserLifecycleConsumer, DEFAULT_KEY_PREFIX,
 };
-use lifecycle_streams::{BackoffPolicy, Checkpoint, ConsumerConfig, StopReason};
+use lifecycle_streams::{BackoffPolicy, Checkpoint, ConsumerConfig};
 use lifecycle_test_support::RedisServer;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::Notify;
@@ -327,7 +327,7 @@ impl Recorder {
     }
 }
 
-impl UserLifecycleHandler for Recorder {
+impl EventHandler<UserLifecycleEvent> for Recorder {
     fn handle<'a>(
         &'a self,
         event: &'a UserLifecycleEvent,
@@ -370,7 +370,7 @@ impl Env {
             Arc::new(RedisOffsetStore::new(self.client(), DEFAULT_KEY_PREFIX).unwrap());
         let consumer =
             Arc::new(RedisUserLifecycleConsumer::new(self.client(), store, config).unwrap());
-        consumer.on_event(Arc::clone(handler) as Arc<dyn UserLifecycleHandler>);
+        consumer.on_event(Arc::clone(handler) as Arc<dyn EventHandler<UserLifecycleEvent>>);
         consumer
     }
 

@@ -20,15 +20,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lifecycle_domain::{
-    BoxFuture, EntryId, EventType, HandlerError, SaveOutcome, StreamOffsetStore,
-    UserLifecycleConsumer, UserLifecycleEvent, UserLifecycleHandler, USER_LIFECYCLE_LABEL,
+    BoxFuture, EntryId, EventHandler, EventType, HandlerError, SaveOutcome, StopReason,
+    StreamOffsetStore, UserLifecycleConsumer, UserLifecycleEvent, USER_LIFECYCLE_LABEL,
 };
 use lifecycle_redis::{
     open_client, RedisOffsetStore, RedisUserLifecycleConsumer, DEFAULT_KEY_PREFIX,
 };
-use lifecycle_streams::{
-    BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerError, StartFrom, StopReason,
-};
+use lifecycle_streams::{BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerError, StartFrom};
 use lifecycle_test_support::{RedisServer, RedisServerOptions, TcpProxy};
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamRangeReply;
@@ -160,7 +158,7 @@ impl Recorder {
     }
 }
 
-impl UserLifecycleHandler for Recorder {
+impl EventHandler<UserLifecycleEvent> for Recorder {
     fn handle<'a>(
         &'a self,
         event: &'a UserLifecycleEvent,
@@ -209,7 +207,7 @@ impl Env {
         handler: &Arc<Recorder>,
     ) -> Arc<RedisUserLifecycleConsumer> {
         let consumer = self.consumer_without_handler(config);
-        consumer.on_event(Arc::clone(handler) as Arc<dyn UserLifecycleHandler>);
+        consumer.on_event(Arc::clone(handler) as Arc<dyn EventHandler<UserLifecycleEvent>>);
         consumer
     }
 
@@ -1200,7 +1198,7 @@ struct Outage {
     handled: Mutex<Vec<EntryId>>,
 }
 
-impl UserLifecycleHandler for Outage {
+impl EventHandler<UserLifecycleEvent> for Outage {
     fn handle<'a>(
         &'a self,
         event: &'a UserLifecycleEvent,
@@ -1335,7 +1333,7 @@ async fn a_read_stalled_mid_reply_is_cut_within_the_response_timeout_while_handl
     let client = open_client(&format!("redis://127.0.0.1:{}/", proxy.port())).unwrap();
     let store: Arc<dyn StreamOffsetStore> = Arc::new(env.offset_store());
     let consumer = Arc::new(RedisUserLifecycleConsumer::new(client, store, config).unwrap());
-    consumer.on_event(Arc::clone(&recorder) as Arc<dyn UserLifecycleHandler>);
+    consumer.on_event(Arc::clone(&recorder) as Arc<dyn EventHandler<UserLifecycleEvent>>);
     let stats = consumer.stats();
     let run = spawn_run(&consumer);
     wait_until!(

@@ -19,11 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lifecycle_domain::{
-    BoxFuture, EntryId, HandlerError, StreamOffsetStore, UserLifecycleConsumer, UserLifecycleEvent,
-    UserLifecycleHandler, USER_LIFECYCLE_LABEL,
+    BoxFuture, EntryId, EventHandler, HandlerError, RunOutcome, StopReason, StreamOffsetStore,
+    UserLifecycleConsumer, UserLifecycleEvent, USER_LIFECYCLE_LABEL,
 };
 use lifecycle_redis::{open_client, RedisOffsetStore, RedisUserLifecycleConsumer};
-use lifecycle_streams::{ConsumerConfig, RunReport, StatsSnapshot, StopReason};
+use lifecycle_streams::{ConsumerConfig, StatsSnapshot};
 use lifecycle_test_support::RedisServer;
 use redis::aio::MultiplexedConnection;
 
@@ -35,7 +35,7 @@ struct Recorder {
     events: Mutex<Vec<UserLifecycleEvent>>,
 }
 
-impl UserLifecycleHandler for Recorder {
+impl EventHandler<UserLifecycleEvent> for Recorder {
     fn handle<'a>(
         &'a self,
         event: &'a UserLifecycleEvent,
@@ -77,7 +77,7 @@ fn with(
 async fn drain(
     server: &RedisServer,
     mut config: ConsumerConfig,
-) -> (RunReport, StatsSnapshot, Vec<UserLifecycleEvent>) {
+) -> (RunOutcome, StatsSnapshot, Vec<UserLifecycleEvent>) {
     config.drain = true;
     let client = open_client(&server.url()).unwrap();
     let offsets: Arc<dyn StreamOffsetStore> =
@@ -85,7 +85,7 @@ async fn drain(
     let consumer = RedisUserLifecycleConsumer::new(client, offsets, config).unwrap();
     let recorder = Arc::new(Recorder::default());
     consumer.on_event(recorder.clone());
-    let report = tokio::time::timeout(Duration::from_secs(30), consumer.run_to_end())
+    let report = tokio::time::timeout(Duration::from_secs(30), consumer.run())
         .await
         .expect("the drain did not finish")
         .expect("the drain failed");

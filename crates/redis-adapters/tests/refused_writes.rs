@@ -17,8 +17,8 @@ mod common;
 use std::collections::BTreeMap;
 
 use lifecycle_domain::{
-    decode_user_lifecycle_event, CascadeHandler, CascadeOutcome, EntryId, Game, GameStatus,
-    HandlerError, StoreError, StreamOffsetStore, UserCascade, UserLifecycleHandler,
+    decode_user_lifecycle_event, CascadeHandler, CascadeOutcome, EntryId, EventHandler, Game,
+    GameStatus, HandlerError, StoreError, StreamOffsetStore, UserCascade,
 };
 use lifecycle_redis::{open_client, RedisLobbyStore, RedisOffsetStore, DEFAULT_KEY_PREFIX};
 use lifecycle_test_support::{RedisServer, RedisServerOptions};

@@ -11,7 +11,7 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use lifecycle_domain::{decode_user_lifecycle_event, EntryId};
-use lifecycle_streams::resp::{Parsed, XreadParser};
+use lifecycle_streams::internals::{Batch, Parsed, XreadParser};
 
 const ENTRIES: usize = 1024;
 
@@ -48,7 +48,7 @@ fn reply() -> Vec<u8> {
     out
 }
 
-fn parse_reply(bytes: &[u8]) -> lifecycle_streams::resp::Batch {
+fn parse_reply(bytes: &[u8]) -> Batch {
     let mut parser = XreadParser::new();
     match parser.parse(bytes).unwrap() {
         Parsed::Complete(len) => parser.take_batch(Bytes::copy_from_slice(&bytes[..len])),

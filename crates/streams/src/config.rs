@@ -120,43 +120,46 @@ impl ConsumerConfig {
     ///
     /// # Errors
     ///
-    /// A text naming the setting that is out of range.
+    /// A text naming the setting that is out of range, in backticks
+    /// (`` `batch_size` ``).
     pub fn validate(&self) -> Result<(), String> {
         if self.stream.trim().is_empty() {
-            return Err("stream must not be empty".into());
+            return Err("`stream` must not be empty".into());
         }
         if self.label.trim().is_empty() {
-            return Err("label must not be empty".into());
+            return Err("`label` must not be empty".into());
         }
         if self.batch_size == 0 {
-            return Err("batch_size must be at least 1".into());
+            return Err("`batch_size` must be at least 1".into());
         }
         if self.block_timeout < Duration::from_millis(1) {
-            return Err("block_timeout must be at least 1ms (0 would block for ever)".into());
+            return Err("`block_timeout` must be at least 1ms (0 would block for ever)".into());
         }
         if self.concurrency == 0 || self.concurrency > 10_000 {
-            return Err("concurrency must be between 1 and 10000".into());
+            return Err("`concurrency` must be between 1 and 10000".into());
         }
         if self.max_reply_bytes < 64 * 1024 {
-            return Err("max_reply_bytes must be at least 64 KiB".into());
+            return Err("`max_reply_bytes` must be at least 64 KiB".into());
         }
         if self.max_held_bytes < self.max_reply_bytes.saturating_mul(2) {
             return Err(format!(
-                "max_held_bytes must be at least twice max_reply_bytes ({} bytes), so that a whole reply fits beside what is held",
+                "`max_held_bytes` must be at least twice `max_reply_bytes` ({} bytes), so that a whole reply fits beside what is held",
                 self.max_reply_bytes.saturating_mul(2)
             ));
         }
         if self.shutdown_timeout < Duration::from_millis(100) {
-            return Err("shutdown_timeout must be at least 100ms".into());
+            return Err("`shutdown_timeout` must be at least 100ms".into());
         }
         if self.dead_letter_after == Some(0) {
-            return Err("dead_letter_after must be at least 1 attempt".into());
+            return Err("`dead_letter_after` must be at least 1 attempt".into());
         }
         if self.handler_retry.initial > self.handler_retry.max {
-            return Err("handler_retry.initial must not be larger than handler_retry.max".into());
+            return Err(
+                "`handler_retry.initial` must not be larger than `handler_retry.max`".into(),
+            );
         }
         if self.dead_letter_after.is_some() && self.dead_letter_stream == self.stream {
-            return Err("the dead-letter stream must differ from the stream".into());
+            return Err("`dead_letter_stream` must differ from `stream`".into());
         }
         Ok(())
     }

@@ -1,6 +1,10 @@
-//! What the engine is generic over: how an entry decodes, and who handles it.
+//! What the engine is generic over: how an entry decodes. Who handles what
+//! it decodes to is the domain's [`EventHandler`] (re-exported at the crate
+//! root): one handler trait from the engine to the domain, no bridge.
+//!
+//! [`EventHandler`]: lifecycle_domain::EventHandler
 
-use lifecycle_domain::{BoxFuture, EntryId, HandlerError};
+use lifecycle_domain::EntryId;
 
 /// What one stream entry decodes to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,11 +36,4 @@ pub trait EntryDecoder: Send + Sync + 'static {
     /// (the user id for user-lifecycle events). Items of different keys may
     /// be handled concurrently.
     fn ordering_key<'a>(&self, item: &'a Self::Item) -> &'a str;
-}
-
-/// Handles decoded items of type `T`; must be idempotent (delivery is
-/// at-least-once).
-pub trait EntryHandler<T>: Send + Sync {
-    /// Handles `item`; an error holds the offset and retries `item`.
-    fn handle<'a>(&'a self, item: &'a T) -> BoxFuture<'a, Result<(), HandlerError>>;
 }

@@ -19,7 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use lifecycle_domain::{EntryId, HandlerError, SaveOutcome, StoreError, StreamOffsetStore};
+use lifecycle_domain::{
+    EntryId, EventHandler, HandlerError, RunOutcome, SaveOutcome, StopReason, StoreError,
+    StreamOffsetStore,
+};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +31,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::config::{ConsumerConfig, StartFrom};
 use crate::dead_letter::{self, DeadLetterOutcome};
-use crate::decoder::{Decoded, EntryDecoder, EntryHandler};
+use crate::decoder::{Decoded, EntryDecoder};
 use crate::error::ConsumerError;
 use crate::fault::{classify, classify_read, FaultClass};
 use crate::machine::{entry_cost, Action, Arrival, Completion, Job, Machine, Settings};
@@ -38,28 +41,6 @@ use crate::reply::parse_range_reply;
 use crate::stats::ConsumerStats;
 use crate::tls::TlsSettings;
 use crate::trim::{Finding, ReadSeen, TrimWatch};
-
-/// Why a session ended without an error.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopReason {
-    /// Shutdown was requested.
-    Cancelled,
-    /// Drain mode reached the last entry present at start-up.
-    Drained,
-}
-
-/// The outcome of a session that ended without an error.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RunReport {
-    /// Why it ended.
-    pub reason: StopReason,
-    /// The offset stored when it ended (`None`: none is stored).
-    pub offset: Option<EntryId>,
-    /// Whether the last offset reached could not be saved (Redis was
-    /// unreachable until the shutdown deadline); the entries after the
-    /// stored offset will be handled again.
-    pub offset_unsaved: bool,
-}
 
 /// A reliable consumer of one stream, generic over how its entries decode.
 pub struct StreamConsumer<D: EntryDecoder> {
@@ -127,9 +108,9 @@ impl<D: EntryDecoder> StreamConsumer<D> {
         &self,
         handler: &H,
         cancel: &CancellationToken,
-    ) -> Result<RunReport, ConsumerError>
+    ) -> Result<RunOutcome, ConsumerError>
     where
-        H: EntryHandler<D::Item> + ?Sized,
+        H: EventHandler<D::Item> + ?Sized,
     {
         let commands = ConnectionManager::new_lazy_with_config(
             self.client.clone(),
@@ -160,7 +141,7 @@ impl<D: EntryDecoder> StreamConsumer<D> {
                 reason = reason.as_str(),
                 "consumer stopped"
             );
-            Ok(RunReport {
+            Ok(RunOutcome {
                 reason,
                 offset: driver.stored(),
                 offset_unsaved: unsaved,
@@ -168,15 +149,6 @@ impl<D: EntryDecoder> StreamConsumer<D> {
         }
         .instrument(span)
         .await
-    }
-}
-
-impl StopReason {
-    fn as_str(self) -> &'static str {
-        match self {
-            StopReason::Cancelled => "cancelled",
-            StopReason::Drained => "drained",
-        }
     }
 }
 
@@ -297,7 +269,7 @@ impl Attempts {
     }
 }
 
-impl<D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
+impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
     fn config(&self) -> &ConsumerConfig {
         &self.consumer.config
     }
@@ -584,7 +556,7 @@ struct Driver<'a, D: EntryDecoder, H: ?Sized> {
     fault: Option<ConsumerError>,
 }
 
-impl<'a, D: EntryDecoder, H: EntryHandler<D::Item> + ?Sized> Driver<'a, D, H> {
+impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
     fn new(ctx: &'a Ctx<'a, D, H>) -> Self {
         let config = ctx.config();
         let settings = ReaderSettings {
@@ -1211,7 +1183,7 @@ mod tests {
         calls: Mutex<Vec<tokio::time::Instant>>,
     }
 
-    impl EntryHandler<String> for Flaky {
+    impl EventHandler<String> for Flaky {
         fn handle<'a>(&'a self, _item: &'a String) -> BoxFuture<'a, Result<(), HandlerError>> {
             let mut calls = self.calls.lock().unwrap();
             calls.push(tokio::time::Instant::now());

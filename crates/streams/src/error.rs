@@ -1,5 +1,6 @@
 //! Why a consumer's `run` ended other than by shutdown: each variant says what
-//! to fix.
+//! to fix, naming the settings involved in backticks (`` `stream` ``,
+//! `` `ca_file` ``) rather than any program's flags.
 
 use lifecycle_domain::StoreError;
 
@@ -18,7 +19,7 @@ pub enum ConsumerError {
     #[error("invalid consumer settings: {0}")]
     Config(String),
     /// The stream key exists and is not a stream.
-    #[error("the Redis key {key:?} holds a value that is not a stream (WRONGTYPE): point --stream at a stream key, or rename or delete that key")]
+    #[error("the Redis key {key:?} holds a value that is not a stream (WRONGTYPE): set `stream` to a stream key, or rename or delete that key")]
     WrongType {
         /// The offending key.
         key: String,
@@ -33,7 +34,7 @@ pub enum ConsumerError {
         source: BoxError,
     },
     /// The TLS handshake failed.
-    #[error("the TLS handshake with Redis failed while trying to {action} ({source}): check that the URL's port speaks TLS, that the CA certificate file (--tls-ca-file) signed the server's certificate and that it names the URL's host, and give a client certificate (--tls-cert-file, --tls-key-file) if the server asks for one")]
+    #[error("the TLS handshake with Redis failed while trying to {action} ({source}): check that the URL's port speaks TLS, that the CA certificate file (`ca_file`) signed the server's certificate and that it names the URL's host, and give a client certificate (`cert_file`, `key_file`) if the server asks for one")]
     Tls {
         /// What was being done.
         action: &'static str,

@@ -97,7 +97,7 @@ pub fn classify(err: &RedisError) -> FaultClass {
 }
 
 /// Classifies a server error by its code (the first word of the reply).
-pub fn classify_code(code: &str) -> FaultClass {
+pub(crate) fn classify_code(code: &str) -> FaultClass {
     match code {
         "WRONGTYPE" => FaultClass::WrongType,
         "NOAUTH" | "WRONGPASS" | "NOPERM" => FaultClass::Auth,

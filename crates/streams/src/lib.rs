@@ -24,9 +24,35 @@
 //!   the reply they came in.
 //! - One deadline, `shutdown_timeout`, bounds the whole stop.
 //!
+//! # Public face
+//!
+//! - The engine: [`StreamConsumer`], and how a session ended (the domain's
+//!   [`RunOutcome`] and [`StopReason`]), with its live counters
+//!   ([`ConsumerStats`], [`StatsSnapshot`], on the clock of [`now_ms`]).
+//! - Its settings: [`ConsumerConfig`], [`StartFrom`], [`Checkpoint`],
+//!   [`BackoffPolicy`], [`TlsFiles`] and [`TlsSettings`].
+//! - Its errors: [`ConsumerError`], [`TlsError`], [`ReplyError`], and
+//!   [`classify`] ([`FaultClass`]) for telling transient Redis failures from
+//!   permanent ones. Errors name settings in backticks (`` `batch_size` ``),
+//!   never a program's flags: a program maps them to its own terms.
+//! - The traits it is generic over: [`EntryDecoder`] (with [`Decoded`]) and
+//!   the domain's [`EventHandler`], re-exported here.
+//! - Reading entries without consuming them (`tail`-like tools): the
+//!   parsers of the general client's `XRANGE` / `XREAD` replies,
+//!   [`parse_range_reply`] and [`parse_xread_reply`], into [`StreamEntry`]s;
+//!   the engine uses the same parsers, so untrusted replies are checked one
+//!   way.
+//! - [`dead_letter`]: the dead-letter copy written exactly once per entry,
+//!   and the layout of its marker hash.
+//!
+//! The reply scanner, the reading connection, the per-key window and the
+//! state machine are crate-private. The fuzz targets, the read-path
+//! benchmark and a few tests reach some of them through a hidden
+//! `internals` module that is not a stable API.
+//!
 //! # Layout
 //!
-//! - [`engine`]: the driver ([`StreamConsumer`]): the async loop that
+//! - `engine`: the driver ([`StreamConsumer`]): the async loop that
 //!   performs what the state machine decides.
 //! - `machine`: the state machine, with no I/O and no clock: what to read
 //!   next, what to start, which offset to save, when reading pauses; `trim`:
@@ -34,42 +60,56 @@
 //!   `window`: the per-key queues.
 //! - `reader`: the task that owns the reading connection and the reply in
 //!   flight, fed by a channel.
-//! - [`decoder`]: the traits the engine is generic over.
+//! - `decoder`: the decoder trait the engine is generic over.
 //! - [`dead_letter`]: copying a failing entry to the dead-letter stream
 //!   exactly once (one script, with a marker keyed by the entry's id).
-//! - [`read_conn`]: the reading connection (hand-written `XREAD`, a
-//!   deletion probe before each read); [`resp`]: its zero-copy, resumable
-//!   reply scanner.
-//! - [`config`]: its settings; [`backoff`]: retry delays; [`fault`]:
-//!   transient versus permanent Redis failures; [`reply`]: parsing the
-//!   replies of the general client without trusting them; [`stats`]:
-//!   counters; [`tls`]: certificates for `rediss://`.
+//! - `read_conn`: the reading connection (hand-written `XREAD`, a deletion
+//!   probe before each read); `resp`: its zero-copy, resumable reply
+//!   scanner.
+//! - `config`: the settings; `backoff`: retry delays; `fault`: transient
+//!   versus permanent Redis failures; `error`: the errors of `run`; `reply`:
+//!   parsing the replies of the general client without trusting them;
+//!   `stats`: counters; `outcome`: the engine's report in the domain's
+//!   terms; `tls`: certificates for `rediss://`.
 
-pub mod backoff;
-pub mod config;
+mod backoff;
+mod config;
 pub mod dead_letter;
-pub mod decoder;
-pub mod engine;
-pub mod error;
-pub mod fault;
+mod decoder;
+mod engine;
+mod error;
+mod fault;
 mod machine;
-pub mod read_conn;
+mod read_conn;
 mod reader;
-pub mod reply;
-pub mod resp;
-pub mod stats;
-pub mod tls;
+mod reply;
+mod resp;
+mod stats;
+mod tls;
 mod trim;
 mod window;
 
-pub use backoff::{Backoff, BackoffPolicy};
+pub use backoff::BackoffPolicy;
 pub use config::{
     Checkpoint, ConsumerConfig, StartFrom, DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_REPLY_BYTES,
 };
-pub use decoder::{Decoded, EntryDecoder, EntryHandler};
-pub use engine::{RunReport, StopReason, StreamConsumer};
-pub use error::ConsumerError;
+pub use decoder::{Decoded, EntryDecoder};
+pub use engine::StreamConsumer;
+pub use error::{BoxError, ConsumerError};
 pub use fault::{classify, write_refusal, FaultClass};
+pub use lifecycle_domain::EventHandler;
+pub use lifecycle_domain::{RunOutcome, StopReason};
 pub use reply::{parse_range_reply, parse_xread_reply, ReplyError, StreamEntry};
-pub use stats::{ConsumerStats, StatsSnapshot};
-pub use tls::{tls_failure, TlsError, TlsFiles, TlsSettings};
+pub use stats::{now_ms, ConsumerStats, StatsSnapshot};
+pub use tls::{TlsError, TlsFiles, TlsSettings};
+
+/// Crate-private parts, re-exported for the fuzz targets, the read-path
+/// benchmark, the reading connection's TLS test and `lobby-worker bench`'s
+/// raw baseline. **Not a stable API**: it changes with the engine, without
+/// notice; nothing else should use it.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::fault::classify_read;
+    pub use crate::read_conn::{ReadConnection, ReadError};
+    pub use crate::resp::{Batch, Parsed, XreadParser};
+}

@@ -133,7 +133,7 @@ impl ReadConnection {
             } => {
                 if *insecure {
                     return Err(ReadError::Unsupported(
-                        "the Redis URL turns certificate checks off (#insecure), which this worker does not do: give the CA that signed the server's certificate (--tls-ca-file) instead".into(),
+                        "the Redis URL turns certificate checks off (#insecure), which this worker does not do: give the CA that signed the server's certificate (`ca_file`) instead".into(),
                     ));
                 }
                 let system;

@@ -82,7 +82,10 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch (0 before it): the clock of
+/// [`StatsSnapshot`]'s timestamps (`last_read_ms`, `last_fault_ms`), for
+/// whoever compares them with now.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| {

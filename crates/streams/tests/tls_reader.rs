@@ -8,8 +8,7 @@
 use std::time::Duration;
 
 use lifecycle_domain::EntryId;
-use lifecycle_streams::fault::classify_read;
-use lifecycle_streams::read_conn::ReadConnection;
+use lifecycle_streams::internals::{classify_read, ReadConnection};
 use lifecycle_streams::{FaultClass, TlsFiles as ClientFiles, TlsSettings};
 use lifecycle_test_support::{RedisServer, RedisServerOptions, ServerTls, TlsFiles};
 

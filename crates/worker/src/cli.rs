@@ -489,11 +489,82 @@ fn parse_start_from(text: &str) -> Result<StartFrom, String> {
     }
 }
 
+/// The settings the libraries' messages name (in backticks, as
+/// `` `batch_size` ``) and the flags that set them: the libraries know no
+/// flags, and every error the binary prints is put in its own terms by
+/// [`in_flag_terms`].
+const SETTING_FLAGS: &[(&str, &str)] = &[
+    ("`stream`", "--stream"),
+    ("`batch_size`", "--batch-size"),
+    ("`block_timeout`", "--block-timeout"),
+    ("`concurrency`", "--concurrency"),
+    ("`dead_letter_after`", "--dead-letter-after"),
+    ("`dead_letter_stream`", "--dead-letter-stream"),
+    ("`handler_retry.initial`", "--retry-initial"),
+    ("`handler_retry.max`", "--retry-max"),
+    ("`max_held_bytes`", "--max-held-bytes"),
+    ("`max_reply_bytes`", "a quarter of --max-held-bytes"),
+    ("`shutdown_timeout`", "--shutdown-timeout"),
+    ("`ca_file`", "--tls-ca-file"),
+    ("`cert_file`", "--tls-cert-file"),
+    ("`key_file`", "--tls-key-file"),
+];
+
+/// A library's message in terms of the flags that set the settings it
+/// names; a setting without a flag keeps its name.
+pub fn in_flag_terms(message: &str) -> String {
+    SETTING_FLAGS
+        .iter()
+        .fold(message.to_owned(), |text, (setting, flag)| {
+            text.replace(setting, flag)
+        })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn library_setting_names_become_flags() {
+        assert_eq!(
+            in_flag_terms("`handler_retry.initial` must not be larger than `handler_retry.max`"),
+            "--retry-initial must not be larger than --retry-max"
+        );
+        assert_eq!(
+            in_flag_terms("`batch_size` must be at least 1"),
+            "--batch-size must be at least 1"
+        );
+        assert_eq!(
+            in_flag_terms("not a stream: set `stream` to a stream key (`ca_file`, `label`)"),
+            "not a stream: set --stream to a stream key (--tls-ca-file, `label`)"
+        );
+    }
+
+    #[test]
+    fn every_mapped_flag_exists() {
+        let command = Cli::command();
+        let longs: Vec<String> = command
+            .get_subcommands()
+            .flat_map(|sub| sub.get_arguments())
+            .chain(command.get_arguments())
+            .filter_map(|arg| arg.get_long().map(|long| format!("--{long}")))
+            .collect();
+        for (setting, flags) in SETTING_FLAGS {
+            let named: Vec<&str> = flags
+                .split_whitespace()
+                .filter(|word| word.starts_with("--"))
+                .collect();
+            assert!(!named.is_empty(), "{setting} maps to no flag");
+            for flag in named {
+                assert!(
+                    longs.iter().any(|long| long == flag),
+                    "{setting}: no {flag}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn the_command_line_is_consistent() {

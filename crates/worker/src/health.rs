@@ -1,13 +1,12 @@
 //! Whether the worker is consuming: what `/readyz` and `lobby_ready` say.
 
-use std::error::Error;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use lifecycle_streams::{write_refusal, ConsumerStats};
+use lifecycle_streams::{now_ms, ConsumerStats};
 
-use crate::metrics::{now_ms, HandlerMetrics};
+use crate::handler_metrics::HandlerMetrics;
+use crate::outcome::{Failing, LastOutcome};
 
 /// The verdict of one readiness check.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,80 +22,6 @@ impl Readiness {
     pub fn is_ready(&self) -> bool {
         matches!(self, Readiness::Ready)
     }
-}
-
-/// The outcome of the last attempt at one kind of work that writes to
-/// Redis (offset saves, cascades), for readiness: failing from a failed
-/// attempt until one succeeds. Redis serves reads while it refuses writes
-/// (`OOM`, `MISCONF`, ...), so only the writes themselves tell.
-#[derive(Debug, Default)]
-pub struct LastOutcome {
-    /// When an attempt last succeeded (ms since the Unix epoch; 0: never).
-    succeeded_ms: AtomicU64,
-    /// When an attempt last failed (ms since the Unix epoch; 0: never).
-    failed_ms: AtomicU64,
-    /// Redis's code when the last failure was a refused write.
-    refused: Mutex<Option<&'static str>>,
-}
-
-/// A failing [`LastOutcome`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Failing {
-    /// When the last attempt failed (ms since the Unix epoch).
-    pub at_ms: u64,
-    /// Redis's code when it refused the write (`OOM`, `MISCONF`, ...).
-    pub refused: Option<&'static str>,
-}
-
-impl LastOutcome {
-    /// Records a success now.
-    pub fn succeeded(&self) {
-        self.succeeded_at(now_ms());
-    }
-
-    /// Records `err` now.
-    pub fn failed(&self, err: &(dyn Error + 'static)) {
-        self.failed_at(now_ms(), err);
-    }
-
-    fn succeeded_at(&self, at_ms: u64) {
-        self.succeeded_ms.store(at_ms, Ordering::Relaxed);
-    }
-
-    fn failed_at(&self, at_ms: u64, err: &(dyn Error + 'static)) {
-        *self.refused.lock().unwrap_or_else(PoisonError::into_inner) = refusal_in(err);
-        self.failed_ms.store(at_ms, Ordering::Relaxed);
-    }
-
-    /// When an attempt last succeeded (ms since the Unix epoch; 0: never).
-    pub fn last_success_ms(&self) -> u64 {
-        self.succeeded_ms.load(Ordering::Relaxed)
-    }
-
-    /// The last failure, while no attempt succeeded after it.
-    pub fn failing(&self) -> Option<Failing> {
-        let failed = self.failed_ms.load(Ordering::Relaxed);
-        (failed > self.last_success_ms()).then(|| Failing {
-            at_ms: failed,
-            refused: *self.refused.lock().unwrap_or_else(PoisonError::into_inner),
-        })
-    }
-}
-
-/// The code of a write Redis refused, found anywhere in `err`'s causes (a
-/// handler's error wraps the store's, which wraps the client's).
-fn refusal_in(err: &(dyn Error + 'static)) -> Option<&'static str> {
-    let mut current = Some(err);
-    while let Some(err) = current {
-        if let Some(code) = err
-            .downcast_ref::<redis::RedisError>()
-            .and_then(write_refusal)
-        {
-            return Some(code);
-        }
-        current = err.source();
-    }
-    None
 }
 
 /// Tells readiness from the consumer's counters, the handler's outcomes
@@ -201,6 +126,7 @@ mod tests {
     use lifecycle_domain::{HandlerError, StoreError};
 
     use super::*;
+    use crate::outcome::refusal_in;
 
     /// The error the `redis` crate makes of the server's reply `-LINE`.
     fn redis_error(line: &str) -> redis::RedisError {

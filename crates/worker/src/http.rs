@@ -8,11 +8,12 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use lifecycle_streams::now_ms;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::{Health, Readiness};
-use crate::metrics::{now_ms, Metrics};
+use crate::metrics::Metrics;
 
 /// What the handlers share.
 struct Endpoints {

@@ -5,9 +5,11 @@
 mod cli;
 mod commands;
 mod config_file;
+mod handler_metrics;
 mod health;
 mod http;
 mod metrics;
+mod outcome;
 mod redis_conn;
 mod stream_status;
 mod telemetry;
@@ -73,6 +75,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// The error and its causes on one line, in the command line's terms: the
+/// settings the libraries name become the flags that set them.
+fn one_line(err: &anyhow::Error) -> String {
+    cli::in_flag_terms(&chain_line(err))
+}
+
 /// Parses the command line and, for `run --config FILE`, the file's settings
 /// that no flag or environment variable gave. Usage errors on the command
 /// line itself exit here, as clap does.
@@ -106,7 +114,7 @@ fn parse_command_line() -> Result<Cli, String> {
 
 /// The error and its causes on one line, leaving out a cause whose text the
 /// line already holds (most errors here quote their source).
-fn one_line(err: &anyhow::Error) -> String {
+fn chain_line(err: &anyhow::Error) -> String {
     let mut line = err.to_string();
     for cause in err.chain().skip(1) {
         let cause = cause.to_string();

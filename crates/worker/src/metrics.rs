@@ -2,168 +2,33 @@
 //!
 //! The consumer's counters are read from [`ConsumerStats`] at scrape time by
 //! a collector, so the hot path pays nothing for them. The handler's timing
-//! comes from a decorator around the handler ([`InstrumentedHandler`]); the
-//! lag gauges from a task that looks at the stream every few seconds
+//! comes from a decorator around the handler
+//! ([`InstrumentedHandler`](crate::handler_metrics::InstrumentedHandler));
+//! the lag gauges from a task that looks at the stream every few seconds
 //! ([`lag_task`]). Labels are fixed words (`outcome`), never values taken
 //! from entries, users or errors.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use lifecycle_domain::{
-    BoxFuture, EntryId, HandlerError, SaveOutcome, StoreError, StreamOffsetStore,
-    UserLifecycleEvent, UserLifecycleHandler,
-};
+use lifecycle_domain::EntryId;
 use lifecycle_redis::RedisOffsetStore;
-use lifecycle_streams::{ConsumerStats, StartFrom};
+use lifecycle_streams::{now_ms, ConsumerStats, StartFrom};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::health::{Health, LastOutcome};
+use crate::handler_metrics::HandlerMetrics;
+use crate::health::Health;
 use crate::stream_status::{lag, stream_state};
 
 /// How often the lag gauges are refreshed.
 pub const LAG_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Upper bounds of the handler-duration buckets, in seconds: a cascade
-/// takes well under a millisecond on a quiet Redis, seconds when it is in
-/// trouble.
-const HANDLER_BUCKETS: [f64; 16] = [
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
-}
-
-/// What the handler decorator measures.
-#[derive(Debug)]
-pub struct HandlerMetrics {
-    duration: Histogram,
-    in_flight: Gauge,
-    /// Successes, and failures on an unavailable dependency (transient: a
-    /// cascade Redis refused or could not take); failures that may be the
-    /// event's own fault are left out.
-    outcome: LastOutcome,
-}
-
-impl Default for HandlerMetrics {
-    fn default() -> Self {
-        Self {
-            duration: Histogram::new(HANDLER_BUCKETS),
-            in_flight: Gauge::default(),
-            outcome: LastOutcome::default(),
-        }
-    }
-}
-
-impl HandlerMetrics {
-    /// The last handler call's success or dependency failure.
-    pub fn outcome(&self) -> &LastOutcome {
-        &self.outcome
-    }
-}
-
-/// Decrements the in-flight gauge however the call ends (even dropped at
-/// the end of the shutdown grace period).
-struct InFlight<'a>(&'a Gauge);
-
-impl<'a> InFlight<'a> {
-    fn enter(gauge: &'a Gauge) -> Self {
-        gauge.inc();
-        Self(gauge)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// A handler that times every call of the handler it wraps.
-pub struct InstrumentedHandler<H> {
-    inner: H,
-    metrics: Arc<HandlerMetrics>,
-}
-
-impl<H> InstrumentedHandler<H> {
-    /// Wraps `inner`, recording into `metrics`.
-    pub fn new(inner: H, metrics: Arc<HandlerMetrics>) -> Self {
-        Self { inner, metrics }
-    }
-}
-
-impl<H: UserLifecycleHandler> UserLifecycleHandler for InstrumentedHandler<H> {
-    fn handle<'a>(
-        &'a self,
-        event: &'a UserLifecycleEvent,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(async move {
-            let _in_flight = InFlight::enter(&self.metrics.in_flight);
-            let started = Instant::now();
-            let result = self.inner.handle(event).await;
-            self.metrics
-                .duration
-                .observe(started.elapsed().as_secs_f64());
-            match &result {
-                Ok(()) => self.metrics.outcome.succeeded(),
-                Err(err) if err.is_transient() => self.metrics.outcome.failed(err),
-                Err(_) => {}
-            }
-            result
-        })
-    }
-}
-
-/// An offset store that records the outcome of every save, for readiness:
-/// Redis may refuse the saves (`OOM`, `MISCONF`) while it serves reads.
-pub struct InstrumentedOffsets<S> {
-    inner: S,
-    saves: Arc<LastOutcome>,
-}
-
-impl<S> InstrumentedOffsets<S> {
-    /// Wraps `inner`, recording its saves' outcomes into `saves`.
-    pub fn new(inner: S, saves: Arc<LastOutcome>) -> Self {
-        Self { inner, saves }
-    }
-}
-
-impl<S: StreamOffsetStore> StreamOffsetStore for InstrumentedOffsets<S> {
-    fn load<'a>(&'a self, label: &'a str) -> BoxFuture<'a, Result<Option<EntryId>, StoreError>> {
-        self.inner.load(label)
-    }
-
-    fn save<'a>(
-        &'a self,
-        label: &'a str,
-        id: EntryId,
-        expected: Option<EntryId>,
-    ) -> BoxFuture<'a, Result<SaveOutcome, StoreError>> {
-        Box::pin(async move {
-            let result = self.inner.save(label, id, expected).await;
-            match &result {
-                Ok(_) => self.saves.succeeded(),
-                Err(err) => self.saves.failed(err),
-            }
-            result
-        })
-    }
-}
 
 /// The gauges the lag task sets.
 #[derive(Debug, Default)]
@@ -533,108 +398,6 @@ mod tests {
             assert!(body.lines().any(|l| l == line), "no {line:?} in:\n{body}");
         }
         assert!(body.contains("# TYPE lobby_handler_duration_seconds histogram"));
-    }
-
-    /// A handler answering each call with the next of `outcomes`.
-    struct Scripted(std::sync::Mutex<Vec<Result<(), HandlerError>>>);
-
-    impl UserLifecycleHandler for Scripted {
-        fn handle<'a>(
-            &'a self,
-            _event: &'a UserLifecycleEvent,
-        ) -> BoxFuture<'a, Result<(), HandlerError>> {
-            let next = self.0.lock().unwrap().remove(0);
-            Box::pin(async move { next })
-        }
-    }
-
-    fn refused() -> StoreError {
-        StoreError {
-            action: "apply the cascade of entry 1-0".to_owned(),
-            permanent: false,
-            source: Box::new(redis::make_extension_error(
-                "OOM".to_owned(),
-                Some("command not allowed when used memory > 'maxmemory'.".to_owned()),
-            )),
-        }
-    }
-
-    #[tokio::test]
-    async fn the_handlers_dependency_failures_are_recorded_and_its_own_are_not() {
-        let metrics = Arc::new(HandlerMetrics::default());
-        let handler = InstrumentedHandler::new(
-            Scripted(std::sync::Mutex::new(vec![
-                Err(HandlerError::with_source("apply the lobby cascade", refused()).transient()),
-                Ok(()),
-                Err(HandlerError::msg("the event's own fault")),
-            ])),
-            Arc::clone(&metrics),
-        );
-        let fields: [(&[u8], &[u8]); 3] = [
-            (b"event_type", b"user.deleted"),
-            (b"user_id", b"u"),
-            (b"occurred_at_ms", b"5"),
-        ];
-        let event =
-            lifecycle_domain::decode_user_lifecycle_event(EntryId::new(1, 0), &fields).unwrap();
-        assert!(handler.handle(&event).await.is_err());
-        let failing = metrics.outcome().failing().unwrap();
-        assert_eq!(failing.refused, Some("OOM"));
-        handler.handle(&event).await.unwrap();
-        assert_eq!(metrics.outcome().failing(), None);
-        assert!(metrics.outcome().last_success_ms() > 0);
-        assert!(handler.handle(&event).await.is_err());
-        assert_eq!(
-            metrics.outcome().failing(),
-            None,
-            "an own fault was recorded"
-        );
-    }
-
-    /// An offset store whose saves answer with the next of `outcomes`.
-    struct ScriptedOffsets(std::sync::Mutex<Vec<Result<SaveOutcome, StoreError>>>);
-
-    impl StreamOffsetStore for ScriptedOffsets {
-        fn load<'a>(
-            &'a self,
-            _label: &'a str,
-        ) -> BoxFuture<'a, Result<Option<EntryId>, StoreError>> {
-            Box::pin(async { Ok(None) })
-        }
-
-        fn save<'a>(
-            &'a self,
-            _label: &'a str,
-            _id: EntryId,
-            _expected: Option<EntryId>,
-        ) -> BoxFuture<'a, Result<SaveOutcome, StoreError>> {
-            let next = self.0.lock().unwrap().remove(0);
-            Box::pin(async move { next })
-        }
-    }
-
-    #[tokio::test]
-    async fn offset_saves_are_recorded() {
-        let saves = Arc::new(LastOutcome::default());
-        let offsets = InstrumentedOffsets::new(
-            ScriptedOffsets(std::sync::Mutex::new(vec![
-                Err(refused()),
-                Ok(SaveOutcome::Saved),
-            ])),
-            Arc::clone(&saves),
-        );
-        assert_eq!(offsets.load("label").await.unwrap(), None);
-        assert_eq!(saves.failing(), None, "a load is no save");
-        assert!(offsets
-            .save("label", EntryId::new(1, 0), None)
-            .await
-            .is_err());
-        assert_eq!(saves.failing().unwrap().refused, Some("OOM"));
-        offsets
-            .save("label", EntryId::new(1, 0), None)
-            .await
-            .unwrap();
-        assert_eq!(saves.failing(), None);
     }
 
     #[test]

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lifecycle_domain::UserLifecycleConsumer;
+use lifecycle_domain::{RunOutcome, UserLifecycleConsumer};
 use lifecycle_redis::{open_client, RedisUserLifecycleConsumer};
-use lifecycle_streams::{ConsumerError, RunReport};
+use lifecycle_streams::ConsumerError;
 use lifecycle_test_support::RedisServer;
 use redis::aio::MultiplexedConnection;
 use tokio::task::JoinHandle;
@@ -46,25 +46,26 @@ pub async fn connect(server: &RedisServer) -> MultiplexedConnection {
         .unwrap()
 }
 
-/// A consumer's `run_to_end` on its own task.
-pub type RunHandle = JoinHandle<Result<RunReport, ConsumerError>>;
+/// A consumer's `run` (the consumer port's) on its own task.
+pub type RunHandle = JoinHandle<Result<RunOutcome, ConsumerError>>;
 
-/// Starts `consumer.run_to_end()` on its own task.
+/// Starts `consumer.run()` on its own task.
 pub fn spawn_run(consumer: &Arc<RedisUserLifecycleConsumer>) -> RunHandle {
     let consumer = Arc::clone(consumer);
-    tokio::spawn(async move { consumer.run_to_end().await })
+    tokio::spawn(async move { consumer.run().await })
 }
 
 /// Awaits the end of a run that was asked to stop (or is about to end).
-pub async fn join(run: RunHandle, within: Duration) -> Result<RunReport, ConsumerError> {
+pub async fn join(run: RunHandle, within: Duration) -> Result<RunOutcome, ConsumerError> {
     tokio::time::timeout(within, run)
         .await
         .unwrap_or_else(|_| panic!("run did not return within {within:?}"))
         .expect("the run task panicked")
 }
 
-/// Shuts the consumer down and returns its report; the run must end cleanly.
-pub async fn stop(consumer: &RedisUserLifecycleConsumer, run: RunHandle) -> RunReport {
+/// Shuts the consumer down and returns how its run ended; it must end
+/// cleanly.
+pub async fn stop(consumer: &RedisUserLifecycleConsumer, run: RunHandle) -> RunOutcome {
     consumer.shutdown();
     join(run, Duration::from_secs(5))
         .await

@@ -20,11 +20,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use lifecycle_domain::{
-    BoxFuture, CascadeHandler, EntryId, Game, GameStatus, HandlerError, UserLifecycleConsumer,
-    UserLifecycleEvent, UserLifecycleHandler,
+    BoxFuture, CascadeHandler, EntryId, EventHandler, Game, GameStatus, HandlerError,
+    UserLifecycleConsumer, UserLifecycleEvent,
 };
 use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore};
-use lifecycle_streams::read_conn::ReadConnection;
+// The raw baseline reads with the engine's own connection, which is no
+// public API of the engine: it reaches it through its hidden internals.
+use lifecycle_streams::internals::ReadConnection;
 use lifecycle_streams::{Checkpoint, ConsumerConfig};
 use lifecycle_test_support::{RedisServer, RedisServerOptions};
 use redis::aio::MultiplexedConnection;
@@ -64,7 +66,7 @@ struct Report {
 /// A handler that does nothing: measures the consumer alone.
 struct NoopHandler;
 
-impl UserLifecycleHandler for NoopHandler {
+impl EventHandler<UserLifecycleEvent> for NoopHandler {
     fn handle<'a>(
         &'a self,
         _event: &'a UserLifecycleEvent,
@@ -79,7 +81,7 @@ struct LatencyHandler {
     samples: Mutex<Vec<Duration>>,
 }
 
-impl UserLifecycleHandler for LatencyHandler {
+impl EventHandler<UserLifecycleEvent> for LatencyHandler {
     fn handle<'a>(
         &'a self,
         event: &'a UserLifecycleEvent,
@@ -397,7 +399,7 @@ async fn drain(
     target: &RedisTarget,
     prefix: &str,
     mut config: ConsumerConfig,
-    handler: Arc<dyn UserLifecycleHandler>,
+    handler: Arc<dyn EventHandler<UserLifecycleEvent>>,
     expected: u64,
 ) -> anyhow::Result<f64> {
     config.drain = true;
@@ -406,7 +408,7 @@ async fn drain(
     let consumer = target.consumer(Arc::new(offsets), config)?;
     consumer.on_event(handler);
     let started = Instant::now();
-    consumer.run_to_end().await?;
+    consumer.run().await?;
     let elapsed = started.elapsed();
     let finished = consumer.stats().snapshot().finished();
     if finished != expected {
@@ -436,7 +438,7 @@ async fn latency(
     consumer.on_event(handler.clone());
     let running = {
         let consumer = Arc::clone(&consumer);
-        tokio::spawn(async move { consumer.run_to_end().await })
+        tokio::spawn(async move { consumer.run().await })
     };
     let mut conn = connect(target).await?;
     // Let the consumer reach its blocking read before the clock starts.

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use lifecycle_domain::{
-    decode_user_lifecycle_event, BoxFuture, CascadeOutcome, EntryId, Game, GameStatus,
-    HandlerError, LobbyStore, UserCascade, UserLifecycleConsumer, UserLifecycleEvent,
-    UserLifecycleHandler, USER_LIFECYCLE_LABEL,
+    decode_user_lifecycle_event, BoxFuture, CascadeOutcome, EntryId, EventHandler, Game,
+    GameStatus, HandlerError, LobbyStore, UserCascade, UserLifecycleConsumer, UserLifecycleEvent,
+    USER_LIFECYCLE_LABEL,
 };
 use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore};
 use lifecycle_streams::{parse_range_reply, ConsumerConfig};
@@ -27,7 +27,7 @@ struct RecordingHandler {
     outcomes: Mutex<HashMap<EntryId, CascadeOutcome>>,
 }
 
-impl UserLifecycleHandler for RecordingHandler {
+impl EventHandler<UserLifecycleEvent> for RecordingHandler {
     fn handle<'a>(
         &'a self,
         event: &'a UserLifecycleEvent,
@@ -248,13 +248,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let game_ids: Vec<&str> = games.iter().map(|(id, _)| *id).collect();
     print_lobby("The lobby before", &lobby, &game_ids).await?;
 
-    let now_ms = i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|since| since.as_millis())
-            .unwrap_or_default(),
-    )
-    .unwrap_or(i64::MAX);
+    let now_ms = i64::try_from(lifecycle_streams::now_ms()).unwrap_or(i64::MAX);
     println!("\n== Events published to {stream}");
     for (story, fields) in demo_events(now_ms) {
         let mut cmd = redis::cmd("XADD");
@@ -279,7 +273,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     config.drain = true;
     let consumer = target.consumer(Arc::new(offsets.clone()), config.clone())?;
     consumer.on_event(handler.clone());
-    let report = consumer.run_to_end().await?;
+    let report = consumer.run().await?;
     let stats = consumer.stats().snapshot();
     println!("\n== What the worker did with each entry (`lobby-worker run --drain`)");
     print_outcomes(&mut conn, &url, &stream, &handler).await?;
@@ -307,7 +301,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .clear();
     let replay = target.consumer(Arc::new(offsets), config)?;
     replay.on_event(handler.clone());
-    replay.run_to_end().await?;
+    replay.run().await?;
     println!("\n== The whole stream again, as after a crash before the offset was saved (offset rewound to 0-0)");
     print_outcomes(&mut conn, &url, &stream, &handler).await?;
     print_lobby("The lobby after the replay: unchanged", &lobby, &game_ids).await?;

@@ -1,7 +1,5 @@
 //! `lobby-worker publish`: the producer side, one event at a time.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use anyhow::bail;
 use redis::Value;
 
@@ -18,10 +16,10 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     }
     let occurred_at_ms = match args.occurred_at_ms {
         Some(ms) => ms,
-        None => SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(1),
+        // A clock before 1970 still publishes a valid (positive) time.
+        None => i64::try_from(lifecycle_streams::now_ms())
+            .unwrap_or(i64::MAX)
+            .max(1),
     };
     let mut cmd = redis::cmd("XADD");
     cmd.arg(&args.redis.stream)

@@ -4,11 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use lifecycle_domain::{CascadeHandler, UserLifecycleConsumer, USER_LIFECYCLE_LABEL};
+use lifecycle_domain::{CascadeHandler, StopReason, UserLifecycleConsumer, USER_LIFECYCLE_LABEL};
 use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore};
 use lifecycle_streams::{
-    BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerStats, StartFrom, StopReason,
-    DEFAULT_MAX_REPLY_BYTES,
+    BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerStats, StartFrom, DEFAULT_MAX_REPLY_BYTES,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -17,10 +16,11 @@ use tracing::{error, info, warn};
 use crate::cli::{
     format_duration, CheckpointArg, LogFormat, MetricsAddr, RunArgs, DEFAULT_METRICS_ADDR,
 };
-use crate::health::{Health, LastOutcome};
-use crate::metrics::{
-    lag_task, HandlerMetrics, InstrumentedHandler, InstrumentedOffsets, LagProbe, Metrics,
-};
+use crate::handler_metrics::{HandlerMetrics, InstrumentedHandler};
+use crate::health::Health;
+use crate::metrics::{lag_task, LagProbe, Metrics};
+use crate::outcome::InstrumentedOffsets;
+use crate::outcome::LastOutcome;
 use crate::redis_conn::RedisTarget;
 
 /// The logging settings, for `--print-config`.
@@ -63,35 +63,14 @@ pub fn consumer_config(args: &RunArgs) -> ConsumerConfig {
     config
 }
 
-/// The engine's setting names and the flags that set them, for messages.
-const SETTING_FLAGS: &[(&str, &str)] = &[
-    ("handler_retry.initial", "--retry-initial"),
-    ("handler_retry.max", "--retry-max"),
-    ("batch_size", "--batch-size"),
-    ("block_timeout", "--block-timeout"),
-    ("dead_letter_after", "--dead-letter-after"),
-    ("max_held_bytes", "--max-held-bytes"),
-    ("max_reply_bytes", "a quarter of --max-held-bytes"),
-    ("shutdown_timeout", "--shutdown-timeout"),
-    ("concurrency", "--concurrency"),
-];
-
-/// A message of the engine's, in terms of the flags that set what it names.
-fn in_flag_terms(reason: &str) -> String {
-    SETTING_FLAGS
-        .iter()
-        .fold(reason.to_owned(), |text, (setting, flag)| {
-            text.replace(setting, flag)
-        })
-}
-
 /// Runs the worker until SIGINT/SIGTERM, drain's end or a permanent fault;
 /// with `--print-config`, prints the settings instead.
 pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     let config = consumer_config(&args);
+    // The engine names its settings; `main` prints them as flags.
     config
         .validate()
-        .map_err(|reason| anyhow::anyhow!("invalid settings: {}", in_flag_terms(&reason)))?;
+        .map_err(|reason| anyhow::anyhow!("invalid settings: {reason}"))?;
     let target = RedisTarget::from_args(&args.redis)?;
     let client = target.client()?;
     if args.print_config {
@@ -115,9 +94,8 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         CascadeHandler::new(lobby),
         Arc::clone(&handler_metrics),
     )));
-    let cancel = consumer.cancellation();
-    // Stops with the consumer's cancellation, and after drain's end too.
-    let http_stop = cancel.child_token();
+    // Stops at a shutdown signal, and when the run ends.
+    let http_stop = CancellationToken::new();
     let endpoints = start_endpoints(
         args.metrics_addr,
         Endpoints {
@@ -149,28 +127,32 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         metrics_addr = %endpoints.as_ref().map_or_else(|| "off".to_owned(), |served| served.addr.to_string()),
         "lobby-worker starting"
     );
-    let signals = tokio::spawn(async move {
-        crate::commands::shutdown_signal().await;
-        info!("shutdown requested; finishing the entry in flight");
-        cancel.cancel();
-        tokio::time::Instant::now()
-    });
-    let report = consumer.run_to_end().await;
-    signals.abort();
+    // Through the consumer port: run, and shut down at SIGINT/SIGTERM.
+    let mut running = consumer.run();
     // When a signal asked for the stop (`None`: drain's end or a fault).
-    let stop_requested = signals.await.ok();
+    let mut stop_requested = None;
+    let outcome = tokio::select! {
+        outcome = &mut running => outcome,
+        () = crate::commands::shutdown_signal() => {
+            info!("shutdown requested; finishing the entry in flight");
+            stop_requested = Some(tokio::time::Instant::now());
+            consumer.shutdown();
+            http_stop.cancel();
+            running.await
+        }
+    };
     http_stop.cancel();
     if let Some(served) = endpoints {
         served
             .stop(http_deadline(stop_requested, config.shutdown_timeout))
             .await;
     }
-    let report = report?;
+    let outcome = outcome?;
     let stats = consumer.stats().snapshot();
     let peak_rss_kib = peak_rss_kib();
-    match report.reason {
+    match outcome.reason {
         StopReason::Drained => {
-            info!(offset = ?report.offset.map(|id| id.to_string()), handled = stats.handled, malformed = stats.malformed, unknown_type = stats.unknown_type, dead_lettered = stats.dead_lettered, peak_rss_kib, "drained")
+            info!(offset = ?outcome.offset.map(|id| id.to_string()), handled = stats.handled, malformed = stats.malformed, unknown_type = stats.unknown_type, dead_lettered = stats.dead_lettered, peak_rss_kib, "drained")
         }
         StopReason::Cancelled => info!(handled = stats.handled, peak_rss_kib, "stopped"),
     }
@@ -412,21 +394,4 @@ pub fn peak_rss_kib() -> u64 {
                 .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn engine_setting_names_become_flags() {
-        assert_eq!(
-            in_flag_terms("handler_retry.initial must not be larger than handler_retry.max"),
-            "--retry-initial must not be larger than --retry-max"
-        );
-        assert_eq!(
-            in_flag_terms("batch_size must be at least 1"),
-            "--batch-size must be at least 1"
-        );
-    }
 }
