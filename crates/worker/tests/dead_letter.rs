@@ -21,22 +21,14 @@ use lifecycle_test_support::RedisServer;
 
 mod common;
 
-use common::{assert_success, stderr, wait_until, worker, Running};
+use common::{assert_success, connect, stderr, stored_offset, wait_until, worker, Running};
 
 const STREAM: &str = "user:lifecycle_events";
 const DEAD: &str = "user:lifecycle_events:dead";
-const OFFSET_KEY: &str = "lobby:stream_offsets:user_lifecycle";
 /// The engine's line when it writes a copy.
 const DEAD_LETTERED: &str = "entry dead-lettered after repeated handler failures";
 /// The engine's line when the copy was already there.
 const ALREADY: &str = "entry already in the dead-letter stream";
-
-fn connect(url: &str) -> redis::Connection {
-    redis::Client::open(url)
-        .unwrap()
-        .get_connection_with_timeout(Duration::from_secs(2))
-        .unwrap()
-}
 
 /// Seeds the poison user and `healthy` others (each in a running game), and
 /// publishes the poison event first, then one event per healthy user.
@@ -101,10 +93,6 @@ fn copies(conn: &mut redis::Connection) -> Vec<String> {
         .query(conn)
         .unwrap();
     reply.ids.into_iter().map(|entry| entry.id).collect()
-}
-
-fn stored_offset(conn: &mut redis::Connection) -> Option<String> {
-    redis::cmd("GET").arg(OFFSET_KEY).query(conn).unwrap()
 }
 
 /// How many of `healthy` users have a cascade record.

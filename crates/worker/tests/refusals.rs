@@ -23,61 +23,13 @@ use lifecycle_test_support::{free_port, RedisServer, RedisServerOptions, TcpProx
 
 mod common;
 
-use common::{get, sample, Running};
+use common::{connect, get, info, parse_id, pipelined, sample, wait_for, Running};
 
 const STREAM: &str = "user:lifecycle_events";
 const DEAD_LETTER_STREAM: &str = "user:lifecycle_events:dead";
 const OFFSET_KEY: &str = "lobby:stream_offsets:user_lifecycle";
-const POLL: Duration = Duration::from_millis(5);
 /// Every this many users, one is in no game (see [`Lobby`]).
 const HELD_EVERY: usize = 1_500;
-
-fn wait_until(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting until {what}"
-        );
-        std::thread::sleep(POLL);
-    }
-}
-
-fn connect(url: &str) -> redis::Connection {
-    let conn = redis::Client::open(url)
-        .unwrap()
-        .get_connection_with_timeout(Duration::from_secs(2))
-        .unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    conn
-}
-
-/// Runs `commands` in one pipeline and returns their replies.
-fn pipelined<T: redis::FromRedisValue>(
-    conn: &mut redis::Connection,
-    commands: impl IntoIterator<Item = redis::Cmd>,
-) -> Vec<T> {
-    let mut pipe = redis::pipe();
-    for command in commands {
-        pipe.add_command(command);
-    }
-    pipe.query(conn).unwrap()
-}
-
-fn parse_id(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap();
-    (ms.parse().unwrap(), seq.parse().unwrap())
-}
-
-/// `INFO <section>` as a map.
-fn info(conn: &mut redis::Connection, section: &str) -> HashMap<String, String> {
-    let text: String = redis::cmd("INFO").arg(section).query(conn).unwrap();
-    text.lines()
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.to_owned(), value.trim().to_owned()))
-        .collect()
-}
 
 /// How many times the server has answered with `code` (`INFO errorstats`).
 fn errors_answered(conn: &mut redis::Connection, code: &str) -> u64 {
@@ -424,7 +376,7 @@ impl Scene {
     fn impose_mid_backlog(&mut self) -> usize {
         let hundredth = format!("lobby:user:{}:cascade", Lobby::user(100));
         let Self { worker, conn, .. } = self;
-        wait_until(
+        wait_for(
             Duration::from_secs(30),
             "the worker is in the middle of the backlog",
             || {
@@ -455,7 +407,7 @@ impl Scene {
     ) -> String {
         let told = format!("Redis refuses writes ({})", self.refusal.code());
         let mut readyz = None;
-        wait_until(Duration::from_secs(30), what, || {
+        wait_for(Duration::from_secs(30), what, || {
             self.worker.assert_alive();
             readyz = get(self.port, "/readyz");
             condition(self)
@@ -482,7 +434,7 @@ impl Scene {
         let lifted = Instant::now();
         let last = parse_id(self.ids.last().unwrap());
         let Self { worker, conn, .. } = self;
-        wait_until(
+        wait_for(
             Duration::from_secs(60),
             "the worker catches up after the refusal is lifted",
             || {
@@ -493,7 +445,7 @@ impl Scene {
         );
         let caught_up = lifted.elapsed();
         let port = self.port;
-        wait_until(Duration::from_secs(15), "/readyz is ready again", || {
+        wait_for(Duration::from_secs(15), "/readyz is ready again", || {
             get(port, "/readyz").is_some_and(|(code, _)| code == 200)
         });
         caught_up
@@ -649,7 +601,7 @@ fn oom_holds_a_dead_letter_until_lifted_then_it_is_written_once() {
             .iter()
             .any(|line| line.contains("add to the dead-letter stream"))
     };
-    wait_until(
+    wait_for(
         Duration::from_secs(30),
         "the dead letter is refused",
         || {

@@ -26,11 +26,12 @@ use rand::{Rng, SeedableRng};
 
 mod common;
 
-use common::{lock, Running as Worker};
+use common::{
+    connect, info, lock, parse_id, pipelined, stored_offset, wait_for, Running as Worker,
+};
 
 const STREAM: &str = "user:lifecycle_events";
 const DEAD_LETTER_STREAM: &str = "user:lifecycle_events:dead";
-const OFFSET_KEY: &str = "lobby:stream_offsets:user_lifecycle";
 
 /// The engine's warning when a Redis fault starts an outage (read path and
 /// offset store), logged once per outage.
@@ -50,22 +51,6 @@ const POLL: Duration = Duration::from_millis(5);
 // Waiting
 // ---------------------------------------------------------------------------
 
-/// Polls `condition` every [`POLL`] until it holds; panics naming `what` when
-/// `within` passes first.
-fn wait_until(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    loop {
-        if condition() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting until {what}"
-        );
-        thread::sleep(POLL);
-    }
-}
-
 fn secs(duration: Duration) -> String {
     format!("{:.2}s", duration.as_secs_f64())
 }
@@ -74,66 +59,9 @@ fn secs(duration: Duration) -> String {
 // Stream ids
 // ---------------------------------------------------------------------------
 
-/// `<ms>-<seq>` as a pair that orders numerically.
-fn parse_id(id: &str) -> (u64, u64) {
-    let (ms, seq) = id
-        .split_once('-')
-        .unwrap_or_else(|| panic!("not a stream id: {id:?}"));
-    (ms.parse().unwrap(), seq.parse().unwrap())
-}
-
 // ---------------------------------------------------------------------------
 // Redis from the test's side (the synchronous client)
 // ---------------------------------------------------------------------------
-
-fn connect(url: &str) -> redis::Connection {
-    let conn = redis::Client::open(url)
-        .unwrap()
-        .get_connection_with_timeout(Duration::from_secs(2))
-        .unwrap_or_else(|err| panic!("cannot connect to {url}: {err}"));
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    conn.set_write_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    conn
-}
-
-fn stored_offset(conn: &mut redis::Connection) -> Option<String> {
-    redis::cmd("GET").arg(OFFSET_KEY).query(conn).unwrap()
-}
-
-/// Runs `commands` in pipelines of a few thousand and returns their replies.
-fn pipelined<T: redis::FromRedisValue>(
-    conn: &mut redis::Connection,
-    commands: impl IntoIterator<Item = redis::Cmd>,
-) -> Vec<T> {
-    const PER_ROUND_TRIP: usize = 4000;
-    let mut replies = Vec::new();
-    let mut pipe = redis::pipe();
-    let mut queued = 0;
-    for command in commands {
-        pipe.add_command(command);
-        queued += 1;
-        if queued == PER_ROUND_TRIP {
-            replies.extend(pipe.query::<Vec<T>>(conn).unwrap());
-            pipe = redis::pipe();
-            queued = 0;
-        }
-    }
-    if queued > 0 {
-        replies.extend(pipe.query::<Vec<T>>(conn).unwrap());
-    }
-    replies
-}
-
-/// `INFO <section>` as a map of `name:value` lines.
-fn info(conn: &mut redis::Connection, section: &str) -> HashMap<String, String> {
-    let text: String = redis::cmd("INFO").arg(section).query(conn).unwrap();
-    text.lines()
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.to_owned(), value.trim().to_owned()))
-        .collect()
-}
 
 /// Calls of one command so far (`INFO commandstats`).
 fn command_calls(stats: &HashMap<String, String>, command: &str) -> u64 {
@@ -154,7 +82,7 @@ fn connected_clients(conn: &mut redis::Connection) -> u64 {
 /// Waits until Redis has closed every client connection but ours (after a
 /// worker was killed), so every command it had sent has been executed.
 fn wait_clients_gone(conn: &mut redis::Connection) {
-    wait_until(
+    wait_for(
         Duration::from_secs(10),
         "Redis dropped the killed worker's connections",
         || connected_clients(conn) == 1,
@@ -612,7 +540,7 @@ impl Publisher {
             "the lobby has only {} users to publish events for",
             self.shared.lobby.n
         );
-        wait_until(
+        wait_for(
             Duration::from_secs(20),
             &format!("the producer has published {count} events"),
             || self.published() >= count,
@@ -676,7 +604,7 @@ impl Drop for Publisher {
 fn wait_offset_reaches(url: &str, worker: &mut Worker, id: &str, within: Duration, what: &str) {
     let target = parse_id(id);
     let mut conn = connect(url);
-    wait_until(within, what, || {
+    wait_for(within, what, || {
         worker.assert_alive();
         stored_offset(&mut conn).is_some_and(|offset| parse_id(&offset) >= target)
     });
@@ -750,7 +678,7 @@ fn sigkill_at_random_moments_replays_at_most_one_batch_and_skips_nothing() {
         let delay = if early {
             Duration::from_millis(rng.random_range(0..=60))
         } else {
-            wait_until(
+            wait_for(
                 Duration::from_secs(20),
                 "the restarted worker saves progress",
                 || {
@@ -884,7 +812,7 @@ fn outage(server: &mut RedisServer, worker: &mut Worker, name: &str) -> Instant 
     let before = FaultLines::of(worker);
     let began = Instant::now();
     server.stop();
-    wait_until(
+    wait_for(
         Duration::from_secs(15),
         &format!("the worker notices outage {name:?}"),
         || {
@@ -972,7 +900,7 @@ fn redis_restarts_lose_nothing_and_are_logged_once_per_outage() {
         "the worker catches up before the idle outage",
     );
     let mut conn = connect(&url);
-    wait_until(
+    wait_for(
         Duration::from_secs(10),
         "the worker blocks in XREAD",
         || a_reader_is_blocked(&mut conn),
@@ -998,7 +926,7 @@ fn redis_restarts_lose_nothing_and_are_logged_once_per_outage() {
     let burst = publisher.burst(5_000);
     let first_of_burst = lobby.user(burst.start);
     let mut conn = connect(&url);
-    wait_until(
+    wait_for(
         Duration::from_secs(30),
         "the worker starts on the backlog",
         || {
@@ -1174,7 +1102,7 @@ fn cut_connections_lose_nothing_and_reconnect() {
         Duration::from_secs(30),
         "the worker catches up",
     );
-    wait_until(
+    wait_for(
         Duration::from_secs(10),
         "the worker blocks in XREAD",
         || a_reader_is_blocked(&mut conn),
@@ -1184,7 +1112,7 @@ fn cut_connections_lose_nothing_and_reconnect() {
     // 2. In the middle of a backlog.
     let burst = publisher.burst(3_000);
     let first = format!("lobby:user:{}:cascade", lobby.user(burst.start));
-    wait_until(
+    wait_for(
         Duration::from_secs(20),
         "the worker starts on the backlog",
         || {
@@ -1276,7 +1204,7 @@ fn a_silent_connection_times_out_and_the_worker_reconnects() {
         Duration::from_secs(20),
         "the worker catches up",
     );
-    wait_until(
+    wait_for(
         Duration::from_secs(10),
         "the worker blocks in XREAD",
         || a_reader_is_blocked(&mut conn),
@@ -1382,7 +1310,7 @@ fn a_failing_cascade_backs_off_without_spinning_and_drains_once_repaired() {
         "info",
         &["--retry-initial", "50ms", "--retry-max", "1s"],
     );
-    wait_until(
+    wait_for(
         Duration::from_secs(20),
         "the worker has failed 5 times",
         || {
@@ -1594,7 +1522,7 @@ fn a_redis_outage_does_not_dead_letter_healthy_entries() {
             "1s",
         ],
     );
-    wait_until(
+    wait_for(
         Duration::from_secs(20),
         "the worker is in the middle of the backlog",
         || {
@@ -1771,7 +1699,7 @@ fn cascades_redis_lost_after_acknowledging_them_are_applied_again() {
     let _: () = redis::cmd("SAVE").query(&mut conn).unwrap();
 
     let mut running = Worker::start(&url, &["--metrics-addr", "off", "--block-timeout", "200ms"]);
-    wait_until(
+    wait_for(
         LOST_WRITES_PATIENCE,
         "the last 20 entries are handled",
         || stored_offset(&mut conn).as_ref() == rest.last(),
@@ -1797,7 +1725,7 @@ fn cascades_redis_lost_after_acknowledging_them_are_applied_again() {
     // A new entry after the loss: saving it must not cover the lost ones.
     let extra = Lobby { tag: "later", n: 1 };
     let later = extra.publish(&mut conn, 0..1);
-    wait_until(
+    wait_for(
         LOST_WRITES_PATIENCE,
         "every cascade is applied again",
         || {

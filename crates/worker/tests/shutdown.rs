@@ -36,10 +36,9 @@ use serde_json::Value;
 
 mod common;
 
-use common::Running as Worker;
+use common::{connect, parse_id, pipelined, stored_offset, wait_for, Running as Worker};
 
 const STREAM: &str = "user:lifecycle_events";
-const OFFSET_KEY: &str = "lobby:stream_offsets:user_lifecycle";
 
 /// The engine's warning per failed handler attempt.
 const HANDLER_FAILED: &str = "handler failed; holding the offset and retrying";
@@ -54,28 +53,10 @@ const STOPPED: &str = "consumer stopped";
 const TIMEOUT: Duration = Duration::from_secs(3);
 /// What the issue allows from SIGTERM to exit: the deadline plus a second.
 const BOUND: Duration = Duration::from_secs(4);
-/// How often conditions are polled.
-const POLL: Duration = Duration::from_millis(5);
 
 // ---------------------------------------------------------------------------
 // Waiting and timing
 // ---------------------------------------------------------------------------
-
-/// Polls `condition` every [`POLL`] until it holds; panics naming `what` when
-/// `within` passes first.
-fn wait_until(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    loop {
-        if condition() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting until {what}"
-        );
-        thread::sleep(POLL);
-    }
-}
 
 /// Sends SIGTERM and waits for the exit; returns the status and the time
 /// from just before the signal to the observed exit (polled every 5 ms, so
@@ -159,54 +140,6 @@ fn field(event: &Value, name: &str) -> String {
 // ---------------------------------------------------------------------------
 // Redis from the test's side
 // ---------------------------------------------------------------------------
-
-fn connect(url: &str) -> redis::Connection {
-    let conn = redis::Client::open(url)
-        .unwrap()
-        .get_connection_with_timeout(Duration::from_secs(2))
-        .unwrap_or_else(|err| panic!("cannot connect to {url}: {err}"));
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    conn.set_write_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    conn
-}
-
-fn stored_offset(conn: &mut redis::Connection) -> Option<String> {
-    redis::cmd("GET").arg(OFFSET_KEY).query(conn).unwrap()
-}
-
-/// `<ms>-<seq>` as a pair that orders numerically.
-fn parse_id(id: &str) -> (u64, u64) {
-    let (ms, seq) = id
-        .split_once('-')
-        .unwrap_or_else(|| panic!("not a stream id: {id:?}"));
-    (ms.parse().unwrap(), seq.parse().unwrap())
-}
-
-/// Runs `commands` in pipelines of a few thousand and returns their replies.
-fn pipelined<T: redis::FromRedisValue>(
-    conn: &mut redis::Connection,
-    commands: impl IntoIterator<Item = redis::Cmd>,
-) -> Vec<T> {
-    const PER_ROUND_TRIP: usize = 4000;
-    let mut replies = Vec::new();
-    let mut pipe = redis::pipe();
-    let mut queued = 0;
-    for command in commands {
-        pipe.add_command(command);
-        queued += 1;
-        if queued == PER_ROUND_TRIP {
-            replies.extend(pipe.query::<Vec<T>>(conn).unwrap());
-            pipe = redis::pipe();
-            queued = 0;
-        }
-    }
-    if queued > 0 {
-        replies.extend(pipe.query::<Vec<T>>(conn).unwrap());
-    }
-    replies
-}
 
 /// A server whose data survives `stop` + `restart` (the append-only file,
 /// synced every second; a graceful stop syncs it anyway).
@@ -468,7 +401,7 @@ fn poisoned_worker(
     ];
     all.extend_from_slice(args);
     let mut worker = start(worker_url, &all, env);
-    wait_until(
+    wait_for(
         Duration::from_secs(30),
         "every healthy cascade is applied and the poison entry failed",
         || {
@@ -703,7 +636,7 @@ fn sigterm_while_the_first_connection_hangs_exits_at_once() {
     let proxy = TcpProxy::start(server.port());
     proxy.pause();
     let mut worker = start(&proxy_url(&proxy), &["--shutdown-timeout", "3s"], &[]);
-    wait_until(
+    wait_for(
         Duration::from_secs(15),
         "the worker connects to the stalled proxy",
         || {
@@ -759,7 +692,7 @@ fn cascades_hanging_on_a_stalled_redis_are_abandoned_by_the_deadline() {
         ],
         &[("LOBBY_SHUTDOWN_TIMEOUT", "3s")],
     );
-    wait_until(
+    wait_for(
         Duration::from_secs(60),
         "the worker is well into the backlog",
         || {
@@ -847,7 +780,7 @@ fn sigterm_mid_backlog_at_concurrency_64_saves_exactly_what_was_handled() {
         &[],
     );
     let threshold = parse_id(&ids[3_000]);
-    wait_until(
+    wait_for(
         Duration::from_secs(60),
         "the stored offset passes entry 3000",
         || {
@@ -910,7 +843,7 @@ fn a_half_sent_http_request_does_not_hold_the_exit_past_the_deadline() {
         &["--metrics-addr", &addr, "--shutdown-timeout", "1s"],
         &[("LOBBY_LOG_FORMAT", "json")],
     );
-    wait_until(
+    wait_for(
         Duration::from_secs(15),
         "the worker serves /metrics and reads the stream",
         || {

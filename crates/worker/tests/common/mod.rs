@@ -9,6 +9,7 @@
     clippy::indexing_slicing
 )]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -245,4 +246,86 @@ pub fn sample(body: &str, series: &str) -> Option<f64> {
             let (name, value) = line.rsplit_once(' ')?;
             (name == series).then(|| value.parse().ok())?
         })
+}
+
+// ---------------------------------------------------------------------------
+// Redis from the test's side (the synchronous client)
+// ---------------------------------------------------------------------------
+
+/// How often [`wait_for`] polls.
+const POLL: Duration = Duration::from_millis(5);
+/// The offset key of the default label and prefix.
+const OFFSET_KEY: &str = "lobby:stream_offsets:user_lifecycle";
+
+/// Polls `condition` every [`POLL`] until it holds; panics naming `what` when
+/// `within` passes first.
+pub fn wait_for(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        if condition() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting until {what}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// `<ms>-<seq>` as a pair that orders numerically.
+pub fn parse_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id
+        .split_once('-')
+        .unwrap_or_else(|| panic!("not a stream id: {id:?}"));
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+pub fn connect(url: &str) -> redis::Connection {
+    let conn = redis::Client::open(url)
+        .unwrap()
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .unwrap_or_else(|err| panic!("cannot connect to {url}: {err}"));
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn
+}
+
+pub fn stored_offset(conn: &mut redis::Connection) -> Option<String> {
+    redis::cmd("GET").arg(OFFSET_KEY).query(conn).unwrap()
+}
+
+/// Runs `commands` in pipelines of a few thousand and returns their replies.
+pub fn pipelined<T: redis::FromRedisValue>(
+    conn: &mut redis::Connection,
+    commands: impl IntoIterator<Item = redis::Cmd>,
+) -> Vec<T> {
+    const PER_ROUND_TRIP: usize = 4000;
+    let mut replies = Vec::new();
+    let mut pipe = redis::pipe();
+    let mut queued = 0;
+    for command in commands {
+        pipe.add_command(command);
+        queued += 1;
+        if queued == PER_ROUND_TRIP {
+            replies.extend(pipe.query::<Vec<T>>(conn).unwrap());
+            pipe = redis::pipe();
+            queued = 0;
+        }
+    }
+    if queued > 0 {
+        replies.extend(pipe.query::<Vec<T>>(conn).unwrap());
+    }
+    replies
+}
+
+/// `INFO <section>` as a map of `name:value` lines.
+pub fn info(conn: &mut redis::Connection, section: &str) -> HashMap<String, String> {
+    let text: String = redis::cmd("INFO").arg(section).query(conn).unwrap();
+    text.lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.to_owned(), value.trim().to_owned()))
+        .collect()
 }
