@@ -188,9 +188,11 @@ pub trait StreamOffsetStore: Send + Sync {
     /// Stores `id` for `label` unless a larger id is stored already: the
     /// consumer's own saves never move an offset backwards. With `expected`
     /// (the offset this consumer last stored or loaded), nothing is written
-    /// when the stored offset is behind it or gone: the store lost writes it
-    /// had acknowledged (a crash, a failover) or an operator rewound it, and
-    /// the consumer must replay from what is stored.
+    /// when the stored offset is behind it or gone (an operator rewound it,
+    /// or the store lost the save); nor when the store cannot vouch that it
+    /// kept every write it acknowledged since this consumer's last load or
+    /// save (a Redis restart or failover). The consumer must then replay
+    /// every entry after what is stored.
     fn save<'a>(
         &'a self,
         label: &'a str,
@@ -206,7 +208,7 @@ pub enum SaveOutcome {
     Saved,
     /// A larger offset is stored; it was kept.
     Kept(EntryId),
-    /// The stored offset (`None`: none) is behind what the saver expected;
-    /// nothing was written.
+    /// The stored offset (`None`: none) is behind what the saver expected,
+    /// or the store may have lost acknowledged writes; nothing was written.
     Behind(Option<EntryId>),
 }

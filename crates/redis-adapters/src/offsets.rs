@@ -6,10 +6,15 @@
 //! compares ids numerically and keeps the larger, atomically: two workers by
 //! mistake, or a late save after a restart, can never move an offset back.
 //! The same script refuses a save when the stored offset is behind what the
-//! saver last stored: Redis lost acknowledged writes (a crash without
-//! `appendfsync always`, a failover) or an operator rewound it, and the
-//! consumer replays from what is stored.
+//! saver last stored (an operator rewound it, or Redis lost the save), or
+//! when the server is not the process the store last spoke to for that
+//! label (its `run_id` changed: a restart or a failover). Redis may then
+//! have lost writes it had acknowledged — the handler's cascades as well as
+//! offset saves, and with `appendfsync everysec` usually only the former —
+//! so the consumer replays every entry after what is stored.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use lifecycle_domain::{BoxFuture, EntryId, SaveOutcome, StoreError, StreamOffsetStore};
@@ -22,25 +27,50 @@ use crate::{idempotent, store_error};
 /// The default key prefix of every key the lobby owns.
 pub const DEFAULT_KEY_PREFIX: &str = "lobby";
 
+/// Lua defining `run_id()`: the server process's `run_id` (from `INFO
+/// server`), which a restart or a failover changes.
+macro_rules! lua_run_id {
+    () => {
+        r"
+local function run_id()
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+end
+"
+    };
+}
+
 /// Stores `ARGV[1]` at `KEYS[1]` unless the key holds a stream id at least as
-/// large (see `lua_id_less!`), or, with `ARGV[2]` (the offset the saver
-/// expects), unless the stored offset is behind it or gone. Returns
-/// `{outcome, stored}` with outcome `saved`, `kept` or `behind`.
+/// large (see `lua_id_less!`); unless, with `ARGV[2]` (the offset the saver
+/// expects), the stored offset is behind it or gone; and unless, with
+/// `ARGV[3]`, the server's `run_id` differs from it. Returns `{outcome,
+/// stored, run_id}` with outcome `saved`, `kept` or `behind`.
 const SAVE_CHECKED: &str = concat!(
     lua_id_less!(),
+    lua_run_id!(),
     r"
 if not string.match(ARGV[1], '^%d+-%d+$') then
   return redis.error_reply('ERR offset to save is not a stream id')
 end
 local current = redis.call('GET', KEYS[1])
-if ARGV[2] ~= '' and (not current or id_less(current, ARGV[2])) then
-  return { 'behind', current or '' }
+local server = run_id()
+if (ARGV[3] ~= '' and ARGV[3] ~= server)
+    or (ARGV[2] ~= '' and (not current or id_less(current, ARGV[2]))) then
+  return { 'behind', current or '', server }
 end
 if current and not id_less(current, ARGV[1]) then
-  return { 'kept', current }
+  return { 'kept', current, server }
 end
 redis.call('SET', KEYS[1], ARGV[1])
-return { 'saved', ARGV[1] }
+return { 'saved', ARGV[1], server }
+"
+);
+
+/// The offset at `KEYS[1]` (or an empty string) and the server's `run_id`,
+/// read at one instant.
+const LOAD_WITH_RUN_ID: &str = concat!(
+    lua_run_id!(),
+    r"
+return { redis.call('GET', KEYS[1]) or '', run_id() }
 "
 );
 
@@ -50,6 +80,10 @@ pub struct RedisOffsetStore {
     conn: ConnectionManager,
     prefix: String,
     save_script: Script,
+    load_script: Script,
+    /// Per label, the `run_id` of the server the last load or save spoke to
+    /// (shared by clones, which speak for the same consumer).
+    servers: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl std::fmt::Debug for RedisOffsetStore {
@@ -72,7 +106,46 @@ impl RedisOffsetStore {
             conn: lazy_manager(client, Duration::from_secs(5))?,
             prefix: prefix.to_owned(),
             save_script: Script::new(SAVE_CHECKED),
+            load_script: Script::new(LOAD_WITH_RUN_ID),
+            servers: Arc::default(),
         })
+    }
+
+    fn server_of(&self, label: &str) -> Option<String> {
+        self.servers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(label)
+            .cloned()
+    }
+
+    fn remember_server(&self, label: &str, run_id: String) {
+        self.servers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(label.to_owned(), run_id);
+    }
+
+    /// The stored offset of `label`, remembering which server answered: a
+    /// later [`save_checked`](Self::save_checked) on another one (a restart,
+    /// a failover) reports [`SaveOutcome::Behind`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when Redis fails or the key holds something that is not
+    /// a stream id.
+    pub async fn load_tracked(&self, label: &str) -> Result<Option<EntryId>, StoreError> {
+        let key = self.key(label);
+        let (raw, run_id): (Vec<u8>, String) = idempotent(|| {
+            let mut conn = self.conn.clone();
+            let invocation = self.load_script.key(&key);
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await
+        .map_err(|err| store_error(format!("read the offset at {key}"), err))?;
+        let offset = parse_stored(&key, "read the offset", &raw)?;
+        self.remember_server(label, run_id);
+        Ok(offset)
     }
 
     /// The key holding `label`'s offset.
@@ -133,31 +206,27 @@ impl RedisOffsetStore {
     ) -> Result<SaveOutcome, StoreError> {
         let key = self.key(label);
         let expected_arg = expected.map(|id| id.to_string()).unwrap_or_default();
-        let (outcome, stored): (String, Vec<u8>) = idempotent(|| {
+        let server_arg = self.server_of(label).unwrap_or_default();
+        let action = || format!("save the offset {id} at {key}");
+        let (outcome, stored, run_id): (String, Vec<u8>, String) = idempotent(|| {
             let mut conn = self.conn.clone();
             let mut invocation = self.save_script.key(&key);
-            invocation.arg(id.to_string()).arg(&expected_arg);
+            invocation
+                .arg(id.to_string())
+                .arg(&expected_arg)
+                .arg(&server_arg);
             async move { invocation.invoke_async(&mut conn).await }
         })
         .await
-        .map_err(|err| store_error(format!("save the offset {id} at {key}"), err))?;
-        let stored = (!stored.is_empty())
-            .then(|| EntryId::from_bytes(&stored))
-            .transpose()
-            .map_err(|err| StoreError {
-                action: format!("save the offset {id} at {key}"),
-                permanent: true,
-                source: format!(
-                    "the key holds {err}; repair it with `lobby-worker offsets set <ID>` or remove it with `lobby-worker offsets reset`"
-                )
-                .into(),
-            })?;
+        .map_err(|err| store_error(action(), err))?;
+        let stored = parse_stored(&key, "save the offset", &stored)?;
+        self.remember_server(label, run_id);
         match (outcome.as_str(), stored) {
             ("saved", _) => Ok(SaveOutcome::Saved),
             ("kept", Some(stored)) => Ok(SaveOutcome::Kept(stored)),
             ("behind", stored) => Ok(SaveOutcome::Behind(stored)),
             _ => Err(StoreError {
-                action: format!("save the offset {id} at {key}"),
+                action: action(),
                 permanent: true,
                 source: format!("unexpected answer {outcome:?} from the save script").into(),
             }),
@@ -196,9 +265,24 @@ impl RedisOffsetStore {
     }
 }
 
+/// The offset a script read at `key` (an empty string: none).
+fn parse_stored(key: &str, what: &str, raw: &[u8]) -> Result<Option<EntryId>, StoreError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    EntryId::from_bytes(raw).map(Some).map_err(|err| StoreError {
+        action: format!("{what} at {key}"),
+        permanent: true,
+        source: format!(
+            "the key holds {err}; repair it with `lobby-worker offsets set <ID>` or remove it with `lobby-worker offsets reset`"
+        )
+        .into(),
+    })
+}
+
 impl StreamOffsetStore for RedisOffsetStore {
     fn load<'a>(&'a self, label: &'a str) -> BoxFuture<'a, Result<Option<EntryId>, StoreError>> {
-        Box::pin(self.get(label))
+        Box::pin(self.load_tracked(label))
     }
 
     fn save<'a>(

@@ -1378,3 +1378,46 @@ async fn a_read_stalled_mid_reply_is_cut_within_the_response_timeout_while_handl
     assert_eq!(handled, ids, "an entry was skipped or reordered");
     eprintln!("stalled read cut after {cut_after:?} (timeout {timeout:?}); {handled_meanwhile} handled meanwhile");
 }
+
+/// A save on a server other than the one the store last spoke to (Redis
+/// restarted, or failed over) reports the store behind even though the
+/// offset itself survived: Redis may have lost the handler's writes since.
+/// The next save, on the same server, passes.
+#[tokio::test]
+async fn a_save_after_a_redis_restart_reports_the_store_behind() {
+    let mut env = Env::start_with(RedisServerOptions {
+        append_only: true,
+        ..RedisServerOptions::default()
+    })
+    .await;
+    let store = env.offset_store();
+    let label = USER_LIFECYCLE_LABEL;
+    let id = |text: &str| -> EntryId { text.parse().unwrap() };
+    store.set(label, id("5-0")).await.unwrap();
+    assert_eq!(store.load_tracked(label).await.unwrap(), Some(id("5-0")));
+    assert_eq!(
+        store
+            .save_checked(label, id("6-0"), Some(id("5-0")))
+            .await
+            .unwrap(),
+        SaveOutcome::Saved
+    );
+    env.server.restart();
+    env.reconnect().await;
+    assert_eq!(env.offset().await, Some(id("6-0")), "the offset survived");
+    assert_eq!(
+        store
+            .save_checked(label, id("7-0"), Some(id("6-0")))
+            .await
+            .unwrap(),
+        SaveOutcome::Behind(Some(id("6-0")))
+    );
+    assert_eq!(env.offset().await, Some(id("6-0")), "nothing was written");
+    assert_eq!(
+        store
+            .save_checked(label, id("7-0"), Some(id("6-0")))
+            .await
+            .unwrap(),
+        SaveOutcome::Saved
+    );
+}

@@ -1010,9 +1010,10 @@ mod tests {
         SaveDone(bool),
         /// The process stops; a new machine resumes from what was saved.
         Restart,
-        /// The store crashes and comes back with an earlier offset (and
-        /// without the effects of everything after it), as Redis does after
-        /// losing acknowledged writes; the driver asks the machine to verify.
+        /// The store crashes and comes back without the effects of
+        /// everything after the offset it kept (perhaps its last one, perhaps
+        /// an earlier one), as Redis does after losing acknowledged writes;
+        /// the driver asks the machine to verify.
         StoreLost(usize),
     }
 
@@ -1043,6 +1044,10 @@ mod tests {
         history: Vec<Option<EntryId>>,
         /// The store lost writes the machine has not been told of yet.
         lost: bool,
+        /// The store's identity, changed by each loss (Redis's `run_id`),
+        /// and the one the store adapter last saw for this machine.
+        epoch: u64,
+        seen_epoch: u64,
         read_in_flight: Option<(EntryId, usize)>,
         /// Per key, the ids started by the current machine, in order.
         starts: HashMap<String, Vec<u64>>,
@@ -1062,6 +1067,8 @@ mod tests {
                 save_in_flight: None,
                 history: vec![None],
                 lost: false,
+                epoch: 0,
+                seen_epoch: 0,
                 read_in_flight: None,
                 starts: HashMap::new(),
                 last_start: None,
@@ -1162,8 +1169,12 @@ mod tests {
                 }
                 Step::SaveDone(ok) => {
                     if let Some((offset, expected)) = self.save_in_flight.take() {
-                        let behind = expected
-                            .is_some_and(|expected| self.stored.is_none_or(|s| s < expected));
+                        let behind = self.epoch != self.seen_epoch
+                            || expected
+                                .is_some_and(|expected| self.stored.is_none_or(|s| s < expected));
+                        if ok {
+                            self.seen_epoch = self.epoch;
+                        }
                         if !ok {
                             self.machine.save_failed();
                         } else if behind {
@@ -1180,14 +1191,16 @@ mod tests {
                     }
                 }
                 Step::StoreLost(back) => {
-                    let keep = self.history.len().saturating_sub(1 + back % 3).max(1);
+                    // The offset saves survive up to `back % 3` from the
+                    // last (0: all of them, as is usual with `everysec`);
+                    // every effect after the surviving offset is gone.
+                    let keep = self.history.len().saturating_sub(back % 3).max(1);
                     self.history.truncate(keep);
                     let survived = self.history.last().copied().flatten();
-                    if survived != self.stored {
-                        self.stored = survived;
-                        self.done.retain(|n| survived.is_some_and(|s| id(*n) <= s));
-                        self.lost = true;
-                    }
+                    self.stored = survived;
+                    self.done.retain(|n| survived.is_some_and(|s| id(*n) <= s));
+                    self.lost = true;
+                    self.epoch += 1;
                     self.machine.verify();
                 }
                 Step::Restart => {
@@ -1200,6 +1213,7 @@ mod tests {
                     self.starts.clear();
                     self.last_start = None;
                     self.lost = false;
+                    self.seen_epoch = self.epoch;
                     let start = self.stored.unwrap_or(EntryId::ZERO);
                     self.machine = Machine::new(self.config, start, self.stored, false, None);
                 }

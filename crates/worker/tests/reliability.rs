@@ -1753,3 +1753,105 @@ fn cascades_redis_lost_after_acknowledging_them_are_applied_again() {
         running.log()
     );
 }
+
+/// The loss `appendfsync everysec` usually causes: Redis restarts having
+/// kept the worker's last offset save but lost cascades it acknowledged
+/// after it (simulated here exactly: the test removes those cascades' records
+/// and restores the users' game indexes, then restarts Redis, whose `run_id`
+/// changes). The stored offset is not behind anything, so only the server's
+/// identity tells: the worker's next save is refused, and it handles every
+/// entry after the stored offset again.
+#[test]
+#[allow(clippy::indexing_slicing)]
+fn cascades_lost_behind_a_kept_offset_are_applied_again_after_a_restart() {
+    let mut server = RedisServer::start_with(RedisServerOptions {
+        append_only: true,
+        ..RedisServerOptions::default()
+    });
+    let url = server.url();
+    let mut conn = connect(&url);
+    let lobby = Lobby { tag: "kept", n: 40 };
+    lobby.seed(&mut conn);
+    let first = lobby.publish(&mut conn, 0..20);
+    let drained = common::worker(&url, &["run", "--drain", "--metrics-addr", "off"]);
+    common::assert_success(&drained);
+    // User 20's open game has a member "set" that is a string: its cascade
+    // fails (WRONGTYPE) until repaired, holding the offset on entry 19 while
+    // the later users' cascades are applied.
+    let poisoned = format!("lobby:game:{}:members", lobby.game(20));
+    let _: () = redis::cmd("SET")
+        .arg(&poisoned)
+        .arg("not a set")
+        .query(&mut conn)
+        .unwrap();
+    let rest = lobby.publish(&mut conn, 20..40);
+    let mut running = Worker::start(
+        &url,
+        &[
+            "--metrics-addr",
+            "off",
+            "--block-timeout",
+            "200ms",
+            "--concurrency",
+            "8",
+            "--retry-initial",
+            "20ms",
+            "--retry-max",
+            "200ms",
+        ],
+    );
+    wait_for(LOST_WRITES_PATIENCE, "users 21 to 39 are handled", || {
+        lobby.recorded_entries(&mut conn)[21..]
+            .iter()
+            .all(Option::is_some)
+    });
+    assert_eq!(stored_offset(&mut conn).as_ref(), first.last());
+
+    // Redis "loses" the cascades of users 21 to 39, keeps the offset, and
+    // restarts.
+    for i in 21..40 {
+        let _: () = redis::cmd("DEL")
+            .arg(format!("lobby:user:{}:cascade", lobby.user(i)))
+            .query(&mut conn)
+            .unwrap();
+        let mut index = redis::cmd("SADD");
+        index
+            .arg(format!("lobby:user:{}:games", lobby.user(i)))
+            .arg(lobby.game(i));
+        if i + 1 < lobby.n {
+            index.arg(lobby.game(i + 1));
+        }
+        let _: () = index.query(&mut conn).unwrap();
+    }
+    server.restart();
+    let mut conn = connect(&url);
+    assert_eq!(stored_offset(&mut conn).as_ref(), first.last());
+    // Repaired: the held entry passes, and the watermark could jump to the
+    // last entry.
+    let _: () = redis::cmd("DEL").arg(&poisoned).query(&mut conn).unwrap();
+    wait_for(
+        LOST_WRITES_PATIENCE,
+        "every cascade is applied again",
+        || {
+            stored_offset(&mut conn).as_ref() == rest.last()
+                && lobby.recorded_entries(&mut conn)[20..]
+                    .iter()
+                    .all(Option::is_some)
+        },
+    );
+    let recorded = lobby.recorded_entries(&mut conn);
+    for (i, id) in rest.iter().enumerate() {
+        assert_eq!(recorded[20 + i].as_ref(), Some(id), "user {}", 20 + i);
+    }
+    assert!(
+        running.count("the stored offset is behind what this worker saved") >= 1,
+        "{}",
+        running.log()
+    );
+    running.terminate();
+    assert!(
+        running.wait_exit(LOST_WRITES_PATIENCE).success(),
+        "{}",
+        running.log()
+    );
+}
