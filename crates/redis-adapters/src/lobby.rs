@@ -27,7 +27,7 @@ use redis::{AsyncCommands, Script, Value};
 use tracing::{debug, warn};
 
 use crate::connect::lazy_manager;
-use crate::{idempotent, store_error};
+use crate::store_error;
 
 /// The cascade executor. ARGV: prefix, user id, event type, entry id,
 /// occurred_at_ms, then the rule table as one string of ten two-character
@@ -264,15 +264,17 @@ impl RedisLobbyStore {
             .arg(cascade.entry_id.to_string())
             .arg(cascade.occurred_at_ms)
             .arg(&self.rules);
-        // Safe to send twice: a cascade whose record holds its entry changes
-        // nothing.
-        let reply: Value = idempotent(|| {
-            let mut conn = self.conn.clone();
-            let invocation = &invocation;
-            async move { invocation.invoke_async(&mut conn).await }
-        })
-        .await
-        .map_err(|err| store_error(action(), err))?;
+        // Sent once, not again at once on a dropped connection (unlike the
+        // idempotent store commands): a dropped connection may be a Redis
+        // that restarted and lost acknowledged writes, and the consumer must
+        // check that (it replays from the stored offset) before any cascade
+        // reaches the new server, or a user's later event could be applied
+        // before the replay of an earlier one. The failure is transient: the
+        // consumer checks, then retries.
+        let reply: Value = invocation
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|err| store_error(action(), err))?;
         let Value::Array(items) = &reply else {
             return Err(unexpected(action(), &reply));
         };

@@ -28,12 +28,15 @@ use crate::{idempotent, store_error};
 pub const DEFAULT_KEY_PREFIX: &str = "lobby";
 
 /// Lua defining `run_id()`: the server process's `run_id` (from `INFO
-/// server`), which a restart or a failover changes.
+/// server`), which a restart or a failover changes; empty when the user's
+/// ACL does not allow `INFO` (the check is then skipped).
 macro_rules! lua_run_id {
     () => {
         r"
 local function run_id()
-  return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+  local ok, info = pcall(redis.call, 'INFO', 'server')
+  if not ok or type(info) ~= 'string' then return '' end
+  return string.match(info, 'run_id:(%x+)') or ''
 end
 "
     };
@@ -53,7 +56,7 @@ if not string.match(ARGV[1], '^%d+-%d+$') then
 end
 local current = redis.call('GET', KEYS[1])
 local server = run_id()
-if (ARGV[3] ~= '' and ARGV[3] ~= server)
+if (ARGV[3] ~= '' and server ~= '' and ARGV[3] ~= server)
     or (ARGV[2] ~= '' and (not current or id_less(current, ARGV[2]))) then
   return { 'behind', current or '', server }
 end

@@ -128,6 +128,9 @@ impl<D: EntryDecoder> StreamConsumer<D> {
             handler,
             cancel,
             commands,
+            suspect: tokio::sync::Notify::new(),
+            jobs: std::sync::Mutex::new(cancel.child_token()),
+            hold: tokio::sync::watch::Sender::new(false),
         };
         let span = tracing::info_span!("consumer", stream = %self.config.stream, label = %self.config.label);
         async move {
@@ -214,6 +217,16 @@ struct Ctx<'a, D: EntryDecoder, H: ?Sized> {
     cancel: &'a CancellationToken,
     /// For the stream's last id and dead letters; reconnects by itself.
     commands: ConnectionManager,
+    /// Told when a handler call failed on its dependency: Redis may have
+    /// restarted and lost writes, so the driver has the store checked
+    /// before the call is retried.
+    suspect: tokio::sync::Notify,
+    /// The jobs' token: cancelled (and replaced) when the consumer rewinds,
+    /// so that no job retries on a store that lost its earlier effects.
+    jobs: std::sync::Mutex<CancellationToken>,
+    /// Whether jobs must wait before retrying: the store is being checked
+    /// (see `Machine::verify`).
+    hold: tokio::sync::watch::Sender<bool>,
 }
 
 /// What to do after a failed handler call.
@@ -278,11 +291,43 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
         &self.consumer.stats
     }
 
+    /// Waits while the store is being checked after a dependency failure
+    /// (Redis may have restarted and lost writes); `false` when `stop` came
+    /// first (a rewind or shutdown).
+    async fn held_while_checked(&self, stop: &CancellationToken) -> bool {
+        let mut hold = self.hold.subscribe();
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => false,
+            released = hold.wait_for(|held| !*held) => released.is_ok(),
+        }
+    }
+
+    /// The token the jobs started now stop on.
+    fn jobs_token(&self) -> CancellationToken {
+        self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Stops the jobs running (their retries end, their entries are
+    /// handled again after a rewind) and gives later jobs a fresh token.
+    fn stop_jobs(&self) {
+        let mut jobs = self
+            .jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        jobs.cancel();
+        *jobs = self.cancel.child_token();
+    }
+
     /// Handles one job: retries a failing handler with back-off, dead-letters
     /// it after the configured attempts. The handler call itself is never
     /// interrupted; the driver bounds it by the shutdown deadline.
     async fn run_job(&self, job: Job<D::Item>) -> Done {
         let Job { id, item, key } = job;
+        let stop = self.jobs_token();
         let mut attempts = Attempts::new(
             self.config().handler_retry,
             self.config().redis_retry,
@@ -290,7 +335,7 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
         );
         let mut calls: u32 = 0;
         let (completion, fault) = loop {
-            if self.cancel.is_cancelled() && calls == 0 {
+            if stop.is_cancelled() && calls == 0 {
                 break (Completion::Interrupted, None);
             }
             calls = calls.saturating_add(1);
@@ -302,6 +347,13 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
                 Err(err) => err,
             };
             self.stats().handler_failure();
+            // A dependency that lost its connection may be a Redis that
+            // restarted and lost writes: have the store checked, and retry
+            // only once it answered (or rewound).
+            let restarted = err.is_transient() && crate::fault::connection_lost(&err);
+            if restarted {
+                self.suspect.notify_one();
+            }
             let delay = match attempts.failed(err.is_transient()) {
                 Retry::DeadLetter(own_faults) => {
                     break match self.dead_letter(id, &err, own_faults).await {
@@ -325,7 +377,10 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
                     "handler failed; holding the offset and retrying"
                 );
             }
-            if !sleep_unless_cancelled(self.cancel, delay).await {
+            if !sleep_unless_cancelled(&stop, delay).await {
+                break (Completion::Interrupted, None);
+            }
+            if restarted && !self.held_while_checked(&stop).await {
                 break (Completion::Interrupted, None);
             }
         };
@@ -681,6 +736,11 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                         machine.retry_read();
                     }
                 }
+                () = self.ctx.suspect.notified() => {
+                    if let Some(machine) = self.machine.as_mut() {
+                        machine.verify();
+                    }
+                }
                 () = sleep_until(self.save_retry_at) => {
                     self.save_retry_at = None;
                     if let Some(machine) = self.machine.as_mut() {
@@ -737,6 +797,12 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
         if let Some(machine) = &self.machine {
             ctx.stats()
                 .held(machine.held_bytes(), machine.held_entries());
+            let verifying = machine.verifying();
+            ctx.hold.send_if_modified(|held| {
+                let changed = *held != verifying;
+                *held = verifying;
+                changed
+            });
         }
         Ok(())
     }
@@ -776,6 +842,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                 );
                 self.ctx.stats().rewound();
                 machine.rewind(to, stored);
+                self.ctx.stop_jobs();
                 self.trim.forget();
             }
             Err(err) if err.permanent => {
@@ -1235,6 +1302,9 @@ mod tests {
             handler,
             cancel,
             commands,
+            suspect: tokio::sync::Notify::new(),
+            jobs: std::sync::Mutex::new(cancel.child_token()),
+            hold: tokio::sync::watch::Sender::new(false),
         };
         ctx.run_job(Job {
             id: EntryId::new(1, 0),

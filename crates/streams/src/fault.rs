@@ -125,6 +125,24 @@ pub fn write_refusal(err: &RedisError) -> Option<&'static str> {
     })
 }
 
+/// Whether `err` (or one of its causes) is a Redis connection that failed
+/// or a server still loading its data: what a Redis restart or failover
+/// looks like to a command, unlike a refusal from a server that kept
+/// running (`OOM`, `MISCONF`, ...).
+pub(crate) fn connection_lost(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if let Some(redis) = err.downcast_ref::<RedisError>() {
+            return redis.is_io_error()
+                || redis.is_connection_dropped()
+                || redis.is_connection_refusal()
+                || redis.code() == Some("LOADING");
+        }
+        current = err.source();
+    }
+    false
+}
+
 /// Classifies a failure of the reading connection.
 pub fn classify_read(err: &ReadError) -> FaultClass {
     match err {
@@ -144,6 +162,28 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_lost_connection_is_told_from_a_refusal_through_wrappers() {
+        let dropped = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(connection_lost(&dropped));
+        let wrapped = lifecycle_domain::HandlerError::with_source(
+            "apply the lobby cascade",
+            lifecycle_domain::StoreError {
+                action: "apply the cascade".into(),
+                permanent: false,
+                source: Box::new(dropped),
+            },
+        );
+        assert!(connection_lost(&wrapped));
+        let oom = redis::make_extension_error("OOM".to_owned(), Some("full".to_owned()));
+        assert!(!connection_lost(&oom));
+        let loading = redis::make_extension_error("LOADING".to_owned(), Some("wait".to_owned()));
+        assert!(connection_lost(&loading));
+        assert!(!connection_lost(&lifecycle_domain::HandlerError::msg(
+            "own fault"
+        )));
+    }
     use crate::resp::{ProtocolError, ServerReplyError};
 
     /// The error the `redis` crate makes of the server's reply `-LINE`, as

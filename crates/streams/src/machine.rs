@@ -113,6 +113,18 @@ enum Reading {
     Done,
 }
 
+/// Where a check of the store stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verifying {
+    /// None asked for.
+    No,
+    /// Asked for: the next save issued is the check (one in flight when it
+    /// was asked for is not).
+    Asked,
+    /// The save in flight is the check.
+    InFlight,
+}
+
 /// One entry held in the window.
 #[derive(Clone, Copy, Debug)]
 struct Slot {
@@ -159,6 +171,8 @@ pub(crate) struct Machine<T> {
     /// read is in flight, start over after the first id, with the second as
     /// what is stored.
     rewind_to: Option<(EntryId, Option<EntryId>)>,
+    /// A save must answer before jobs start (see [`Machine::verify`]).
+    verifying: Verifying,
     redis_backoff: Backoff,
     actions: VecDeque<Action<T>>,
 }
@@ -208,6 +222,7 @@ impl<T> Machine<T> {
             checkpoint_due: persist_start,
             stopping: false,
             rewind_to: None,
+            verifying: Verifying::No,
             redis_backoff: Backoff::new(settings.redis_retry),
             actions: VecDeque::new(),
         };
@@ -232,12 +247,20 @@ impl<T> Machine<T> {
         if self.checkpoint_due && self.save_in_flight.is_none() && self.dirty() {
             self.checkpoint_due = false;
             self.save_in_flight = Some(self.finished);
+            if self.verifying == Verifying::Asked {
+                self.verifying = Verifying::InFlight;
+            }
             self.actions.push_back(Action::Save(self.finished));
         }
         if self.stopping {
             return;
         }
-        while self.running < self.settings.concurrency {
+        // No job starts while an offset save is in flight: what a crash
+        // replays is then what the save covers and no more (one batch, or
+        // with every-entry checkpoints the reference's nothing), at the cost
+        // of one round trip per save.
+        let saving = self.verifying != Verifying::No || self.save_in_flight.is_some();
+        while self.running < self.settings.concurrency && !saving {
             let Some((_, job)) = self.ready.pop_first() else {
                 break;
             };
@@ -502,13 +525,25 @@ impl<T> Machine<T> {
     /// The save of `offset` succeeded.
     pub(crate) fn saved(&mut self, offset: EntryId) {
         self.save_in_flight = None;
-        self.save_forced = false;
+        match self.verifying {
+            // A save issued before the check was asked for: the check is
+            // still to be sent.
+            Verifying::Asked => {}
+            Verifying::InFlight => {
+                self.verifying = Verifying::No;
+                self.save_forced = false;
+            }
+            Verifying::No => self.save_forced = false,
+        }
         self.saved = Some(self.saved.map_or(offset, |saved| saved.max(offset)));
     }
 
     /// The save in flight failed; it is tried again at the next checkpoint.
     pub(crate) fn save_failed(&mut self) {
         self.save_in_flight = None;
+        if self.verifying == Verifying::InFlight {
+            self.verifying = Verifying::Asked;
+        }
     }
 
     /// The store holds `stored` (`None`: nothing), behind what this machine
@@ -524,6 +559,7 @@ impl<T> Machine<T> {
             return;
         }
         self.rewind_to = Some((to, stored));
+        self.verifying = Verifying::No;
         self.ready.clear();
         self.queues = KeyQueues::new();
         self.checkpoint_due = false;
@@ -564,11 +600,22 @@ impl<T> Machine<T> {
     /// Asks the store to confirm what it holds (after a reconnect: Redis may
     /// have restarted and lost writes): a save of the watermark is due even
     /// if it did not move.
+    ///
+    /// Until a save answers, no job starts: one started on a Redis that
+    /// lost an earlier entry's effect could apply a user's later entry
+    /// before that earlier one is handled again.
     pub(crate) fn verify(&mut self) {
-        if self.saved.is_some() {
-            self.save_forced = true;
-            self.checkpoint_due = true;
+        if self.stopping || self.rewind_to.is_some() {
+            return;
         }
+        self.verifying = Verifying::Asked;
+        self.save_forced = true;
+        self.checkpoint_due = true;
+    }
+
+    /// Whether a save must answer before jobs start or retry.
+    pub(crate) fn verifying(&self) -> bool {
+        self.verifying != Verifying::No
     }
 
     /// Shutdown began: nothing new is read or started; jobs not yet started
@@ -576,6 +623,7 @@ impl<T> Machine<T> {
     pub(crate) fn stop(&mut self) {
         self.stopping = true;
         self.rewind_to = None;
+        self.verifying = Verifying::No;
         self.batch_ends.clear();
         self.reading = Reading::Done;
         self.ready.clear();
@@ -827,6 +875,25 @@ mod tests {
     }
 
     #[test]
+    fn every_entry_stores_an_offset_before_the_next_entry_starts() {
+        let mut config = settings(1);
+        config.checkpoint = Checkpoint::EveryEntry;
+        let mut machine = Machine::new(config, id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(vec![job(1, "a"), job(2, "b")], Some(id(2)), 100);
+        assert_eq!(started(&drain(&mut machine)), vec![1]);
+        machine.completed(id(1), "a", Completion::Finished);
+        let actions = drain(&mut machine);
+        assert_eq!(saves(&actions), vec![id(1)]);
+        assert!(
+            started(&actions).is_empty(),
+            "2 started before 1 was stored"
+        );
+        machine.saved(id(1));
+        assert_eq!(started(&drain(&mut machine)), vec![2]);
+    }
+
+    #[test]
     fn every_entry_checkpoints_each_move_of_the_watermark() {
         let mut config = settings(1);
         config.checkpoint = Checkpoint::EveryEntry;
@@ -904,13 +971,26 @@ mod tests {
     }
 
     #[test]
-    fn a_verify_saves_the_unmoved_watermark_to_compare() {
-        let mut machine = Machine::<u64>::new(settings(1), id(5), Some(id(5)), false, None);
+    fn a_verify_saves_the_unmoved_watermark_and_holds_jobs_until_it_answers() {
+        let mut machine = Machine::new(settings(2), id(5), Some(id(5)), false, None);
         drain(&mut machine);
         machine.verify();
+        assert!(machine.verifying());
+        machine.batch_received(vec![job(6, "a")], Some(id(6)), 100);
+        let actions = drain(&mut machine);
+        assert_eq!(saves(&actions), vec![id(5)]);
+        assert!(
+            started(&actions).is_empty(),
+            "a job started before the store answered"
+        );
+        machine.save_failed();
+        assert!(machine.verifying(), "a failed save does not verify");
+        machine.checkpoint_now();
         assert_eq!(saves(&drain(&mut machine)), vec![id(5)]);
         machine.saved(id(5));
+        assert!(!machine.verifying());
         assert!(!machine.dirty());
+        assert_eq!(started(&drain(&mut machine)), vec![6]);
     }
 
     #[test]
