@@ -214,7 +214,12 @@ impl ReadConnection {
 
     async fn fill(&mut self) -> Result<(), ReadError> {
         self.buf.reserve(READ_CHUNK);
-        if self.io.read_buf(&mut self.buf).await? == 0 {
+        // At most a chunk per socket read, whatever the buffer's spare
+        // capacity (doubled as it grew, it can be as large as what it holds):
+        // a reply growing past its limit is then caught within a chunk of
+        // it, not after the socket filled the whole spare capacity.
+        let mut chunk = (&mut self.io).take(READ_CHUNK as u64);
+        if chunk.read_buf(&mut self.buf).await? == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
         Ok(())

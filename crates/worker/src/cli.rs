@@ -85,9 +85,21 @@ pub struct BenchArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub latency_duration: Duration,
 
-    /// Backlog for the peak-memory measurement of `run --drain` (0 skips it).
+    /// Backlog of small entries for the `small_1m_*` memory cases (0 skips
+    /// every memory case).
     #[arg(long, default_value_t = 1_000_000)]
     pub memory_events: u64,
+
+    /// Which memory cases to run: `all`, `none`, or names separated by
+    /// commas (small_1m_c1, small_1m_c64, 900k_one_user_c64,
+    /// 900k_2000_users_c64, 5000_fields, 100k_empty_fields).
+    #[arg(long, default_value = "all")]
+    pub memory_cases: String,
+
+    /// How long one memory case's `run --drain` may take; after that it is
+    /// stopped and reported unfinished, with the peak memory reached so far.
+    #[arg(long, default_value = "180s", value_parser = parse_duration)]
+    pub memory_case_timeout: Duration,
 
     /// Print one JSON object instead of a table.
     #[arg(long)]

@@ -10,8 +10,15 @@
 //!   (each user in two games), concurrency 1 and 64.
 //! - latency: `XADD` to handler at a steady rate, with a live (blocking)
 //!   consumer.
-//! - memory: peak resident memory of `lobby-worker run --drain` over a large
-//!   backlog, read from the child's own report.
+//! - memory: peak resident memory of `lobby-worker run --drain` (the cascade
+//!   handler on an empty lobby, the default settings but `--concurrency`),
+//!   read from the child's own report, over six backlogs that each get a
+//!   fresh stream and key prefix: a million small entries at concurrency 1
+//!   and 64; 2,000 entries with a 900 KiB `payload` field, for one user and
+//!   for 2,000 users, at concurrency 64; 10,000 entries of 5,000 fields; and
+//!   1,000 entries of 100,000 empty fields. Every entry is a well-formed
+//!   `user.deleted` event; the extra fields are ones the decoder ignores.
+//!   Each case should stay under [`MEMORY_BUDGET_MIB`].
 
 use std::collections::BTreeSet;
 use std::process::Stdio;
@@ -38,6 +45,11 @@ use crate::redis_conn::{connect, delete_matching, explain, RedisTarget};
 
 /// Entries added per pipelined round trip while filling.
 const FILL_CHUNK: u64 = 2_000;
+/// Bytes of commands sent per pipelined round trip while filling with
+/// large entries.
+const FILL_CHUNK_BYTES: usize = 16 * 1024 * 1024;
+/// The resident memory every memory case should stay under, in MiB.
+const MEMORY_BUDGET_MIB: u64 = 64;
 
 /// What `bench --json` prints.
 #[derive(Debug, Default, Serialize)]
@@ -57,10 +69,63 @@ struct Report {
     latency_p99_ms: f64,
     latency_max_ms: f64,
     memory_events: u64,
+    /// The same as `memory_small_1m_c1_peak_rss_mib` (its earlier name).
     drain_peak_rss_mib: Option<f64>,
+    memory_small_1m_c1_peak_rss_mib: Option<f64>,
+    memory_small_1m_c64_peak_rss_mib: Option<f64>,
+    memory_900k_one_user_c64_peak_rss_mib: Option<f64>,
+    memory_900k_2000_users_c64_peak_rss_mib: Option<f64>,
+    memory_5000_fields_peak_rss_mib: Option<f64>,
+    memory_100k_empty_fields_peak_rss_mib: Option<f64>,
+    memory_budget_mib: u64,
+    /// The largest peak of the cases run.
+    memory_max_peak_rss_mib: Option<f64>,
+    /// Whether every case run finished and stayed under the budget (`None`:
+    /// no case ran).
+    memory_within_budget: Option<bool>,
+    /// Each case in detail: what the child reported, how long it took.
+    memory_cases: Vec<MemoryCase>,
+    /// `XREAD` round trips of `default`, `cascade_c1` and `cascade_c64`.
+    default_reads: u64,
+    cascade_c1_reads: u64,
+    cascade_c64_reads: u64,
     default_vs_raw: f64,
     default_vs_reference: f64,
     c64_vs_c1: f64,
+}
+
+/// One memory case, in detail.
+#[derive(Debug, Default, Serialize)]
+struct MemoryCase {
+    name: &'static str,
+    entries: u64,
+    concurrency: u32,
+    /// Fields of one entry (the event's four included).
+    fields_per_entry: usize,
+    /// Bytes of one entry's names and values (about).
+    entry_bytes: usize,
+    /// The child's peak resident memory (its own report; for a child
+    /// stopped at the timeout, its `VmHWM` read just before).
+    peak_rss_mib: Option<f64>,
+    /// Whether `run --drain` ended by itself, successfully.
+    finished: bool,
+    handled: Option<u64>,
+    malformed: Option<u64>,
+    /// The child's `XREAD` round trips and offset saves.
+    reads: Option<u64>,
+    offset_saves: Option<u64>,
+    /// The most bytes the engine charged for held entries at once.
+    held_bytes_peak_mib: Option<f64>,
+    /// Redis's `used_memory` once the stream was filled.
+    redis_used_memory_mib: Option<f64>,
+    fill_secs: f64,
+    drain_secs: f64,
+    /// The child's warnings and errors (distinct messages, at most five).
+    warnings: Vec<String>,
+    /// Why the case did not run.
+    skipped: Option<String>,
+    /// Why it did not finish.
+    error: Option<String>,
 }
 
 /// A handler that does nothing: measures the consumer alone.
@@ -158,7 +223,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         cascade_events: args.events.min(args.cascade_events),
         latency_rate_eps: args.latency_rate,
         memory_events: args.memory_events,
+        memory_budget_mib: MEMORY_BUDGET_MIB,
         ..Report::default()
+    };
+    let cases = if args.memory_events == 0 {
+        Vec::new()
+    } else {
+        select_cases(&args.memory_cases, args.memory_events)?
     };
 
     let main_stream = format!("{prefix}:main");
@@ -171,7 +242,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     say("default: default settings, no-op handler".into());
     let config = ConsumerConfig::new(main_stream.clone(), "default");
-    report.default_eps = drain(&target, prefix, config, Arc::new(NoopHandler), args.events).await?;
+    (report.default_eps, report.default_reads) =
+        drain(&target, prefix, config, Arc::new(NoopHandler), args.events).await?;
 
     let reference_stream = format!("{prefix}:reference");
     fill(&mut conn, &url, &reference_stream, report.reference_events).await?;
@@ -182,7 +254,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut config = ConsumerConfig::new(reference_stream, "reference");
     config.batch_size = 1;
     config.checkpoint = Checkpoint::EveryEntry;
-    report.reference_eps = drain(
+    (report.reference_eps, _) = drain(
         &target,
         prefix,
         config,
@@ -203,11 +275,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             ConsumerConfig::new(cascade_stream.clone(), format!("cascade-c{concurrency}"));
         config.concurrency = concurrency;
         let handler = Arc::new(CascadeHandler::new(lobby));
-        let eps = drain(&target, prefix, config, handler, report.cascade_events).await?;
+        let measured = drain(&target, prefix, config, handler, report.cascade_events).await?;
         if concurrency == 1 {
-            report.cascade_c1_eps = eps;
+            (report.cascade_c1_eps, report.cascade_c1_reads) = measured;
         } else {
-            report.cascade_c64_eps = eps;
+            (report.cascade_c64_eps, report.cascade_c64_reads) = measured;
         }
     }
 
@@ -221,16 +293,48 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     report.latency_p99_ms = percentile(&samples, 0.99);
     report.latency_max_ms = samples.last().map_or(0.0, |max| max.as_secs_f64() * 1e3);
 
-    if args.memory_events > 0 {
-        let memory_stream = format!("{prefix}:memory");
+    for spec in &cases {
         say(format!(
-            "memory: lobby-worker run --drain over {} events",
-            args.memory_events
+            "memory {}: run --drain --concurrency {} over {} entries of {} fields, about {} bytes each",
+            spec.name,
+            spec.concurrency,
+            spec.entries,
+            spec.shape.fields(),
+            spec.shape.entry_bytes()
         ));
-        fill(&mut conn, &url, &memory_stream, args.memory_events).await?;
-        report.drain_peak_rss_mib =
-            Some(drain_peak_rss(&url, &args.tls, &memory_stream, prefix).await?);
+        let case = memory_case(&mut conn, &url, &args, server.is_some(), spec).await?;
+        say(format!(
+            "memory {}: peak {} MiB, filled in {:.1}s, drained in {:.1}s",
+            spec.name,
+            case.peak_rss_mib
+                .map_or_else(|| "-".to_owned(), |mib| format!("{mib:.1}")),
+            case.fill_secs,
+            case.drain_secs
+        ));
+        if let Some(reason) = case.skipped.as_ref().or(case.error.as_ref()) {
+            say(format!("memory {}: {reason}", spec.name));
+        }
+        *(spec.field)(&mut report) = case.peak_rss_mib;
+        report.memory_cases.push(case);
     }
+    report.drain_peak_rss_mib = report.memory_small_1m_c1_peak_rss_mib;
+    let ran: Vec<&MemoryCase> = report
+        .memory_cases
+        .iter()
+        .filter(|case| case.skipped.is_none())
+        .collect();
+    report.memory_max_peak_rss_mib = ran
+        .iter()
+        .filter_map(|case| case.peak_rss_mib)
+        .reduce(f64::max);
+    report.memory_within_budget = (!ran.is_empty()).then(|| {
+        ran.iter().all(|case| {
+            case.finished
+                && case
+                    .peak_rss_mib
+                    .is_some_and(|mib| mib <= MEMORY_BUDGET_MIB as f64)
+        })
+    });
 
     report.default_vs_raw = ratio(report.default_eps, report.raw_eps);
     report.default_vs_reference = ratio(report.default_eps, report.reference_eps);
@@ -261,9 +365,6 @@ fn print_table(report: &Report) {
     println!("{:<34} {:>14.3}", "latency_p50_ms", report.latency_p50_ms);
     println!("{:<34} {:>14.3}", "latency_p99_ms", report.latency_p99_ms);
     println!("{:<34} {:>14.3}", "latency_max_ms", report.latency_max_ms);
-    if let Some(mib) = report.drain_peak_rss_mib {
-        println!("{:<34} {:>14.1}", "drain_peak_rss_mib", mib);
-    }
     println!("{:<34} {:>14.2}", "default_vs_raw", report.default_vs_raw);
     println!(
         "{:<34} {:>14.1}",
@@ -277,6 +378,62 @@ fn print_table(report: &Report) {
         report.cascade_events,
         report.latency_samples,
         report.batch_size
+    );
+    println!(
+        "XREAD round trips: default {}, cascade_c1 {}, cascade_c64 {}",
+        report.default_reads, report.cascade_c1_reads, report.cascade_c64_reads
+    );
+    if report.memory_cases.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<22} {:>9} {:>4} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7}",
+        "memory (run --drain)",
+        "entries",
+        "c",
+        "peak MiB",
+        "handled",
+        "malformed",
+        "reads",
+        "held MiB",
+        "fill s",
+        "drain s"
+    );
+    let number = |value: Option<u64>| value.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    let mib = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |n| format!("{n:.1}"));
+    for case in &report.memory_cases {
+        println!(
+            "{:<22} {:>9} {:>4} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7.1} {:>7.1}",
+            case.name,
+            case.entries,
+            case.concurrency,
+            mib(case.peak_rss_mib),
+            number(case.handled),
+            number(case.malformed),
+            number(case.reads),
+            mib(case.held_bytes_peak_mib),
+            case.fill_secs,
+            case.drain_secs
+        );
+        for note in case
+            .skipped
+            .iter()
+            .chain(case.error.iter())
+            .chain(case.warnings.iter())
+        {
+            println!("    {note}");
+        }
+    }
+    let verdict = match report.memory_within_budget {
+        Some(true) => "every case finished within it",
+        Some(false) => "NOT every case finished within it",
+        None => "no case ran",
+    };
+    println!(
+        "memory budget {} MiB: {verdict} (largest peak {} MiB)",
+        report.memory_budget_mib,
+        mib(report.memory_max_peak_rss_mib)
     );
 }
 
@@ -305,23 +462,67 @@ async fn fill(
     stream: &str,
     count: u64,
 ) -> anyhow::Result<()> {
+    fill_entries(conn, url, stream, count, Shape::Small).await
+}
+
+/// Adds `count` deletion events shaped like `shape`, pipelined in chunks of
+/// at most [`FILL_CHUNK`] entries and about [`FILL_CHUNK_BYTES`].
+async fn fill_entries(
+    conn: &mut MultiplexedConnection,
+    url: &str,
+    stream: &str,
+    count: u64,
+    shape: Shape,
+) -> anyhow::Result<()> {
+    let payload = match shape {
+        Shape::Payload { bytes, .. } => vec![b'p'; bytes],
+        _ => Vec::new(),
+    };
+    let names: Vec<String> = match shape {
+        Shape::Fields(_) => (0..shape.extra_fields()).map(field_name).collect(),
+        _ => Vec::new(),
+    };
+    let per_chunk = u64::try_from(FILL_CHUNK_BYTES / shape.wire_bytes().max(1))
+        .unwrap_or(FILL_CHUNK)
+        .clamp(1, FILL_CHUNK);
     let mut next = 0;
     while next < count {
-        let end = (next + FILL_CHUNK).min(count);
+        let end = (next + per_chunk).min(count);
         let mut pipe = redis::pipe();
-        for user in next..end {
-            pipe.cmd("XADD")
+        for index in next..end {
+            let user = match shape {
+                Shape::Payload { one_user: true, .. } => "u0".to_owned(),
+                _ => format!("u{index}"),
+            };
+            let command = pipe
+                .cmd("XADD")
                 .arg(stream)
                 .arg("*")
                 .arg("event_type")
                 .arg("user.deleted")
                 .arg("user_id")
-                .arg(format!("u{user}"))
+                .arg(user)
                 .arg("occurred_at_ms")
-                .arg(1_700_000_000_000_i64 + user as i64)
+                .arg(1_700_000_000_000_i64 + index as i64)
                 .arg("source")
-                .arg("bench")
-                .ignore();
+                .arg("bench");
+            match shape {
+                Shape::Small => {}
+                Shape::Payload { .. } => {
+                    command.arg("payload").arg(payload.as_slice());
+                }
+                Shape::Fields(_) => {
+                    for name in &names {
+                        command.arg(name).arg("x");
+                    }
+                }
+                Shape::EmptyFields(_) => {
+                    for _ in 0..shape.extra_fields() {
+                        command.arg("").arg("");
+                    }
+                }
+            }
+            command.ignore();
         }
         pipe.query_async::<()>(conn)
             .await
@@ -394,14 +595,15 @@ async fn raw_read(
     Ok(rate(seen, elapsed))
 }
 
-/// Drains `config.stream` with `handler`; entries per second.
+/// Drains `config.stream` with `handler`; entries per second, and the
+/// `XREAD` round trips it took.
 async fn drain(
     target: &RedisTarget,
     prefix: &str,
     mut config: ConsumerConfig,
     handler: Arc<dyn EventHandler<UserLifecycleEvent>>,
     expected: u64,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, u64)> {
     config.drain = true;
     let offsets = RedisOffsetStore::new(target.client()?, prefix)
         .context("cannot set up the offset store")?;
@@ -410,11 +612,12 @@ async fn drain(
     let started = Instant::now();
     consumer.run().await?;
     let elapsed = started.elapsed();
-    let finished = consumer.stats().snapshot().finished();
+    let stats = consumer.stats().snapshot();
+    let finished = stats.finished();
     if finished != expected {
         bail!("the consumer finished {finished} entries, expected {expected}");
     }
-    Ok(rate(finished, elapsed))
+    Ok((rate(finished, elapsed), stats.reads))
 }
 
 /// Publishes at `rate_eps` for `duration` to a live consumer; the sorted
@@ -483,14 +686,384 @@ async fn latency(
     Ok(samples)
 }
 
-/// Runs this binary's `run --drain` over `stream` and reads the peak resident
-/// memory it reports, in MiB.
-async fn drain_peak_rss(
+/// What one memory case's entries look like: each a well-formed
+/// `user.deleted` event (`event_type`, `user_id`, `occurred_at_ms`,
+/// `source`), plus fields the decoder ignores.
+#[derive(Clone, Copy, Debug)]
+enum Shape {
+    /// The event alone.
+    Small,
+    /// The event and a `payload` field of `bytes` bytes; `one_user`: every
+    /// entry for user `u0`, else one user per entry.
+    Payload { bytes: usize, one_user: bool },
+    /// The event and fields `f0`, `f1`, ... of value `x`, this many in all.
+    Fields(usize),
+    /// The event and fields of empty name and empty value, this many in all.
+    EmptyFields(usize),
+}
+
+/// Fields of the event itself.
+const EVENT_FIELDS: usize = 4;
+/// Bytes of the event's own names and values (`u<i>` of a few digits).
+const EVENT_BYTES: usize = 72;
+
+impl Shape {
+    /// Fields of one entry.
+    fn fields(self) -> usize {
+        match self {
+            Shape::Small => EVENT_FIELDS,
+            Shape::Payload { .. } => EVENT_FIELDS + 1,
+            Shape::Fields(total) | Shape::EmptyFields(total) => total.max(EVENT_FIELDS),
+        }
+    }
+
+    /// Fields beyond the event's.
+    fn extra_fields(self) -> usize {
+        self.fields() - EVENT_FIELDS
+    }
+
+    /// Bytes of one entry's names and values (about).
+    fn entry_bytes(self) -> usize {
+        EVENT_BYTES
+            + match self {
+                Shape::Small | Shape::EmptyFields(_) => 0,
+                Shape::Payload { bytes, .. } => "payload".len() + bytes,
+                Shape::Fields(_) => (0..self.extra_fields())
+                    .map(|index| field_name(index).len() + 1)
+                    .sum(),
+            }
+    }
+
+    /// Bytes of one `XADD` on the wire (about).
+    fn wire_bytes(self) -> usize {
+        self.entry_bytes() + 12 * self.fields() + 64
+    }
+}
+
+fn field_name(index: usize) -> String {
+    format!("f{index}")
+}
+
+/// One memory case: a backlog, the concurrency it is drained with, and the
+/// report field its peak goes to.
+struct CaseSpec {
+    name: &'static str,
+    entries: u64,
+    concurrency: u32,
+    shape: Shape,
+    field: fn(&mut Report) -> &mut Option<f64>,
+}
+
+/// The memory cases, in the order they run; `small` entries for the first
+/// two.
+fn all_cases(small: u64) -> Vec<CaseSpec> {
+    let payload = 900 * 1024;
+    vec![
+        CaseSpec {
+            name: "small_1m_c1",
+            entries: small,
+            concurrency: 1,
+            shape: Shape::Small,
+            field: |report| &mut report.memory_small_1m_c1_peak_rss_mib,
+        },
+        CaseSpec {
+            name: "small_1m_c64",
+            entries: small,
+            concurrency: 64,
+            shape: Shape::Small,
+            field: |report| &mut report.memory_small_1m_c64_peak_rss_mib,
+        },
+        CaseSpec {
+            name: "900k_one_user_c64",
+            entries: 2_000,
+            concurrency: 64,
+            shape: Shape::Payload {
+                bytes: payload,
+                one_user: true,
+            },
+            field: |report| &mut report.memory_900k_one_user_c64_peak_rss_mib,
+        },
+        CaseSpec {
+            name: "900k_2000_users_c64",
+            entries: 2_000,
+            concurrency: 64,
+            shape: Shape::Payload {
+                bytes: payload,
+                one_user: false,
+            },
+            field: |report| &mut report.memory_900k_2000_users_c64_peak_rss_mib,
+        },
+        CaseSpec {
+            name: "5000_fields",
+            entries: 10_000,
+            concurrency: 1,
+            shape: Shape::Fields(5_000),
+            field: |report| &mut report.memory_5000_fields_peak_rss_mib,
+        },
+        CaseSpec {
+            name: "100k_empty_fields",
+            entries: 1_000,
+            concurrency: 1,
+            shape: Shape::EmptyFields(100_000),
+            field: |report| &mut report.memory_100k_empty_fields_peak_rss_mib,
+        },
+    ]
+}
+
+/// The cases `--memory-cases` names: `all`, `none`, or names separated by
+/// commas.
+fn select_cases(text: &str, small: u64) -> anyhow::Result<Vec<CaseSpec>> {
+    let all = all_cases(small);
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("all") {
+        return Ok(all);
+    }
+    if text.eq_ignore_ascii_case("none") || text.is_empty() {
+        return Ok(Vec::new());
+    }
+    let wanted: Vec<&str> = text.split(',').map(str::trim).collect();
+    for name in &wanted {
+        if !all.iter().any(|case| case.name == *name) {
+            let names: Vec<&str> = all.iter().map(|case| case.name).collect();
+            bail!(
+                "--memory-cases: no case {name:?}; the cases are {}, or all, or none",
+                names.join(", ")
+            );
+        }
+    }
+    Ok(all
+        .into_iter()
+        .filter(|case| wanted.contains(&case.name))
+        .collect())
+}
+
+/// Fills a fresh stream for `spec`, drains it with a `run --drain` child and
+/// removes the case's keys again. Problems of the case itself (no room in
+/// Redis, a failing child) are reported in the case, not as an error.
+async fn memory_case(
+    conn: &mut MultiplexedConnection,
+    url: &str,
+    args: &BenchArgs,
+    private: bool,
+    spec: &CaseSpec,
+) -> anyhow::Result<MemoryCase> {
+    let mut case = MemoryCase {
+        name: spec.name,
+        entries: spec.entries,
+        concurrency: spec.concurrency,
+        fields_per_entry: spec.shape.fields(),
+        entry_bytes: spec.shape.entry_bytes(),
+        ..MemoryCase::default()
+    };
+    let needed = usize::try_from(spec.entries)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(spec.shape.wire_bytes());
+    if let Some(reason) = no_room(conn, url, needed, private).await? {
+        case.skipped = Some(reason);
+        return Ok(case);
+    }
+    let stream = format!("bench:mem:{}", spec.name);
+    let prefix = format!("bench-mem-{}", spec.name);
+    drop_case_keys(conn, url, &stream, &prefix).await?;
+    let started = Instant::now();
+    let filled = fill_entries(conn, url, &stream, spec.entries, spec.shape).await;
+    case.fill_secs = started.elapsed().as_secs_f64();
+    match filled {
+        Ok(()) => {
+            case.redis_used_memory_mib = redis_memory(conn, url)
+                .await?
+                .0
+                .map(|bytes| bytes as f64 / MIB);
+            let started = Instant::now();
+            let child = drain_child(
+                url,
+                &args.tls,
+                &stream,
+                &prefix,
+                spec.concurrency,
+                args.memory_case_timeout,
+            )
+            .await;
+            case.drain_secs = started.elapsed().as_secs_f64();
+            match child {
+                Ok(child) => child.into_case(&mut case),
+                Err(err) => case.error = Some(format!("{err:#}")),
+            }
+        }
+        Err(err) => case.error = Some(format!("{err:#}")),
+    }
+    drop_case_keys(conn, url, &stream, &prefix).await?;
+    Ok(case)
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Why Redis has no room for about `needed` more bytes, if it has none:
+/// its `maxmemory`, and for the private server this machine's available
+/// memory (twice `needed`, for the server's own copies while filling).
+async fn no_room(
+    conn: &mut MultiplexedConnection,
+    url: &str,
+    needed: usize,
+    private: bool,
+) -> anyhow::Result<Option<String>> {
+    let (used, max) = redis_memory(conn, url).await?;
+    let needed = u64::try_from(needed).unwrap_or(u64::MAX);
+    if let (Some(used), Some(max)) = (used, max.filter(|max| *max > 0)) {
+        if used.saturating_add(needed) > max {
+            return Ok(Some(format!(
+                "skipped: Redis's maxmemory ({:.0} MiB, {:.0} used) leaves no room for about {:.0} MiB of entries",
+                max as f64 / MIB,
+                used as f64 / MIB,
+                needed as f64 / MIB
+            )));
+        }
+    }
+    if private {
+        if let Some(available) = mem_available_bytes() {
+            if needed.saturating_mul(2) > available {
+                return Ok(Some(format!(
+                    "skipped: this machine has {:.0} MiB available, too little for about {:.0} MiB of entries in Redis",
+                    available as f64 / MIB,
+                    needed as f64 / MIB
+                )));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Redis's `used_memory` and `maxmemory`, in bytes.
+async fn redis_memory(
+    conn: &mut MultiplexedConnection,
+    url: &str,
+) -> anyhow::Result<(Option<u64>, Option<u64>)> {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .map_err(|err| explain(url, "read Redis's memory use", &err))?;
+    let field = |name: &str| {
+        info.lines().find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(':')?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+    };
+    Ok((field("used_memory"), field("maxmemory")))
+}
+
+/// `MemAvailable` of this machine, in bytes.
+fn mem_available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo.lines().find_map(|line| {
+        let kib: u64 = line
+            .strip_prefix("MemAvailable:")?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib.saturating_mul(1024))
+    })
+}
+
+/// Deletes a memory case's stream and every key under its prefix.
+async fn drop_case_keys(
+    conn: &mut MultiplexedConnection,
+    url: &str,
+    stream: &str,
+    prefix: &str,
+) -> anyhow::Result<()> {
+    redis::cmd("UNLINK")
+        .arg(stream)
+        .query_async::<()>(conn)
+        .await
+        .map_err(|err| explain(url, "delete a memory case's stream", &err))?;
+    delete_matching(
+        conn,
+        url,
+        &format!("{prefix}:*"),
+        "clear a memory case's keys",
+    )
+    .await
+}
+
+/// What a `run --drain` child said and did.
+#[derive(Debug, Default)]
+struct ChildOutcome {
+    peak_kib: Option<u64>,
+    finished: bool,
+    handled: Option<u64>,
+    malformed: Option<u64>,
+    reads: Option<u64>,
+    offset_saves: Option<u64>,
+    held_bytes_peak: Option<u64>,
+    warnings: Vec<String>,
+    failure: Option<String>,
+}
+
+impl ChildOutcome {
+    /// Takes in one line of the child's JSON log.
+    fn note_line(&mut self, line: &str) {
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
+            return;
+        };
+        let number = |name: &str| value.get(name).and_then(serde_json::Value::as_u64);
+        let text = |name: &str| value.get(name).and_then(serde_json::Value::as_str);
+        if let Some(kib) = number("peak_rss_kib") {
+            self.peak_kib = Some(kib);
+        }
+        if text("message") == Some("drained") {
+            self.handled = number("handled");
+            self.malformed = number("malformed");
+            self.reads = number("reads");
+            self.offset_saves = number("offset_saves");
+            self.held_bytes_peak = number("held_bytes_peak");
+        }
+        if matches!(text("level"), Some("WARN" | "ERROR")) {
+            let message = text("message").unwrap_or_default();
+            let seen = self
+                .warnings
+                .iter()
+                .any(|warning| warning.contains(message));
+            if !seen && self.warnings.len() < 5 {
+                let mut warning = format!("{}: {message}", text("level").unwrap_or_default());
+                if let Some(err) = text("err") {
+                    warning.push_str(&format!(" ({err})"));
+                }
+                self.warnings.push(warning);
+            }
+        }
+    }
+
+    fn into_case(self, case: &mut MemoryCase) {
+        case.peak_rss_mib = self.peak_kib.map(|kib| kib as f64 / 1024.0);
+        case.finished = self.finished;
+        case.handled = self.handled;
+        case.malformed = self.malformed;
+        case.reads = self.reads;
+        case.offset_saves = self.offset_saves;
+        case.held_bytes_peak_mib = self.held_bytes_peak.map(|bytes| bytes as f64 / MIB);
+        case.warnings = self.warnings;
+        case.error = self.failure;
+    }
+}
+
+/// Runs this binary's `run --drain --concurrency <concurrency>` over
+/// `stream` (offset and lobby under `prefix`) and collects what it reports,
+/// its peak resident memory first. A child still running after `timeout`
+/// is stopped; its peak so far is read from `/proc`.
+async fn drain_child(
     url: &str,
     tls: &TlsArgs,
     stream: &str,
     prefix: &str,
-) -> anyhow::Result<f64> {
+    concurrency: u32,
+    timeout: Duration,
+) -> anyhow::Result<ChildOutcome> {
     let exe = std::env::current_exe().context("cannot find this program's path")?;
     let mut command = tokio::process::Command::new(exe);
     command.args([
@@ -500,6 +1073,12 @@ async fn drain_peak_rss(
         "json",
         "--log-level",
         "info",
+        // Without the HTTP endpoints and their lag task: the engine's
+        // memory is measured, and the lag task's counting script would add
+        // its own load on Redis (seconds per refresh on entries of
+        // thousands of fields or of 900 KiB).
+        "--metrics-addr",
+        "off",
     ]);
     for (flag, file) in [
         ("--tls-ca-file", &tls.tls_ca_file),
@@ -510,31 +1089,110 @@ async fn drain_peak_rss(
             command.arg(flag).arg(file);
         }
     }
+    let concurrency = concurrency.to_string();
     let mut child = command
         .args(["--stream", stream, "--key-prefix", prefix])
+        .args(["--concurrency", concurrency.as_str()])
         .env("REDIS_URL", url)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .context("cannot start `lobby-worker run --drain`")?;
+    let pid = child.id();
     let stderr = child.stderr.take().context("no stderr from the child")?;
     let mut lines = tokio::io::BufReader::new(stderr).lines();
-    let mut peak_kib = None;
-    while let Some(line) = lines.next_line().await? {
-        if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
-            if let Some(kib) = value
-                .get("peak_rss_kib")
-                .and_then(serde_json::Value::as_u64)
-            {
-                peak_kib = Some(kib);
+    let mut outcome = ChildOutcome::default();
+    let watched = async {
+        while let Some(line) = lines.next_line().await? {
+            outcome.note_line(&line);
+        }
+        child.wait().await
+    };
+    let result = tokio::time::timeout(timeout, watched).await;
+    match result {
+        Ok(status) => {
+            let status = status?;
+            outcome.finished = status.success();
+            if !status.success() {
+                outcome.failure = Some(format!("`lobby-worker run --drain` failed with {status}"));
             }
         }
+        Err(_) => {
+            if let Some(kib) = pid.and_then(vm_hwm_kib) {
+                outcome.peak_kib = Some(kib);
+            }
+            child
+                .kill()
+                .await
+                .context("cannot stop `lobby-worker run --drain`")?;
+            outcome.failure = Some(format!(
+                "`lobby-worker run --drain` did not finish within {}; stopped (its peak memory so far is reported)",
+                crate::cli::format_duration(timeout)
+            ));
+        }
     }
-    let status = child.wait().await?;
-    if !status.success() {
-        bail!("`lobby-worker run --drain` failed with {status}");
+    if outcome.peak_kib.is_none() && outcome.failure.is_none() {
+        outcome.failure = Some("`lobby-worker run --drain` did not report its peak memory".into());
     }
-    let kib = peak_kib.context("`lobby-worker run --drain` did not report its peak memory")?;
-    Ok(kib as f64 / 1024.0)
+    Ok(outcome)
+}
+
+/// The peak resident memory (`VmHWM`) of process `pid`, in KiB.
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|line| {
+        line.strip_prefix("VmHWM:")?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cases_are_chosen_by_name() {
+        assert_eq!(select_cases("all", 10).map(|c| c.len()).ok(), Some(6));
+        assert_eq!(select_cases("none", 10).map(|c| c.len()).ok(), Some(0));
+        let chosen = select_cases("5000_fields, small_1m_c1", 10).unwrap_or_default();
+        let names: Vec<&str> = chosen.iter().map(|case| case.name).collect();
+        assert_eq!(names, ["small_1m_c1", "5000_fields"]);
+        assert!(select_cases("small", 10).is_err());
+    }
+
+    #[test]
+    fn shapes_count_their_fields_and_bytes() {
+        assert_eq!(Shape::Fields(5_000).fields(), 5_000);
+        assert_eq!(Shape::EmptyFields(100_000).extra_fields(), 99_996);
+        let payload = Shape::Payload {
+            bytes: 900 * 1024,
+            one_user: true,
+        };
+        assert!(payload.entry_bytes() > 900 * 1024);
+        assert_eq!(Shape::EmptyFields(100_000).entry_bytes(), EVENT_BYTES);
+    }
+
+    #[test]
+    fn the_child_log_is_read_for_its_numbers_and_warnings() {
+        let mut outcome = ChildOutcome::default();
+        outcome.note_line(
+            r#"{"level":"WARN","message":"Redis unavailable; retrying","err":"timeout"}"#,
+        );
+        outcome
+            .note_line(r#"{"level":"WARN","message":"Redis unavailable; retrying","err":"again"}"#);
+        outcome.note_line(r#"{"level":"INFO","message":"drained","handled":7,"malformed":1,"reads":3,"offset_saves":2,"held_bytes_peak":1024,"peak_rss_kib":2048}"#);
+        outcome.note_line("not json");
+        assert_eq!(outcome.peak_kib, Some(2048));
+        assert_eq!(outcome.handled, Some(7));
+        assert_eq!(outcome.reads, Some(3));
+        assert_eq!(
+            outcome.warnings,
+            ["WARN: Redis unavailable; retrying (timeout)"]
+        );
+    }
 }

@@ -152,7 +152,7 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     let peak_rss_kib = peak_rss_kib();
     match outcome.reason {
         StopReason::Drained => {
-            info!(offset = ?outcome.offset.map(|id| id.to_string()), handled = stats.handled, malformed = stats.malformed, unknown_type = stats.unknown_type, dead_lettered = stats.dead_lettered, peak_rss_kib, "drained")
+            info!(offset = ?outcome.offset.map(|id| id.to_string()), handled = stats.handled, malformed = stats.malformed, unknown_type = stats.unknown_type, dead_lettered = stats.dead_lettered, reads = stats.reads, offset_saves = stats.offset_saves, held_bytes_peak = stats.held_bytes_peak, peak_rss_kib, "drained")
         }
         StopReason::Cancelled => info!(handled = stats.handled, peak_rss_kib, "stopped"),
     }
