@@ -1033,7 +1033,7 @@ async fn reading_pauses_when_the_held_bytes_reach_the_cap() {
         "reading stops: the held bytes leave no room for another reply",
         env.xread_calls().await == stats.snapshot().reads
             && env.blocked_clients().await == 0
-            && stats.snapshot().held_bytes + 256 > room_for_a_read
+            && stats.snapshot().held_bytes + 256 * 10 > room_for_a_read
     );
     let paused = stats.snapshot();
     assert!(
@@ -1264,7 +1264,7 @@ async fn with_a_failing_entry_the_others_go_on_only_up_to_the_byte_cap() {
         PATIENCE,
         "the failing entry is retried and the others stop at the cap",
         recorder.attempts_of(failing) >= 3
-            && stats.snapshot().held_bytes + 256 > room_for_a_read
+            && stats.snapshot().held_bytes + 256 * 10 > room_for_a_read
             && recorder.in_flight.load(Ordering::SeqCst) <= 1
     );
     let handled = recorder.succeeded().len();
@@ -1333,7 +1333,7 @@ async fn a_trim_past_the_position_during_a_concurrent_drain_is_reported_every_ti
         wait_until!(
             PATIENCE,
             "reading pauses at the byte cap",
-            stats.snapshot().held_bytes + 256 > room_for_a_read
+            stats.snapshot().held_bytes + 256 * 10 > room_for_a_read
                 && env.xread_calls().await == stats.snapshot().reads
                 && env.blocked_clients().await == 0
         );

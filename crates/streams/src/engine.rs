@@ -37,7 +37,7 @@ use crate::fault::{classify, classify_read, FaultClass};
 use crate::machine::{entry_cost, Action, Arrival, Completion, Job, Machine, Settings};
 use crate::read_conn::{ReadError, Received};
 use crate::reader::{ReadRequest, Reader, ReaderEvent, ReaderSettings};
-use crate::reply::parse_range_reply;
+use crate::reply::{parse_range_reply, ReplyError};
 use crate::stats::ConsumerStats;
 use crate::tls::TlsSettings;
 use crate::trim::{Finding, ReadSeen, TrimWatch};
@@ -154,6 +154,14 @@ impl<D: EntryDecoder> StreamConsumer<D> {
         .await
     }
 }
+
+/// The id of the stream's last entry, or an empty string: `XREVRANGE` on
+/// the server, only the id sent back.
+const LAST_ENTRY_ID_SCRIPT: &str = r"
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if last[1] then return last[1][1] end
+return ''
+";
 
 /// A point in time after which the stop gives up.
 #[derive(Clone, Copy, Debug)]
@@ -1050,19 +1058,27 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
 
     /// The id of the stream's last entry (`Some(None)`: the stream is empty
     /// or absent), or `None` when cancelled first.
+    ///
+    /// Only the id crosses the network: a last entry of a million fields
+    /// would otherwise become a million values in this process.
     async fn last_entry_id(&mut self) -> Result<Option<Option<EntryId>>, ConsumerError> {
         let stream = &self.config().stream;
-        let mut cmd = redis::cmd("XREVRANGE");
-        cmd.arg(stream).arg("+").arg("-").arg("COUNT").arg(1);
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(LAST_ENTRY_ID_SCRIPT).arg(1).arg(stream);
         let reply = self
             .ctx
             .command("find the stream's last entry", stream, &cmd)
             .await?;
         match reply {
             None => Ok(None),
-            Some(reply) => Ok(Some(
-                parse_range_reply(reply)?.first().map(|entry| entry.id),
-            )),
+            Some(Value::BulkString(raw)) if !raw.is_empty() => EntryId::from_bytes(&raw)
+                .map(|id| Some(Some(id)))
+                .map_err(|err| ReplyError(format!("the stream's last id: {err}")).into()),
+            Some(Value::BulkString(_) | Value::Nil) => Ok(Some(None)),
+            Some(other) => Err(ReplyError(format!(
+                "the stream's last id: expected a string, got {other:?}"
+            ))
+            .into()),
         }
     }
 

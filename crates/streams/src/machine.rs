@@ -28,6 +28,8 @@ use crate::window::KeyQueues;
 /// What one held entry costs beyond its bytes: its job, its slot in the
 /// window, its key and the allocator's rounding.
 pub(crate) const ENTRY_OVERHEAD: usize = 256;
+/// Entries the first read asks for, at most.
+const FIRST_READ: usize = 16;
 /// What a finished entry still costs until the watermark passes it.
 const SLOT_BYTES: usize = 32;
 
@@ -207,7 +209,10 @@ impl<T> Machine<T> {
             settings,
             reading: Reading::Idle,
             read_after: start,
-            batch_size: settings.batch_size,
+            // The first read is small: a backlog of large entries must not
+            // have Redis build a reply of a whole batch of them before any
+            // reply has shown their size (replies that fill double it back).
+            batch_size: settings.batch_size.min(FIRST_READ),
             drain_target,
             window: VecDeque::new(),
             batch_ends: VecDeque::new(),
@@ -281,11 +286,22 @@ impl<T> Machine<T> {
 
     /// How many entries the next read may ask for; `None` while the held
     /// bytes leave no room for a whole reply.
+    ///
+    /// Once reading paused, it resumes only when room for a good part of a
+    /// batch has freed up (half of what an empty window affords, at most a
+    /// batch): resuming at the first free entry would read, and save, one
+    /// entry at a time for as long as the handler is the slower side.
     fn read_count(&self) -> Option<usize> {
         let free = self.settings.max_held_bytes.checked_sub(self.held_bytes)?;
         let for_overhead = free.checked_sub(self.settings.max_reply_bytes)?;
         let affordable = for_overhead / ENTRY_OVERHEAD;
-        (affordable >= 1).then(|| affordable.min(self.batch_size))
+        let when_empty = self
+            .settings
+            .max_held_bytes
+            .saturating_sub(self.settings.max_reply_bytes)
+            / ENTRY_OVERHEAD;
+        let enough = self.batch_size.min(when_empty / 2).max(1);
+        (affordable >= enough).then(|| affordable.min(self.batch_size))
     }
 
     /// Whether the watermark is ahead of what is stored.
@@ -582,7 +598,7 @@ impl<T> Machine<T> {
         self.finished = to;
         self.saved = stored;
         self.save_forced = false;
-        self.batch_size = self.settings.batch_size;
+        self.batch_size = self.settings.batch_size.min(FIRST_READ);
         if self.reading == Reading::Done {
             self.reading = if self.drain_target.is_some_and(|target| target <= to) {
                 Reading::Done
@@ -991,6 +1007,43 @@ mod tests {
         assert!(!machine.verifying());
         assert!(!machine.dirty());
         assert_eq!(started(&drain(&mut machine)), vec![6]);
+    }
+
+    #[test]
+    fn once_paused_reading_resumes_only_with_room_for_a_good_part_of_a_batch() {
+        let mut config = settings(1);
+        config.max_held_bytes = config.max_reply_bytes + ENTRY_OVERHEAD * 8;
+        let mut machine = Machine::new(config, id(0), Some(id(0)), false, None);
+        let entry = |n: u64| Arrival {
+            id: id(n),
+            item: Some((n, "k".to_owned())),
+            cost: ENTRY_OVERHEAD,
+        };
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 4)]);
+        machine.batch_received((1..=4).map(entry).collect(), Some(id(4)), 100);
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(4), 4)]);
+        machine.batch_received((5..=8).map(entry).collect(), Some(id(8)), 100);
+        assert!(reads(&drain(&mut machine)).is_empty(), "the cap is reached");
+        machine.completed(id(1), "k", Completion::Finished);
+        assert!(
+            reads(&drain(&mut machine)).is_empty(),
+            "one entry's room is not worth a read"
+        );
+        for n in 2..=4 {
+            machine.completed(id(n), "k", Completion::Finished);
+        }
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(8), 4)]);
+    }
+
+    #[test]
+    fn the_first_read_is_small_and_full_replies_double_it() {
+        let mut config = settings(1);
+        config.batch_size = 1024;
+        let mut machine = Machine::<u64>::new(config, id(0), Some(id(0)), false, None);
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(0), FIRST_READ)]);
+        let absorbed_ones = (1..=16).map(absorbed).collect();
+        machine.batch_received(absorbed_ones, Some(id(16)), 100);
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(16), 2 * FIRST_READ)]);
     }
 
     #[test]
