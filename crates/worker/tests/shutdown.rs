@@ -376,8 +376,8 @@ impl Lobby {
 /// 30 s blocking read) on `worker_url` with `args`, and waits until every
 /// other user's cascade is applied and the poison entry has failed: the
 /// worker now sleeps in the back-off of a handler, with the watermark at the
-/// entry before the poison and nothing saved (the only batch is not done,
-/// and a job is still running).
+/// entry before the poison and nothing saved past a batch finished before
+/// the poison (the batch holding it is not done, and a job is running).
 fn poisoned_worker(
     url: &str,
     worker_url: &str,
@@ -415,11 +415,12 @@ fn poisoned_worker(
     );
     let failed = event(&worker, HANDLER_FAILED);
     assert_eq!(field(&failed, "stream_entry_id"), ids[poison]);
-    assert_eq!(
-        stored_offset(&mut conn),
-        None,
-        "nothing is saved before the stop (the batch is not done)"
-    );
+    // The first read is small (16 entries): a batch finished before the
+    // poison entry may have been saved, never one past it.
+    if let Some(stored) = stored_offset(&mut conn) {
+        let at = ids.iter().position(|id| *id == stored).unwrap();
+        assert!(at < poison, "the offset {stored} passed the poison entry");
+    }
     (worker, ids)
 }
 
