@@ -28,8 +28,6 @@ use crate::window::KeyQueues;
 /// What one held entry costs beyond its bytes: its job, its slot in the
 /// window, its key and the allocator's rounding.
 pub(crate) const ENTRY_OVERHEAD: usize = 256;
-/// Entries the first read asks for, at most.
-const FIRST_READ: usize = 16;
 /// What a finished entry still costs until the watermark passes it.
 const SLOT_BYTES: usize = 32;
 
@@ -209,10 +207,7 @@ impl<T> Machine<T> {
             settings,
             reading: Reading::Idle,
             read_after: start,
-            // The first read is small: a backlog of large entries must not
-            // have Redis build a reply of a whole batch of them before any
-            // reply has shown their size (replies that fill double it back).
-            batch_size: settings.batch_size.min(FIRST_READ),
+            batch_size: settings.batch_size,
             drain_target,
             window: VecDeque::new(),
             batch_ends: VecDeque::new(),
@@ -598,7 +593,7 @@ impl<T> Machine<T> {
         self.finished = to;
         self.saved = stored;
         self.save_forced = false;
-        self.batch_size = self.settings.batch_size.min(FIRST_READ);
+        self.batch_size = self.settings.batch_size;
         if self.reading == Reading::Done {
             self.reading = if self.drain_target.is_some_and(|target| target <= to) {
                 Reading::Done
@@ -1033,17 +1028,6 @@ mod tests {
             machine.completed(id(n), "k", Completion::Finished);
         }
         assert_eq!(reads(&drain(&mut machine)), vec![(id(8), 4)]);
-    }
-
-    #[test]
-    fn the_first_read_is_small_and_full_replies_double_it() {
-        let mut config = settings(1);
-        config.batch_size = 1024;
-        let mut machine = Machine::<u64>::new(config, id(0), Some(id(0)), false, None);
-        assert_eq!(reads(&drain(&mut machine)), vec![(id(0), FIRST_READ)]);
-        let absorbed_ones = (1..=16).map(absorbed).collect();
-        machine.batch_received(absorbed_ones, Some(id(16)), 100);
-        assert_eq!(reads(&drain(&mut machine)), vec![(id(16), 2 * FIRST_READ)]);
     }
 
     #[test]
