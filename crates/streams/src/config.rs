@@ -18,6 +18,18 @@ pub enum StartFrom {
     Id(EntryId),
 }
 
+impl StartFrom {
+    /// The id reading starts after when no offset is stored: `None` for the
+    /// stream's end, which only Redis knows.
+    pub fn read_after(self) -> Option<EntryId> {
+        match self {
+            StartFrom::Beginning => Some(EntryId::ZERO),
+            StartFrom::Id(id) => Some(id.predecessor().unwrap_or(EntryId::ZERO)),
+            StartFrom::End => None,
+        }
+    }
+}
+
 /// When the offset is written to the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Checkpoint {

@@ -836,11 +836,11 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                 self.outage.recovered();
             }
             Ok(SaveOutcome::Behind(stored)) => {
-                let to = stored.unwrap_or_else(|| match self.ctx.config().start_from {
-                    StartFrom::Beginning => EntryId::ZERO,
-                    StartFrom::Id(id) => id.predecessor().unwrap_or(EntryId::ZERO),
-                    StartFrom::End => machine.finished(),
-                });
+                // Nothing stored: as at a start without an offset, except
+                // that "the end" is where this worker is.
+                let to = stored
+                    .or_else(|| self.ctx.config().start_from.read_after())
+                    .unwrap_or_else(|| machine.finished());
                 error!(
                     offset = %offset,
                     expected = machine.saved_offset().map(|id| id.to_string()).unwrap_or_default(),
@@ -1045,10 +1045,13 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
         if let Some(offset) = stored {
             return Ok(Some((offset, Some(offset), false)));
         }
-        let start = match self.config().start_from {
-            StartFrom::Beginning => return Ok(Some((EntryId::ZERO, None, false))),
-            StartFrom::Id(id) => id.predecessor().unwrap_or(EntryId::ZERO),
-            StartFrom::End => match self.last_entry_id().await? {
+        let start_from = self.config().start_from;
+        if start_from == StartFrom::Beginning {
+            return Ok(Some((EntryId::ZERO, None, false)));
+        }
+        let start = match start_from.read_after() {
+            Some(after) => after,
+            None => match self.last_entry_id().await? {
                 None => return Ok(None),
                 Some(last) => last.unwrap_or(EntryId::ZERO),
             },
@@ -1264,6 +1267,19 @@ mod tests {
     struct Flaky {
         failures: u32,
         calls: Mutex<Vec<tokio::time::Instant>>,
+        /// Fail as a dependency whose connection was lost (`None`: as the
+        /// entry's own fault).
+        lost_connection: Option<bool>,
+    }
+
+    impl Flaky {
+        fn new(failures: u32) -> Self {
+            Self {
+                failures,
+                calls: Mutex::new(Vec::new()),
+                lost_connection: None,
+            }
+        }
     }
 
     impl EventHandler<String> for Flaky {
@@ -1271,11 +1287,21 @@ mod tests {
             let mut calls = self.calls.lock().unwrap();
             calls.push(tokio::time::Instant::now());
             let fail = calls.len() <= self.failures as usize;
+            let lost_connection = self.lost_connection;
             Box::pin(async move {
-                if fail {
-                    Err(HandlerError::msg("not yet"))
-                } else {
-                    Ok(())
+                match (fail, lost_connection) {
+                    (false, _) => Ok(()),
+                    (true, None) => Err(HandlerError::msg("not yet")),
+                    (true, Some(true)) => Err(HandlerError::with_source(
+                        "apply the cascade",
+                        RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+                    )
+                    .transient()),
+                    (true, Some(false)) => Err(HandlerError::with_source(
+                        "apply the cascade",
+                        redis::make_extension_error("OOM".to_owned(), None),
+                    )
+                    .transient()),
                 }
             })
         }
@@ -1305,6 +1331,16 @@ mod tests {
     /// Runs one job through `run_job` (no Redis is reached: the command
     /// connection is lazy and only dead letters would use it).
     async fn run_one(handler: &Flaky, cancel: &CancellationToken) -> Done {
+        run_one_held(handler, cancel, None).await
+    }
+
+    /// [`run_one`] with the store being checked (jobs held) until
+    /// `released_after`, when given.
+    async fn run_one_held(
+        handler: &Flaky,
+        cancel: &CancellationToken,
+        released_after: Option<Duration>,
+    ) -> Done {
         let client = redis::Client::open("redis://127.0.0.1:1/").unwrap();
         let mut config = ConsumerConfig::new("s", "l");
         config.handler_retry = policy(100);
@@ -1320,22 +1356,46 @@ mod tests {
             commands,
             suspect: tokio::sync::Notify::new(),
             jobs: std::sync::Mutex::new(cancel.child_token()),
-            hold: tokio::sync::watch::Sender::new(false),
+            hold: tokio::sync::watch::Sender::new(released_after.is_some()),
         };
-        ctx.run_job(Job {
+        let job = ctx.run_job(Job {
             id: EntryId::new(1, 0),
             item: "u".to_owned(),
             key: "u".to_owned(),
-        })
-        .await
+        });
+        let release = async {
+            if let Some(after) = released_after {
+                tokio::time::sleep(after).await;
+                ctx.hold.send_replace(false);
+            }
+        };
+        let (done, ()) = tokio::join!(job, release);
+        done
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_a_lost_connection_waits_for_the_store_check_and_a_refusal_does_not() {
+        let check = Duration::from_secs(5);
+        let mut lost = Flaky::new(1);
+        lost.lost_connection = Some(true);
+        let done = run_one_held(&lost, &CancellationToken::new(), Some(check)).await;
+        assert_eq!(done.completion, Completion::Finished);
+        let calls = lost.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 2);
+        assert!(
+            calls[1] - calls[0] >= check,
+            "retried before the check answered"
+        );
+        let mut refused = Flaky::new(1);
+        refused.lost_connection = Some(false);
+        run_one_held(&refused, &CancellationToken::new(), Some(check)).await;
+        let calls = refused.calls.lock().unwrap().clone();
+        assert!(calls[1] - calls[0] < check, "a refusal waited for a check");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failing_handler_is_retried_after_growing_delays_in_virtual_time() {
-        let handler = Flaky {
-            failures: 5,
-            calls: Mutex::new(Vec::new()),
-        };
+        let handler = Flaky::new(5);
         let done = run_one(&handler, &CancellationToken::new()).await;
         assert_eq!(done.completion, Completion::Finished);
         let calls = handler.calls.lock().unwrap().clone();
@@ -1356,10 +1416,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn cancellation_ends_a_back_off_at_once_and_interrupts_the_job() {
-        let handler = Flaky {
-            failures: u32::MAX,
-            calls: Mutex::new(Vec::new()),
-        };
+        let handler = Flaky::new(u32::MAX);
         let cancel = CancellationToken::new();
         let started = tokio::time::Instant::now();
         let stopper = cancel.clone();

@@ -265,11 +265,7 @@ fn to_gauge(value: u64) -> i64 {
 /// Where the worker will read from when no offset is stored yet: `None`
 /// when that is the stream's end (nothing is behind).
 fn implied_offset(start_from: StartFrom) -> Option<EntryId> {
-    match start_from {
-        StartFrom::Beginning => Some(EntryId::ZERO),
-        StartFrom::Id(id) => Some(id.predecessor().unwrap_or(EntryId::ZERO)),
-        StartFrom::End => None,
-    }
+    start_from.read_after()
 }
 
 /// What the lag task needs.
