@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use lifecycle_domain::{
     EntryId, EventHandler, HandlerError, RunOutcome, SaveOutcome, StopReason, StoreError,
     StreamOffsetStore,
@@ -41,6 +42,7 @@ use crate::reply::{parse_range_reply, ReplyError};
 use crate::stats::ConsumerStats;
 use crate::tls::TlsSettings;
 use crate::trim::{Finding, ReadSeen, TrimWatch};
+use crate::window::KeyHash;
 
 /// A reliable consumer of one stream, generic over how its entries decode.
 pub struct StreamConsumer<D: EntryDecoder> {
@@ -197,7 +199,7 @@ impl Deadline {
 /// What the handling of one job came to.
 struct Done {
     id: EntryId,
-    key: String,
+    key: KeyHash,
     completion: Completion,
     /// A permanent fault met while dead-lettering.
     fault: Option<ConsumerError>,
@@ -333,8 +335,9 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
     /// Handles one job: retries a failing handler with back-off, dead-letters
     /// it after the configured attempts. The handler call itself is never
     /// interrupted; the driver bounds it by the shutdown deadline.
-    async fn run_job(&self, job: Job<D::Item>) -> Done {
-        let Job { id, item, key } = job;
+    async fn run_job(&self, job: Box<Job<D::Item>>) -> Done {
+        let (id, key) = (job.id, job.key);
+        let item = &job.item;
         let stop = self.jobs_token();
         let mut attempts = Attempts::new(
             self.config().handler_retry,
@@ -347,7 +350,7 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
                 break (Completion::Interrupted, None);
             }
             calls = calls.saturating_add(1);
-            let err = match self.handler.handle(&item).await {
+            let err = match self.handler.handle(item).await {
                 Ok(()) => {
                     self.stats().handled();
                     break (Completion::Finished, None);
@@ -364,7 +367,9 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
             }
             let delay = match attempts.failed(err.is_transient()) {
                 Retry::DeadLetter(own_faults) => {
-                    break match self.dead_letter(id, &err, own_faults).await {
+                    // Boxed: kept out of every job's future, which is
+                    // allocated per entry and rarely dead-letters.
+                    break match Box::pin(self.dead_letter(id, &err, own_faults)).await {
                         Ok(completion) => (completion, None),
                         Err(fault) => (Completion::Interrupted, Some(fault)),
                     };
@@ -377,7 +382,7 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
             } else {
                 warn!(
                     stream_entry_id = %id,
-                    event_type = self.consumer.decoder.event_type(&item),
+                    event_type = self.consumer.decoder.event_type(item),
                     attempt = calls,
                     transient = err.is_transient(),
                     retry_in_ms,
@@ -617,6 +622,8 @@ struct Driver<'a, D: EntryDecoder, H: ?Sized> {
     stored_at_start: Option<EntryId>,
     /// A permanent fault met by a job or a save, ending the session.
     fault: Option<ConsumerError>,
+    /// How ordering keys are hashed in this session.
+    keys: std::hash::RandomState,
 }
 
 impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
@@ -645,6 +652,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             trim: TrimWatch::new(),
             stored_at_start: None,
             fault: None,
+            keys: std::hash::RandomState::new(),
         }
     }
 
@@ -698,7 +706,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
         );
         let cancel = self.ctx.cancel;
         loop {
-            self.perform()?;
+            let read_requested = self.perform()?;
             if let Some(fault) = self.fault.take() {
                 return Err(fault);
             }
@@ -707,6 +715,13 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             };
             if machine.drained() {
                 return Ok(StopReason::Drained);
+            }
+            if read_requested {
+                // The reader task shares this thread: let it send the read
+                // before the jobs decided with it run, so that Redis
+                // prepares the next batch meanwhile.
+                tokio::task::yield_now().await;
+                continue;
             }
             let read_retry = machine
                 .waiting_to_retry()
@@ -759,15 +774,22 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
         }
     }
 
-    /// Performs every action the machine has decided on.
-    fn perform(&mut self) -> Result<(), ConsumerError> {
+    /// Performs the actions the machine has decided on, up to a read:
+    /// `true` when it stopped after requesting one (the rest wait for the
+    /// next call).
+    fn perform(&mut self) -> Result<bool, ConsumerError> {
         let ctx = self.ctx;
-        while let Some(action) = self.machine.as_mut().and_then(Machine::poll_action) {
+        let mut read_requested = false;
+        while !read_requested {
+            let Some(action) = self.machine.as_mut().and_then(Machine::poll_action) else {
+                break;
+            };
             match action {
                 Action::Read {
                     after,
                     count,
                     max_bytes,
+                    read_ahead,
                 } => {
                     // One entry more than dispatched, as a look-ahead for
                     // trim detection (see `trim`); not in the reference's
@@ -780,6 +802,8 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                         after,
                         count: asked,
                         max_bytes,
+                        dispatch: count,
+                        read_ahead,
                     };
                     if !self.reader.request(request) {
                         return Err(ConsumerError::Redis {
@@ -789,8 +813,19 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                     }
                     self.stats().read();
                     self.read_in_flight = Some((count, look_ahead));
+                    read_requested = true;
                 }
-                Action::Start(job) => self.running.push(Box::pin(ctx.run_job(job))),
+                Action::Start(job) => {
+                    // A handler that finishes without waiting (an absorbed
+                    // event, a cache hit) is done here, without a trip
+                    // through the set of running jobs. A job that must wait
+                    // joins the set, which polls it again with its own waker.
+                    let mut job: JobFuture<'a> = Box::pin(ctx.run_job(job));
+                    match job.as_mut().now_or_never() {
+                        Some(done) => self.on_done(done),
+                        None => self.running.push(job),
+                    }
+                }
                 Action::Save(offset) => {
                     let expected = self.machine.as_ref().and_then(Machine::saved_offset);
                     self.save = Some(start_save(
@@ -812,7 +847,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                 changed
             });
         }
-        Ok(())
+        Ok(read_requested)
     }
 
     fn on_done(&mut self, done: Done) {
@@ -820,7 +855,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             self.fault = Some(fault);
         }
         if let Some(machine) = self.machine.as_mut() {
-            machine.completed(done.id, &done.key, done.completion);
+            machine.completed(done.id, done.key, done.completion);
         }
     }
 
@@ -895,10 +930,10 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
         for view in batch.iter().take(dispatch) {
             let id = view.id();
             view.fields_into(&mut fields);
-            let item = match decoder.decode(id, &fields) {
+            let job = match decoder.decode(id, &fields) {
                 Decoded::Handle(item) => {
-                    let key = decoder.ordering_key(&item).to_owned();
-                    Some((item, key))
+                    let key = KeyHash::of(&self.keys, decoder.ordering_key(&item));
+                    Some(Box::new(Job { id, item, key }))
                 }
                 Decoded::Malformed(reason) => {
                     warn!(stream_entry_id = %id, err = %reason, "malformed entry absorbed");
@@ -914,7 +949,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             ids.push(id);
             arrivals.push(Arrival {
                 id,
-                item,
+                job,
                 cost: entry_cost(view.size(), view.field_count()),
             });
         }
@@ -1102,7 +1137,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                     if let Some(fault) = &done.fault {
                         error!(err = %fault, "an entry failed while shutting down");
                     }
-                    machine.completed(done.id, &done.key, done.completion);
+                    machine.completed(done.id, done.key, done.completion);
                 }
                 Ok(None) => break,
                 Err(_) => {
@@ -1358,11 +1393,11 @@ mod tests {
             jobs: std::sync::Mutex::new(cancel.child_token()),
             hold: tokio::sync::watch::Sender::new(released_after.is_some()),
         };
-        let job = ctx.run_job(Job {
+        let job = ctx.run_job(Box::new(Job {
             id: EntryId::new(1, 0),
             item: "u".to_owned(),
-            key: "u".to_owned(),
-        });
+            key: KeyHash::from_raw(1),
+        }));
         let release = async {
             if let Some(after) = released_after {
                 tokio::time::sleep(after).await;

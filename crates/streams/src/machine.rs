@@ -16,14 +16,14 @@
 //! Tests drive it step by step, and a property test over random
 //! interleavings checks those invariants without Redis.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use lifecycle_domain::EntryId;
 
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::config::Checkpoint;
-use crate::window::KeyQueues;
+use crate::window::{KeyHash, KeyQueues, ReadyJobs};
 
 /// What one held entry costs beyond its bytes: its job, its slot in the
 /// window, its key and the allocator's rounding.
@@ -56,7 +56,7 @@ pub(crate) struct Job<T> {
     /// The decoded item.
     pub item: T,
     /// Its ordering key.
-    pub key: String,
+    pub key: KeyHash,
 }
 
 /// One entry of a batch, as the driver decoded it.
@@ -64,9 +64,10 @@ pub(crate) struct Job<T> {
 pub(crate) struct Arrival<T> {
     /// The entry's id.
     pub id: EntryId,
-    /// The item and its key; `None` for an entry absorbed at once
-    /// (malformed, unknown type, too large).
-    pub item: Option<(T, String)>,
+    /// Its job, boxed once so that only a pointer moves from here to the
+    /// handler; `None` for an entry absorbed at once (malformed, unknown
+    /// type, too large).
+    pub job: Option<Box<Job<T>>>,
     /// What the entry costs while held (see [`entry_cost`]).
     pub cost: usize,
 }
@@ -93,9 +94,12 @@ pub(crate) enum Action<T> {
         count: usize,
         /// Parsed bytes the reply may hold.
         max_bytes: usize,
+        /// Whether the reader may send the read after this one before it is
+        /// asked for: the held bytes leave room for two whole replies.
+        read_ahead: bool,
     },
     /// Start the handler on this job.
-    Start(Job<T>),
+    Start(Box<Job<T>>),
     /// Store this offset.
     Save(EntryId),
 }
@@ -153,10 +157,10 @@ pub(crate) struct Machine<T> {
     /// passes one.
     batch_ends: VecDeque<EntryId>,
     held_bytes: usize,
-    /// Jobs whose key is free, by id: the oldest starts first.
-    ready: BTreeMap<EntryId, Job<T>>,
+    /// Jobs whose key is free: the oldest starts first.
+    ready: ReadyJobs<Box<Job<T>>>,
     /// Jobs waiting behind their key's running job.
-    queues: KeyQueues<Job<T>>,
+    queues: KeyQueues<Box<Job<T>>>,
     running: usize,
     /// The watermark: every entry up to it is finished.
     finished: EntryId,
@@ -212,7 +216,7 @@ impl<T> Machine<T> {
             window: VecDeque::new(),
             batch_ends: VecDeque::new(),
             held_bytes: 0,
-            ready: BTreeMap::new(),
+            ready: ReadyJobs::default(),
             queues: KeyQueues::new(),
             running: 0,
             finished: start,
@@ -255,18 +259,8 @@ impl<T> Machine<T> {
         if self.stopping {
             return;
         }
-        // No job starts while an offset save is in flight: what a crash
-        // replays is then what the save covers and no more (one batch, or
-        // with every-entry checkpoints the reference's nothing), at the cost
-        // of one round trip per save.
-        let saving = self.verifying != Verifying::No || self.save_in_flight.is_some();
-        while self.running < self.settings.concurrency && !saving {
-            let Some((_, job)) = self.ready.pop_first() else {
-                break;
-            };
-            self.running += 1;
-            self.actions.push_back(Action::Start(job));
-        }
+        // The read goes first: Redis prepares the next batch while this
+        // one's jobs run.
         if self.reading == Reading::Idle {
             if let Some(count) = self.read_count() {
                 self.reading = Reading::InFlight { count };
@@ -274,8 +268,21 @@ impl<T> Machine<T> {
                     after: self.read_after,
                     count,
                     max_bytes: self.settings.max_reply_bytes,
+                    read_ahead: self.room_for_two_replies(count),
                 });
             }
+        }
+        // No job starts while an offset save is in flight: what a crash
+        // replays is then what the save covers and no more (one batch, or
+        // with every-entry checkpoints the reference's nothing), at the cost
+        // of one round trip per save.
+        let saving = self.verifying != Verifying::No || self.save_in_flight.is_some();
+        while self.running < self.settings.concurrency && !saving {
+            let Some(job) = self.ready.pop_oldest() else {
+                break;
+            };
+            self.running += 1;
+            self.actions.push_back(Action::Start(job));
         }
     }
 
@@ -297,6 +304,18 @@ impl<T> Machine<T> {
             / ENTRY_OVERHEAD;
         let enough = self.batch_size.min(when_empty / 2).max(1);
         (affordable >= enough).then(|| affordable.min(self.batch_size))
+    }
+
+    /// Whether the held bytes leave room for two replies of `count` entries:
+    /// the one asked for and one read ahead, which the reader holds until
+    /// the next read takes or drops it.
+    fn room_for_two_replies(&self, count: usize) -> bool {
+        let two = self
+            .settings
+            .max_reply_bytes
+            .saturating_add(count.saturating_mul(ENTRY_OVERHEAD))
+            .saturating_mul(2);
+        self.held_bytes.saturating_add(two) <= self.settings.max_held_bytes
     }
 
     /// Whether the watermark is ahead of what is stored.
@@ -370,7 +389,7 @@ impl<T> Machine<T> {
     }
 
     fn admit(&mut self, arrival: Arrival<T>) {
-        let Arrival { id, item, cost } = arrival;
+        let Arrival { id, job, cost } = arrival;
         if self.window.back().is_some_and(|last| last.id >= id) || id <= self.finished {
             // Never from Redis: ids grow along a stream.
             return;
@@ -378,7 +397,7 @@ impl<T> Machine<T> {
         if self.drain_target.is_some_and(|target| id > target) {
             return;
         }
-        match item {
+        match job {
             None => {
                 self.window.push_back(Slot {
                     id,
@@ -388,29 +407,22 @@ impl<T> Machine<T> {
                 self.held_bytes += SLOT_BYTES;
                 self.advance();
             }
-            Some((item, key)) => {
+            Some(job) => {
                 self.window.push_back(Slot {
                     id,
                     finished: false,
                     cost,
                 });
                 self.held_bytes += cost;
-                if let Some(job) = self.queues.offer(
-                    &key,
-                    Job {
-                        id,
-                        item,
-                        key: key.clone(),
-                    },
-                ) {
-                    self.ready.insert(id, job);
+                if let Some(job) = self.queues.offer(job.key, job) {
+                    self.ready.admit(id, job);
                 }
             }
         }
     }
 
     /// A job ended.
-    pub(crate) fn completed(&mut self, id: EntryId, key: &str, completion: Completion) {
+    pub(crate) fn completed(&mut self, id: EntryId, key: KeyHash, completion: Completion) {
         self.running = self.running.saturating_sub(1);
         if self.rewind_to.is_some() {
             self.finish_rewind();
@@ -421,10 +433,16 @@ impl<T> Machine<T> {
         }
         if let Some(next) = self.queues.release(key) {
             if !self.stopping {
-                self.ready.insert(next.id, next);
+                self.ready.release(next.id, next);
             }
         }
-        if let Ok(index) = self.window.binary_search_by(|slot| slot.id.cmp(&id)) {
+        // Jobs mostly end oldest first: the front is the usual place.
+        let index = if self.window.front().is_some_and(|slot| slot.id == id) {
+            Ok(0)
+        } else {
+            self.window.binary_search_by(|slot| slot.id.cmp(&id))
+        };
+        if let Ok(index) = index {
             if let Some(slot) = self.window.get_mut(index) {
                 if !slot.finished {
                     slot.finished = true;
@@ -523,7 +541,7 @@ impl<T> Machine<T> {
     pub(crate) fn absorb_oversized(&mut self, id: EntryId) {
         self.admit(Arrival {
             id,
-            item: None,
+            job: None,
             cost: 0,
         });
         self.read_after = self.read_after.max(id);
@@ -691,7 +709,7 @@ impl<T> Machine<T> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::collections::{BTreeSet, HashMap};
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
 
     fn id(n: u64) -> EntryId {
         EntryId::new(n, 0)
@@ -708,10 +726,22 @@ mod tests {
         }
     }
 
-    fn job(n: u64, key: &str) -> Arrival<u64> {
+    /// A key's hash, the same in every run (FNV-1a).
+    fn key(name: &str) -> KeyHash {
+        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+        KeyHash::from_raw(hash)
+    }
+
+    fn job(n: u64, name: &str) -> Arrival<u64> {
         Arrival {
             id: id(n),
-            item: Some((n, key.to_owned())),
+            job: Some(Box::new(Job {
+                id: id(n),
+                item: n,
+                key: key(name),
+            })),
             cost: 1000,
         }
     }
@@ -719,7 +749,7 @@ mod tests {
     fn absorbed(n: u64) -> Arrival<u64> {
         Arrival {
             id: id(n),
-            item: None,
+            job: None,
             cost: 1000,
         }
     }
@@ -793,9 +823,9 @@ mod tests {
             vec![(id(3), 4)],
             "the next read is pipelined"
         );
-        machine.completed(id(1), "a", Completion::Finished);
+        machine.completed(id(1), key("a"), Completion::Finished);
         assert_eq!(started(&drain(&mut machine)), vec![2]);
-        machine.completed(id(2), "a", Completion::Finished);
+        machine.completed(id(2), key("a"), Completion::Finished);
         assert_eq!(started(&drain(&mut machine)), vec![3]);
     }
 
@@ -809,9 +839,9 @@ mod tests {
             100,
         );
         assert_eq!(started(&drain(&mut machine)), vec![1, 2]);
-        machine.completed(id(2), "b", Completion::Finished);
+        machine.completed(id(2), key("b"), Completion::Finished);
         assert!(started(&drain(&mut machine)).is_empty());
-        machine.completed(id(1), "a", Completion::Finished);
+        machine.completed(id(1), key("a"), Completion::Finished);
         assert_eq!(started(&drain(&mut machine)), vec![3]);
     }
 
@@ -825,9 +855,9 @@ mod tests {
             100,
         );
         drain(&mut machine);
-        machine.completed(id(2), "b", Completion::Finished);
+        machine.completed(id(2), key("b"), Completion::Finished);
         assert!(saves(&drain(&mut machine)).is_empty(), "1 holds the offset");
-        machine.completed(id(1), "a", Completion::Finished);
+        machine.completed(id(1), key("a"), Completion::Finished);
         assert_eq!(saves(&drain(&mut machine)), vec![id(3)]);
     }
 
@@ -859,14 +889,14 @@ mod tests {
             100,
         );
         drain(&mut machine);
-        machine.completed(id(1), "a", Completion::Finished);
+        machine.completed(id(1), key("a"), Completion::Finished);
         assert!(
             saves(&drain(&mut machine)).is_empty(),
             "the batch is not finished"
         );
-        machine.completed(id(2), "b", Completion::Finished);
+        machine.completed(id(2), key("b"), Completion::Finished);
         assert!(saves(&drain(&mut machine)).is_empty());
-        machine.completed(id(3), "c", Completion::Finished);
+        machine.completed(id(3), key("c"), Completion::Finished);
         assert_eq!(saves(&drain(&mut machine)), vec![id(3)]);
         machine.saved(id(3));
         // Idle with a batch still open behind a failing entry: saved as far
@@ -879,9 +909,9 @@ mod tests {
             100,
         );
         drain(&mut machine);
-        machine.completed(id(1), "a", Completion::Finished);
+        machine.completed(id(1), key("a"), Completion::Finished);
         assert!(saves(&drain(&mut machine)).is_empty(), "2 is ready");
-        machine.completed(id(2), "a", Completion::Finished);
+        machine.completed(id(2), key("a"), Completion::Finished);
         assert_eq!(saves(&drain(&mut machine)), vec![id(3)]);
     }
 
@@ -893,7 +923,7 @@ mod tests {
         drain(&mut machine);
         machine.batch_received(vec![job(1, "a"), job(2, "b")], Some(id(2)), 100);
         assert_eq!(started(&drain(&mut machine)), vec![1]);
-        machine.completed(id(1), "a", Completion::Finished);
+        machine.completed(id(1), key("a"), Completion::Finished);
         let actions = drain(&mut machine);
         assert_eq!(saves(&actions), vec![id(1)]);
         assert!(
@@ -913,7 +943,7 @@ mod tests {
         machine.batch_received(vec![job(1, "a"), job(2, "b")], Some(id(2)), 100);
         let actions = drain(&mut machine);
         assert!(saves(&actions).is_empty(), "nothing finished yet");
-        machine.completed(id(1), "a", Completion::Finished);
+        machine.completed(id(1), key("a"), Completion::Finished);
         assert_eq!(saves(&drain(&mut machine)), vec![id(1)]);
     }
 
@@ -926,7 +956,11 @@ mod tests {
         assert_eq!(reads(&first), vec![(id(0), 3)], "the count fits the budget");
         let big = |n| Arrival {
             id: id(n),
-            item: Some((n, format!("k{n}"))),
+            job: Some(Box::new(Job {
+                id: id(n),
+                item: n,
+                key: key(&format!("k{n}")),
+            })),
             cost: 2 * ENTRY_OVERHEAD,
         };
         machine.batch_received(vec![big(1)], Some(id(1)), 100);
@@ -936,8 +970,42 @@ mod tests {
         let actions = drain(&mut machine);
         assert!(reads(&actions).is_empty(), "no room: reading pauses");
         assert!(machine.held_bytes() <= config.max_held_bytes);
-        machine.completed(id(1), "k1", Completion::Finished);
+        machine.completed(id(1), key("k1"), Completion::Finished);
         assert_eq!(reads(&drain(&mut machine)).len(), 1, "room again");
+    }
+
+    #[test]
+    fn the_next_read_is_sent_ahead_only_while_two_replies_fit() {
+        let mut config = settings(1);
+        let reply = config.max_reply_bytes + 4 * ENTRY_OVERHEAD;
+        config.max_held_bytes = 2 * reply + ENTRY_OVERHEAD;
+        let read_ahead = |actions: &[Action<u64>]| -> Vec<bool> {
+            actions
+                .iter()
+                .filter_map(|action| match action {
+                    Action::Read { read_ahead, .. } => Some(*read_ahead),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut machine = Machine::new(config, id(0), Some(id(0)), false, None);
+        assert_eq!(read_ahead(&drain(&mut machine)), vec![true]);
+        let held = |n| Arrival {
+            id: id(n),
+            job: Some(Box::new(Job {
+                id: id(n),
+                item: n,
+                key: key("k"),
+            })),
+            cost: 2 * ENTRY_OVERHEAD,
+        };
+        machine.batch_received(vec![held(1)], Some(id(1)), 100);
+        let actions = drain(&mut machine);
+        assert_eq!(reads(&actions), vec![(id(1), 4)], "one reply still fits");
+        assert_eq!(read_ahead(&actions), vec![false], "two no longer do");
+        machine.completed(id(1), key("k"), Completion::Finished);
+        machine.batch_received(Vec::new(), None, 0);
+        assert_eq!(read_ahead(&drain(&mut machine)), vec![true], "room again");
     }
 
     #[test]
@@ -952,8 +1020,8 @@ mod tests {
         let actions = drain(&mut machine);
         assert_eq!(started(&actions), vec![1, 2]);
         assert_eq!(reads(&actions), vec![(id(3), 4)]);
-        machine.completed(id(1), "a", Completion::Finished);
-        machine.completed(id(2), "b", Completion::Finished);
+        machine.completed(id(1), key("a"), Completion::Finished);
+        machine.completed(id(2), key("b"), Completion::Finished);
         let actions = drain(&mut machine);
         assert_eq!(started(&actions), vec![3]);
         // The save of 2 finds the store emptied (Redis lost it).
@@ -968,7 +1036,7 @@ mod tests {
             drain(&mut machine).is_empty(),
             "the reply for the old position is dropped"
         );
-        machine.completed(id(3), "a", Completion::Finished);
+        machine.completed(id(3), key("a"), Completion::Finished);
         assert!(!machine.rewinding());
         assert_eq!(machine.finished(), id(0));
         assert_eq!(machine.saved_offset(), None);
@@ -1011,7 +1079,11 @@ mod tests {
         let mut machine = Machine::new(config, id(0), Some(id(0)), false, None);
         let entry = |n: u64| Arrival {
             id: id(n),
-            item: Some((n, "k".to_owned())),
+            job: Some(Box::new(Job {
+                id: id(n),
+                item: n,
+                key: key("k"),
+            })),
             cost: ENTRY_OVERHEAD,
         };
         assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 4)]);
@@ -1019,13 +1091,13 @@ mod tests {
         assert_eq!(reads(&drain(&mut machine)), vec![(id(4), 4)]);
         machine.batch_received((5..=8).map(entry).collect(), Some(id(8)), 100);
         assert!(reads(&drain(&mut machine)).is_empty(), "the cap is reached");
-        machine.completed(id(1), "k", Completion::Finished);
+        machine.completed(id(1), key("k"), Completion::Finished);
         assert!(
             reads(&drain(&mut machine)).is_empty(),
             "one entry's room is not worth a read"
         );
         for n in 2..=4 {
-            machine.completed(id(n), "k", Completion::Finished);
+            machine.completed(id(n), key("k"), Completion::Finished);
         }
         assert_eq!(reads(&drain(&mut machine)), vec![(id(8), 4)]);
     }
@@ -1037,7 +1109,7 @@ mod tests {
         machine.batch_received(vec![job(1, "a"), job(2, "b")], Some(id(2)), 100);
         drain(&mut machine);
         machine.stop();
-        machine.completed(id(1), "a", Completion::Finished);
+        machine.completed(id(1), key("a"), Completion::Finished);
         let actions = drain(&mut machine);
         assert!(started(&actions).is_empty());
         assert!(reads(&actions).is_empty());
@@ -1051,7 +1123,7 @@ mod tests {
         machine.batch_received(vec![job(1, "a")], Some(id(1)), 100);
         drain(&mut machine);
         machine.stop();
-        machine.completed(id(1), "a", Completion::Interrupted);
+        machine.completed(id(1), key("a"), Completion::Interrupted);
         assert!(saves(&drain(&mut machine)).is_empty());
         assert_eq!(machine.finished(), id(0));
     }
@@ -1068,8 +1140,8 @@ mod tests {
         let actions = drain(&mut machine);
         assert_eq!(started(&actions), vec![1, 2]);
         assert!(reads(&actions).is_empty(), "the target was read");
-        machine.completed(id(1), "a", Completion::Finished);
-        machine.completed(id(2), "b", Completion::Finished);
+        machine.completed(id(1), key("a"), Completion::Finished);
+        machine.completed(id(2), key("b"), Completion::Finished);
         let actions = drain(&mut machine);
         assert_eq!(saves(&actions), vec![id(2)]);
         assert!(!machine.drained(), "the save is in flight");
@@ -1154,7 +1226,7 @@ mod tests {
         stored: Option<EntryId>,
         /// Entries whose handling finished (handled at least once).
         done: BTreeSet<u64>,
-        running: Vec<(u64, String)>,
+        running: Vec<(u64, KeyHash)>,
         /// The save in flight and what the machine expected to be stored.
         save_in_flight: Option<(EntryId, Option<EntryId>)>,
         /// Every offset the store held, oldest first.
@@ -1167,7 +1239,7 @@ mod tests {
         seen_epoch: u64,
         read_in_flight: Option<(EntryId, usize)>,
         /// Per key, the ids started by the current machine, in order.
-        starts: HashMap<String, Vec<u64>>,
+        starts: HashMap<KeyHash, Vec<u64>>,
         /// The last id started by the current machine.
         last_start: Option<u64>,
     }
@@ -1195,19 +1267,32 @@ mod tests {
         fn perform(&mut self) -> Result<(), TestCaseError> {
             while let Some(action) = self.machine.poll_action() {
                 match action {
-                    Action::Read { after, count, .. } => {
+                    Action::Read {
+                        after,
+                        count,
+                        read_ahead,
+                        ..
+                    } => {
                         prop_assert!(self.read_in_flight.is_none());
+                        // The replies this read may bring (its own, and
+                        // one read ahead) fit beside what is held.
+                        let replies = if read_ahead { 2 } else { 1 };
+                        let reserved =
+                            replies * (self.config.max_reply_bytes + count * ENTRY_OVERHEAD);
+                        prop_assert!(
+                            self.machine.held_bytes() + reserved <= self.config.max_held_bytes
+                        );
                         self.read_in_flight = Some((after, count));
                     }
                     Action::Start(job) => {
                         prop_assert!(
                             !self.running.iter().any(|(_, key)| *key == job.key),
-                            "key {} ran twice at once",
+                            "key {:?} ran twice at once",
                             job.key
                         );
-                        let order = self.starts.entry(job.key.clone()).or_default();
+                        let order = self.starts.entry(job.key).or_default();
                         if let Some(previous) = order.last() {
-                            prop_assert!(*previous < job.item, "key {} out of order", job.key);
+                            prop_assert!(*previous < job.item, "key {:?} out of order", job.key);
                         }
                         order.push(job.item);
                         if self.config.concurrency == 1 {
@@ -1251,18 +1336,22 @@ mod tests {
                         let cost = self.config.max_reply_bytes / count.max(1) + ENTRY_OVERHEAD;
                         let arrivals = batch
                             .into_iter()
-                            .map(|(n, key)| {
+                            .map(|(n, name): (u64, String)| {
                                 if n % 3 == 0 {
                                     self.done.insert(n);
                                     Arrival {
                                         id: id(n),
-                                        item: None,
+                                        job: None,
                                         cost,
                                     }
                                 } else {
                                     Arrival {
                                         id: id(n),
-                                        item: Some((n, key)),
+                                        job: Some(Box::new(Job {
+                                            id: id(n),
+                                            item: n,
+                                            key: key(&name),
+                                        })),
                                         cost,
                                     }
                                 }
@@ -1275,7 +1364,7 @@ mod tests {
                     if !self.running.is_empty() {
                         let (n, key) = self.running.remove(index % self.running.len());
                         self.done.insert(n);
-                        self.machine.completed(id(n), &key, Completion::Finished);
+                        self.machine.completed(id(n), key, Completion::Finished);
                     }
                 }
                 Step::ReadFault => {
@@ -1323,7 +1412,7 @@ mod tests {
                 Step::Restart => {
                     self.machine.stop();
                     for (n, key) in std::mem::take(&mut self.running) {
-                        self.machine.completed(id(n), &key, Completion::Interrupted);
+                        self.machine.completed(id(n), key, Completion::Interrupted);
                     }
                     self.read_in_flight = None;
                     self.save_in_flight = None;
@@ -1370,10 +1459,14 @@ mod tests {
         #[test]
         fn the_guarantees_hold_over_random_interleavings(
             concurrency in 1usize..6,
+            roomy in any::<bool>(),
             steps in proptest::collection::vec(step(), 1..200),
         ) {
             let mut config = settings(concurrency);
-            config.max_held_bytes = config.max_reply_bytes + 8 * ENTRY_OVERHEAD;
+            // Tight: reading pauses often; roomy: reads go ahead at times.
+            let replies = if roomy { 2 } else { 1 };
+            config.max_held_bytes =
+                replies * (config.max_reply_bytes + 4 * ENTRY_OVERHEAD) + 8 * ENTRY_OVERHEAD;
             let mut world = World::new(config);
             world.perform()?;
             for step in steps {

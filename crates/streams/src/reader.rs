@@ -8,6 +8,17 @@
 //! answer: the driver only awaits the channel, which is cancellation-safe.
 //! The response timeout wraps the receipt of one reply, so a connection
 //! stalled mid-reply is cut after that long whatever the driver is doing.
+//!
+//! Reading ahead: when a request allows it and its reply was full (more
+//! entries likely follow), the task sends the next read, after the last
+//! entry handed over, as soon as the reply is parsed and before handing it
+//! over. Redis then prepares the next batch while the driver decodes and
+//! handles this one. The driver's next request takes that reply when it
+//! asks for the same read; any other request (a rewind, a smaller count)
+//! drops it and reads afresh. The read ahead never blocks, so it never
+//! holds a different request back for a blocking read's timeout; an empty
+//! answer to it is not handed over where the request would block. The
+//! machine allows it only while its byte budget has room for two replies.
 
 use std::time::Duration;
 
@@ -29,6 +40,36 @@ pub(crate) struct ReadRequest {
     pub count: usize,
     /// Parsed bytes the reply may hold.
     pub max_bytes: usize,
+    /// Entries the driver hands on (the rest, if any, is a look-ahead):
+    /// the next read starts after the last of them.
+    pub dispatch: usize,
+    /// Whether the next read may be sent ahead (see the module doc).
+    pub read_ahead: bool,
+}
+
+impl ReadRequest {
+    /// The read that follows this one, answered by `batch`, when it may be
+    /// sent ahead: allowed, and the reply full.
+    fn next(&self, batch: &crate::resp::Batch) -> Option<Self> {
+        if !self.read_ahead || batch.len() < self.count {
+            return None;
+        }
+        let last = batch
+            .entry(self.dispatch.min(batch.len()).checked_sub(1)?)?
+            .id();
+        Some(Self {
+            after: last,
+            ..*self
+        })
+    }
+
+    /// Whether a read ahead for `self` may answer `asked`.
+    fn answers(&self, asked: &Self) -> bool {
+        self.after == asked.after
+            && self.count == asked.count
+            && self.max_bytes == asked.max_bytes
+            && self.dispatch == asked.dispatch
+    }
 }
 
 /// The outcome of one read.
@@ -110,6 +151,12 @@ impl Drop for Reader {
     }
 }
 
+/// A read sent ahead of its request, and its answer once received.
+struct ReadAhead {
+    request: ReadRequest,
+    outcome: Option<Result<Received, ReadError>>,
+}
+
 /// The reader task: one request at a time, until stopped.
 async fn read_loop(
     settings: ReaderSettings,
@@ -119,7 +166,24 @@ async fn read_loop(
 ) {
     let mut conn: Option<ReadConnection> = None;
     let mut faulted = false;
+    let mut ahead: Option<ReadAhead> = None;
     loop {
+        // Receive the read sent ahead while the driver works.
+        if let (Some(read), Some(reader)) = (
+            ahead.as_mut().filter(|read| read.outcome.is_none()),
+            conn.as_mut(),
+        ) {
+            let outcome = tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                outcome = receive(&settings, reader, read.request) => outcome,
+            };
+            if outcome.is_err() {
+                conn = None;
+                faulted = true;
+            }
+            read.outcome = Some(outcome);
+        }
         let request = tokio::select! {
             biased;
             () = stop.cancelled() => break,
@@ -128,14 +192,41 @@ async fn read_loop(
                 None => break,
             },
         };
-        let outcome = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            outcome = read_once(&settings, &mut conn, request) => outcome,
+        let taken = ahead.take().and_then(|read| {
+            let outcome = read.outcome?;
+            let blocking_and_empty = settings.block.is_some()
+                && outcome
+                    .as_ref()
+                    .is_ok_and(|received| received.batch.is_empty());
+            (read.request.answers(&request) && !blocking_and_empty).then_some(outcome)
+        });
+        let outcome = match taken {
+            Some(Ok(received)) => Ok((received, false)),
+            Some(Err(err)) => Err(err),
+            None => tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                outcome = read_once(&settings, &mut conn, request) => outcome,
+            },
         };
         let event = match outcome {
             Ok((received, reconnected)) => {
                 let reconnected = reconnected && std::mem::take(&mut faulted);
+                if let (Some(next), Some(reader)) = (request.next(&received.batch), conn.as_mut()) {
+                    match send(&settings, reader, next, None).await {
+                        Ok(()) => {
+                            ahead = Some(ReadAhead {
+                                request: next,
+                                outcome: None,
+                            });
+                        }
+                        Err(_) => {
+                            // Reported, if it lasts, by the next read.
+                            conn = None;
+                            faulted = true;
+                        }
+                    }
+                }
                 ReaderEvent::Batch {
                     received,
                     reconnected,
@@ -158,6 +249,32 @@ async fn read_loop(
     }
 }
 
+/// Sends `request`'s read with its probe, blocking for `block` if given.
+async fn send(
+    settings: &ReaderSettings,
+    reader: &mut ReadConnection,
+    request: ReadRequest,
+    block: Option<Duration>,
+) -> Result<(), ReadError> {
+    reader
+        .send_xread(&settings.stream, request.after, request.count, block, true)
+        .await
+}
+
+/// Receives the reply to the oldest read sent, within the response timeout.
+async fn receive(
+    settings: &ReaderSettings,
+    reader: &mut ReadConnection,
+    request: ReadRequest,
+) -> Result<Received, ReadError> {
+    tokio::time::timeout(
+        settings.response_timeout,
+        reader.receive_batch(request.max_bytes),
+    )
+    .await
+    .map_err(|_| ReadError::Timeout(settings.response_timeout))?
+}
+
 /// Connects if needed, sends the read with its probe and receives the reply
 /// within the response timeout. The flag says whether it connected.
 async fn read_once(
@@ -177,20 +294,72 @@ async fn read_once(
             .await?,
         ),
     };
-    reader
-        .send_xread(
-            &settings.stream,
-            request.after,
-            request.count,
-            settings.block,
-            true,
-        )
-        .await?;
-    let received = tokio::time::timeout(
-        settings.response_timeout,
-        reader.receive_batch(request.max_bytes),
-    )
-    .await
-    .map_err(|_| ReadError::Timeout(settings.response_timeout))??;
+    send(settings, reader, request, settings.block).await?;
+    let received = receive(settings, reader, request).await?;
     Ok((received, connected))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::resp::test_replies::{parse_all, reply};
+
+    fn request(count: usize, dispatch: usize, read_ahead: bool) -> ReadRequest {
+        ReadRequest {
+            after: EntryId::new(1, 0),
+            count,
+            max_bytes: 4096,
+            dispatch,
+            read_ahead,
+        }
+    }
+
+    fn batch(ids: &[&str]) -> crate::resp::Batch {
+        let entries: Vec<(&str, &[&[u8]])> = ids.iter().map(|id| (*id, &[][..])).collect();
+        parse_all(&reply(&entries)).1
+    }
+
+    #[test]
+    fn a_full_reply_is_followed_by_a_read_after_its_last_dispatched_entry() {
+        let full = batch(&["2-0", "3-0", "4-0"]);
+        let next = request(3, 2, true).next(&full).unwrap();
+        assert_eq!(
+            next.after,
+            EntryId::new(3, 0),
+            "the look-ahead entry is read again"
+        );
+        assert_eq!((next.count, next.dispatch, next.max_bytes), (3, 2, 4096));
+        let without_look_ahead = request(3, 3, true).next(&full).unwrap();
+        assert_eq!(without_look_ahead.after, EntryId::new(4, 0));
+    }
+
+    #[test]
+    fn no_read_ahead_unless_allowed_and_the_reply_was_full() {
+        let full = batch(&["2-0", "3-0", "4-0"]);
+        assert_eq!(request(3, 2, false).next(&full), None);
+        assert_eq!(request(4, 3, true).next(&full), None, "caught up");
+        assert_eq!(request(1, 1, true).next(&batch(&[])).map(|r| r.after), None);
+    }
+
+    #[test]
+    fn a_read_ahead_answers_only_the_same_read() {
+        let ahead = request(3, 2, true);
+        assert!(
+            ahead.answers(&request(3, 2, false)),
+            "the next permission aside"
+        );
+        assert!(!ahead.answers(&request(2, 2, true)), "a smaller count");
+        assert!(!ahead.answers(&request(3, 3, true)));
+        let rewound = ReadRequest {
+            after: EntryId::ZERO,
+            ..ahead
+        };
+        assert!(!ahead.answers(&rewound));
+        let smaller = ReadRequest {
+            max_bytes: 1024,
+            ..ahead
+        };
+        assert!(!ahead.answers(&smaller));
+    }
 }

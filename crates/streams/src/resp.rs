@@ -632,10 +632,11 @@ pub fn encode_command(out: &mut Vec<u8>, args: &[&[u8]]) {
     }
 }
 
+/// Replies built and parsed for tests.
 #[cfg(test)]
-mod tests {
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+pub(crate) mod test_replies {
     use super::*;
-    use proptest::prelude::*;
 
     fn bulk(out: &mut Vec<u8>, text: &[u8]) {
         out.extend_from_slice(format!("${}\r\n", text.len()).as_bytes());
@@ -643,7 +644,8 @@ mod tests {
         out.extend_from_slice(b"\r\n");
     }
 
-    fn reply(entries: &[(&str, &[&[u8]])]) -> Vec<u8> {
+    /// An `XREAD` reply holding `entries` (id, then names and values).
+    pub(crate) fn reply(entries: &[(&str, &[&[u8]])]) -> Vec<u8> {
         let mut out = b"*1\r\n*2\r\n".to_vec();
         bulk(&mut out, b"user:lifecycle_events");
         out.extend_from_slice(format!("*{}\r\n", entries.len()).as_bytes());
@@ -658,7 +660,8 @@ mod tests {
         out
     }
 
-    fn parse_all(bytes: &[u8]) -> (usize, Batch) {
+    /// `bytes` parsed whole: its length and the batch.
+    pub(crate) fn parse_all(bytes: &[u8]) -> (usize, Batch) {
         let mut parser = XreadParser::new();
         match parser.parse(bytes).unwrap() {
             Parsed::Complete(len) => {
@@ -668,6 +671,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_replies::{parse_all, reply};
+    use super::*;
+    use proptest::prelude::*;
 
     fn pairs(view: &EntryView<'_>) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut fields = Vec::new();
