@@ -414,7 +414,11 @@ impl<T> Machine<T> {
                     cost,
                 });
                 self.held_bytes += cost;
-                if let Some(job) = self.queues.offer(job.key, job) {
+                if self.settings.concurrency == 1 {
+                    // One job at a time, oldest first: every key is in
+                    // order without its own queue.
+                    self.ready.admit(id, job);
+                } else if let Some(job) = self.queues.offer(job.key, job) {
                     self.ready.admit(id, job);
                 }
             }
@@ -431,7 +435,12 @@ impl<T> Machine<T> {
         if completion == Completion::Interrupted {
             return;
         }
-        if let Some(next) = self.queues.release(key) {
+        let next = if self.settings.concurrency > 1 {
+            self.queues.release(key)
+        } else {
+            None
+        };
+        if let Some(next) = next {
             if !self.stopping {
                 self.ready.release(next.id, next);
             }
