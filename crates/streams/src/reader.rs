@@ -213,7 +213,12 @@ async fn read_loop(
             Ok((received, reconnected)) => {
                 let reconnected = reconnected && std::mem::take(&mut faulted);
                 if let (Some(next), Some(reader)) = (request.next(&received.batch), conn.as_mut()) {
-                    match send(&settings, reader, next, None).await {
+                    let sent = tokio::select! {
+                        biased;
+                        () = stop.cancelled() => break,
+                        sent = send(&settings, reader, next, None) => sent,
+                    };
+                    match sent {
                         Ok(()) => {
                             ahead = Some(ReadAhead {
                                 request: next,
@@ -249,16 +254,21 @@ async fn read_loop(
     }
 }
 
-/// Sends `request`'s read with its probe, blocking for `block` if given.
+/// Sends `request`'s read with its probe, blocking for `block` if given,
+/// within the response timeout (a server that stopped reading fills the
+/// socket's buffer).
 async fn send(
     settings: &ReaderSettings,
     reader: &mut ReadConnection,
     request: ReadRequest,
     block: Option<Duration>,
 ) -> Result<(), ReadError> {
-    reader
-        .send_xread(&settings.stream, request.after, request.count, block, true)
-        .await
+    tokio::time::timeout(
+        settings.response_timeout,
+        reader.send_xread(&settings.stream, request.after, request.count, block, true),
+    )
+    .await
+    .map_err(|_| ReadError::Timeout(settings.response_timeout))?
 }
 
 /// Receives the reply to the oldest read sent, within the response timeout.
