@@ -57,6 +57,11 @@ pub struct ConsumerConfig {
     pub start_from: StartFrom,
     /// When offsets are saved.
     pub checkpoint: Checkpoint,
+    /// With [`Checkpoint::EveryBatch`], while caught up with the stream, how
+    /// long a due offset save may wait so that one save covers the entries
+    /// that trickled in meanwhile; a crash then replays at most that long's
+    /// entries. Zero saves after every read.
+    pub checkpoint_delay: Duration,
     /// Back-off between retries of a failing handler.
     pub handler_retry: BackoffPolicy,
     /// Back-off between attempts to reach Redis after a fault.
@@ -104,6 +109,7 @@ impl ConsumerConfig {
             batch_size: 1024,
             start_from: StartFrom::Beginning,
             checkpoint: Checkpoint::EveryBatch,
+            checkpoint_delay: Duration::from_millis(100),
             handler_retry: BackoffPolicy {
                 initial: Duration::from_millis(100),
                 max: Duration::from_secs(30),
@@ -146,6 +152,9 @@ impl ConsumerConfig {
         }
         if self.block_timeout < Duration::from_millis(1) {
             return Err("`block_timeout` must be at least 1ms (0 would block for ever)".into());
+        }
+        if self.checkpoint_delay > Duration::from_secs(60) {
+            return Err("`checkpoint_delay` must be at most 60s".into());
         }
         if self.concurrency == 0 || self.concurrency > 10_000 {
             return Err("`concurrency` must be between 1 and 10000".into());

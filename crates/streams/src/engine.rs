@@ -165,6 +165,10 @@ if last[1] then return last[1][1] end
 return ''
 ";
 
+/// How long reads may go without the deletion probe while entries trickle
+/// in (in a backlog every read takes it along: see `Driver::probe_due`).
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// A point in time after which the stop gives up.
 #[derive(Clone, Copy, Debug)]
 struct Deadline(tokio::time::Instant);
@@ -615,6 +619,8 @@ struct Driver<'a, D: EntryDecoder, H: ?Sized> {
     read_retry_at: Option<tokio::time::Instant>,
     /// After a failed save: when to try again.
     save_retry_at: Option<tokio::time::Instant>,
+    /// While caught up: when the save the machine wants goes out.
+    deferred_save_at: Option<tokio::time::Instant>,
     save_backoff: Backoff,
     outage: OutageLog,
     trim: TrimWatch,
@@ -624,6 +630,8 @@ struct Driver<'a, D: EntryDecoder, H: ?Sized> {
     fault: Option<ConsumerError>,
     /// How ordering keys are hashed in this session.
     keys: std::hash::RandomState,
+    /// When the last deletion probe was answered.
+    probed_at: Option<tokio::time::Instant>,
 }
 
 impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
@@ -647,12 +655,14 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             save: None,
             read_retry_at: None,
             save_retry_at: None,
+            deferred_save_at: None,
             save_backoff: Backoff::new(config.redis_retry),
             outage: OutageLog::default(),
             trim: TrimWatch::new(),
             stored_at_start: None,
             fault: None,
             keys: std::hash::RandomState::new(),
+            probed_at: None,
         }
     }
 
@@ -693,6 +703,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             max_reply_bytes: config.max_reply_bytes,
             checkpoint: config.checkpoint,
             redis_retry: config.redis_retry,
+            defer_saves_when_caught_up: !config.checkpoint_delay.is_zero(),
         };
         self.machine = Some(Machine::new(settings, start, saved, persist, drain_target));
         info!(
@@ -715,6 +726,11 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             };
             if machine.drained() {
                 return Ok(StopReason::Drained);
+            }
+            if machine.save_wanted() {
+                self.deferred_save_at.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + self.ctx.consumer.config.checkpoint_delay
+                });
             }
             if read_requested {
                 // The reader task shares this thread: let it send the read
@@ -770,6 +786,12 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                         machine.checkpoint_now();
                     }
                 }
+                () = sleep_until(self.deferred_save_at) => {
+                    self.deferred_save_at = None;
+                    if let Some(machine) = self.machine.as_mut() {
+                        machine.checkpoint_now();
+                    }
+                }
             }
         }
     }
@@ -804,6 +826,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                         max_bytes,
                         dispatch: count,
                         read_ahead,
+                        probe: self.probe_due(),
                     };
                     if !self.reader.request(request) {
                         return Err(ConsumerError::Redis {
@@ -901,12 +924,25 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
         }
     }
 
+    /// Whether the next read takes the deletion probe along: after a batch
+    /// of entries read without one, or [`PROBE_INTERVAL`] after the last
+    /// (a trim is then noticed within about that long).
+    fn probe_due(&self) -> bool {
+        self.trim.unprobed() >= self.config().batch_size
+            || self
+                .probed_at
+                .is_none_or(|at| at.elapsed() >= PROBE_INTERVAL)
+    }
+
     /// A batch arrived: decode what the machine asked for, judge deletions,
     /// hand the entries over. The reply is dropped here: jobs own their
     /// decoded items, never the reply.
     fn on_batch(&mut self, received: Received) {
         let Received { batch, probe } = received;
         self.stats().read_completed();
+        if probe.is_some() {
+            self.probed_at = Some(tokio::time::Instant::now());
+        }
         let (requested, look_ahead) = self.read_in_flight.take().unwrap_or((batch.len(), false));
         let Some(machine) = self.machine.as_mut() else {
             return;

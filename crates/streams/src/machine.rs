@@ -46,6 +46,12 @@ pub(crate) struct Settings {
     pub checkpoint: Checkpoint,
     /// Back-off between attempts after a read fault.
     pub redis_retry: BackoffPolicy,
+    /// With [`Checkpoint::EveryBatch`], while caught up with the stream
+    /// (the last read returned fewer entries than asked for), a due save
+    /// waits for the driver's timer ([`Machine::save_wanted`]) rather than
+    /// going out after every read: one save then covers what trickled in
+    /// meanwhile.
+    pub defer_saves_when_caught_up: bool,
 }
 
 /// A decoded entry for the handler, with the key it is ordered by.
@@ -170,6 +176,11 @@ pub(crate) struct Machine<T> {
     save_forced: bool,
     save_in_flight: Option<EntryId>,
     checkpoint_due: bool,
+    /// A save is wanted, at the driver's timer (see
+    /// [`Settings::defer_saves_when_caught_up`]).
+    save_wanted: bool,
+    /// The last read returned fewer entries than it asked for.
+    caught_up: bool,
     stopping: bool,
     /// The store went behind this machine's saves: once nothing runs and no
     /// read is in flight, start over after the first id, with the second as
@@ -224,6 +235,8 @@ impl<T> Machine<T> {
             save_forced: persist_start,
             save_in_flight: None,
             checkpoint_due: persist_start,
+            save_wanted: false,
+            caught_up: false,
             stopping: false,
             rewind_to: None,
             verifying: Verifying::No,
@@ -250,6 +263,7 @@ impl<T> Machine<T> {
         }
         if self.checkpoint_due && self.save_in_flight.is_none() && self.dirty() {
             self.checkpoint_due = false;
+            self.save_wanted = false;
             self.save_in_flight = Some(self.finished);
             if self.verifying == Verifying::Asked {
                 self.verifying = Verifying::InFlight;
@@ -348,6 +362,7 @@ impl<T> Machine<T> {
             return;
         }
         let Some(last) = last_id else {
+            self.caught_up = true;
             if self.drain_target.is_some() {
                 // Nothing after our position although the target lies
                 // ahead: the rest was deleted. Done all the same.
@@ -357,6 +372,7 @@ impl<T> Machine<T> {
             return;
         };
         let received = arrivals.len();
+        self.caught_up = received < requested;
         for arrival in arrivals {
             self.admit(arrival);
         }
@@ -462,10 +478,33 @@ impl<T> Machine<T> {
         }
         self.advance();
         if self.running == 0 && self.ready.is_empty() {
-            // Idle: save now rather than after the next (possibly long)
-            // blocking read.
+            // Idle: save now (or at the driver's timer) rather than after
+            // the next, possibly long, blocking read.
+            self.want_save();
+        }
+    }
+
+    /// A save is due: now, or while caught up at the driver's timer.
+    fn want_save(&mut self) {
+        // Only with nothing held: entries read ahead of their handling
+        // (the stream's end reached while a backlog is handled) are saved
+        // batch by batch, so that a crash replays at most one batch.
+        let defer = self.settings.defer_saves_when_caught_up
+            && self.settings.checkpoint == Checkpoint::EveryBatch
+            && self.caught_up
+            && self.window.is_empty()
+            && self.reading != Reading::Done;
+        if defer {
+            self.save_wanted = true;
+        } else {
             self.checkpoint_due = true;
         }
+    }
+
+    /// Whether a save waits for the driver's timer, which then calls
+    /// [`Machine::checkpoint_now`].
+    pub(crate) fn save_wanted(&self) -> bool {
+        self.save_wanted && !self.checkpoint_due && self.dirty()
     }
 
     /// Moves the watermark past the finished entries at the window's front.
@@ -489,7 +528,7 @@ impl<T> Machine<T> {
             .is_some_and(|end| *end <= self.finished)
         {
             self.batch_ends.pop_front();
-            self.checkpoint_due = true;
+            self.want_save();
         }
         if self.settings.checkpoint == Checkpoint::EveryEntry {
             self.checkpoint_due = true;
@@ -672,6 +711,7 @@ impl<T> Machine<T> {
     /// Asks for a save of the watermark now if it moved (before idling).
     pub(crate) fn checkpoint_now(&mut self) {
         self.checkpoint_due = true;
+        self.save_wanted = false;
     }
 
     /// Whether drain mode has handled every entry it will and nothing is
@@ -732,6 +772,7 @@ mod tests {
             max_reply_bytes: 16 * 1024,
             checkpoint: Checkpoint::EveryBatch,
             redis_retry: BackoffPolicy::default(),
+            defer_saves_when_caught_up: false,
         }
     }
 
@@ -922,6 +963,87 @@ mod tests {
         assert!(saves(&drain(&mut machine)).is_empty(), "2 is ready");
         machine.completed(id(2), key("a"), Completion::Finished);
         assert_eq!(saves(&drain(&mut machine)), vec![id(3)]);
+    }
+
+    #[test]
+    fn caught_up_saves_wait_for_the_timer_and_a_backlog_saves_each_batch() {
+        let mut config = settings(1);
+        config.defer_saves_when_caught_up = true;
+        let mut machine = Machine::new(config, id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        // A full batch (4 asked, 4 came): a backlog, saved at once.
+        machine.batch_received(
+            vec![job(1, "a"), job(2, "b"), job(3, "c"), job(4, "d")],
+            Some(id(4)),
+            100,
+        );
+        drain(&mut machine);
+        for (n, name) in [(1, "a"), (2, "b"), (3, "c"), (4, "d")] {
+            machine.completed(id(n), key(name), Completion::Finished);
+        }
+        assert_eq!(saves(&drain(&mut machine)), vec![id(4)]);
+        machine.saved(id(4));
+        // Entries trickling in one at a time: no save per read...
+        for n in 5..=7 {
+            machine.batch_received(vec![job(n, "a")], Some(id(n)), 100);
+            drain(&mut machine);
+            machine.completed(id(n), key("a"), Completion::Finished);
+            assert!(saves(&drain(&mut machine)).is_empty(), "{n}");
+            assert!(machine.save_wanted());
+        }
+        // ...one when the driver's timer fires, covering them all.
+        machine.checkpoint_now();
+        assert!(!machine.save_wanted());
+        assert_eq!(saves(&drain(&mut machine)), vec![id(7)]);
+        machine.saved(id(7));
+        assert!(!machine.save_wanted(), "nothing left to save");
+        // Stopping saves at once.
+        machine.batch_received(vec![job(8, "a")], Some(id(8)), 100);
+        drain(&mut machine);
+        machine.completed(id(8), key("a"), Completion::Finished);
+        machine.stop();
+        assert_eq!(saves(&drain(&mut machine)), vec![id(8)]);
+    }
+
+    #[test]
+    fn a_backlog_read_to_the_end_ahead_of_its_handling_is_saved_batch_by_batch() {
+        let mut config = settings(1);
+        config.defer_saves_when_caught_up = true;
+        let mut machine = Machine::new(config, id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        let four = |from: u64| (from..from + 4).map(|n| job(n, "a")).collect::<Vec<_>>();
+        machine.batch_received(four(1), Some(id(4)), 100);
+        drain(&mut machine);
+        // The stream's end: a short read, while the first batch runs.
+        machine.batch_received(vec![job(5, "a")], Some(id(5)), 100);
+        drain(&mut machine);
+        for n in 1..=4 {
+            machine.completed(id(n), key("a"), Completion::Finished);
+        }
+        assert_eq!(
+            saves(&drain(&mut machine)),
+            vec![id(4)],
+            "entries still held: saved at the batch's end"
+        );
+        machine.saved(id(4));
+        machine.completed(id(5), key("a"), Completion::Finished);
+        assert!(saves(&drain(&mut machine)).is_empty());
+        assert!(machine.save_wanted(), "nothing held: the timer saves");
+    }
+
+    #[test]
+    fn a_drain_saves_its_last_entries_at_once_even_when_caught_up() {
+        let mut config = settings(1);
+        config.defer_saves_when_caught_up = true;
+        let mut machine = Machine::new(config, id(0), Some(id(0)), false, Some(id(2)));
+        drain(&mut machine);
+        machine.batch_received(vec![job(1, "a"), job(2, "b")], Some(id(2)), 100);
+        drain(&mut machine);
+        machine.completed(id(1), key("a"), Completion::Finished);
+        machine.completed(id(2), key("b"), Completion::Finished);
+        assert_eq!(saves(&drain(&mut machine)), vec![id(2)]);
+        machine.saved(id(2));
+        assert!(machine.drained());
     }
 
     #[test]
@@ -1213,6 +1335,8 @@ mod tests {
         /// an earlier one), as Redis does after losing acknowledged writes;
         /// the driver asks the machine to verify.
         StoreLost(usize),
+        /// The driver's timer for a deferred save fires.
+        SaveTimer,
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1223,6 +1347,7 @@ mod tests {
             2 => any::<bool>().prop_map(Step::SaveDone),
             1 => Just(Step::Restart),
             1 => (0usize..8).prop_map(Step::StoreLost),
+            1 => Just(Step::SaveTimer),
         ]
     }
 
@@ -1418,6 +1543,11 @@ mod tests {
                     self.epoch += 1;
                     self.machine.verify();
                 }
+                Step::SaveTimer => {
+                    if self.machine.save_wanted() {
+                        self.machine.checkpoint_now();
+                    }
+                }
                 Step::Restart => {
                     self.machine.stop();
                     for (n, key) in std::mem::take(&mut self.running) {
@@ -1469,9 +1599,11 @@ mod tests {
         fn the_guarantees_hold_over_random_interleavings(
             concurrency in 1usize..6,
             roomy in any::<bool>(),
+            defer in any::<bool>(),
             steps in proptest::collection::vec(step(), 1..200),
         ) {
             let mut config = settings(concurrency);
+            config.defer_saves_when_caught_up = defer;
             // Tight: reading pauses often; roomy: reads go ahead at times.
             let replies = if roomy { 2 } else { 1 };
             config.max_held_bytes =

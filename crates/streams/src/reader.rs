@@ -45,6 +45,8 @@ pub(crate) struct ReadRequest {
     pub dispatch: usize,
     /// Whether the next read may be sent ahead (see the module doc).
     pub read_ahead: bool,
+    /// Whether the deletion probe goes before the read.
+    pub probe: bool,
 }
 
 impl ReadRequest {
@@ -63,7 +65,9 @@ impl ReadRequest {
         })
     }
 
-    /// Whether a read ahead for `self` may answer `asked`.
+    /// Whether a read ahead for `self` may answer `asked` (with or without
+    /// a probe: one the driver did not ask for is only more to judge by,
+    /// one it asked for comes with the read after).
     fn answers(&self, asked: &Self) -> bool {
         self.after == asked.after
             && self.count == asked.count
@@ -265,7 +269,13 @@ async fn send(
 ) -> Result<(), ReadError> {
     tokio::time::timeout(
         settings.response_timeout,
-        reader.send_xread(&settings.stream, request.after, request.count, block, true),
+        reader.send_xread(
+            &settings.stream,
+            request.after,
+            request.count,
+            block,
+            request.probe,
+        ),
     )
     .await
     .map_err(|_| ReadError::Timeout(settings.response_timeout))?
@@ -322,6 +332,7 @@ mod tests {
             max_bytes: 4096,
             dispatch,
             read_ahead,
+            probe: true,
         }
     }
 

@@ -92,8 +92,9 @@ pub(crate) struct TrimWatch {
     /// Whether the stream is known to be behind the position (reported once
     /// until it passes it again).
     behind: bool,
-    /// The last read that returned entries: where it started and the ids it
-    /// returned.
+    /// The reads that returned entries since the last probe (at least the
+    /// last one): where the first started and the ids they returned, in
+    /// order. The driver probes once these reach a batch, which bounds them.
     previous: Option<(EntryId, Vec<EntryId>)>,
 }
 
@@ -107,6 +108,13 @@ impl TrimWatch {
     pub(crate) fn forget(&mut self) {
         self.look_ahead = None;
         self.anchor = None;
+        self.previous = None;
+    }
+
+    /// Entries returned since the last probe, as far as the deletion marker
+    /// is concerned.
+    pub(crate) fn unprobed(&self) -> usize {
+        self.previous.as_ref().map_or(0, |(_, ids)| ids.len())
     }
 
     /// Judges one read; returns what is to be reported, once per finding.
@@ -133,7 +141,17 @@ impl TrimWatch {
         }
         self.look_ahead = seen.look_ahead;
         if !seen.ids.is_empty() {
-            self.previous = Some((seen.read_from, seen.ids.to_vec()));
+            // Without a probe, this read's range joins the ones the next
+            // probe's deletion marker is checked against.
+            match &mut self.previous {
+                Some((_, ids))
+                    if seen.probe.is_none()
+                        && ids.last().is_some_and(|last| *last <= seen.read_from) =>
+                {
+                    ids.extend_from_slice(seen.ids);
+                }
+                _ => self.previous = Some((seen.read_from, seen.ids.to_vec())),
+            }
         }
         finding.filter(|finding| self.first_report(finding))
     }
@@ -386,6 +404,44 @@ mod tests {
         });
         assert_eq!(watch.observe(read(2, &ids, None, Some(marked))), finding);
         assert_eq!(watch.observe(read(2, &ids, None, Some(marked))), None);
+    }
+
+    #[test]
+    fn a_deletion_in_any_read_since_the_last_probe_is_seen_by_the_next() {
+        let mut watch = TrimWatch::new();
+        assert_eq!(
+            watch.observe(read(0, &[id(1)], None, Some(probe(1, 1, 1, 1)))),
+            None
+        );
+        // Reads without a probe: 3 was deleted before the second was served.
+        assert_eq!(watch.observe(read(1, &[id(2)], None, None)), None);
+        assert_eq!(watch.observe(read(2, &[id(4)], None, None)), None);
+        assert_eq!(watch.observe(read(4, &[id(5)], None, None)), None);
+        assert_eq!(watch.unprobed(), 4);
+        let mut marked = probe(1, 5, 5, 4);
+        marked.max_deleted_entry_id = Some(id(3));
+        assert_eq!(
+            watch.observe(read(5, &[id(6)], None, Some(marked))),
+            Some(Finding::Lost {
+                read_from: id(5),
+                evidence: id(3),
+                count: None
+            })
+        );
+        assert_eq!(watch.unprobed(), 1, "the probe started a new record");
+        // A deletion of an entry read before is none of our business.
+        let mut watch = TrimWatch::new();
+        assert_eq!(
+            watch.observe(read(0, &[id(1)], None, Some(probe(1, 1, 1, 1)))),
+            None
+        );
+        assert_eq!(watch.observe(read(1, &[id(2)], None, None)), None);
+        assert_eq!(watch.observe(read(2, &[id(3)], None, None)), None);
+        marked.max_deleted_entry_id = Some(id(2));
+        assert_eq!(watch.observe(read(3, &[], None, Some(marked))), None);
+        // A rewind starts the record over.
+        watch.forget();
+        assert_eq!(watch.unprobed(), 0);
     }
 
     #[test]

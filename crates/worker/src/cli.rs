@@ -208,6 +208,13 @@ pub struct RunArgs {
     #[arg(long, env = "LOBBY_CHECKPOINT", value_enum, default_value_t = CheckpointArg::EveryBatch)]
     pub checkpoint: CheckpointArg,
 
+    /// With every-batch: while the worker is caught up with the stream, how
+    /// long an offset save may wait so that one save covers the events that
+    /// trickled in meanwhile (a crash replays at most that long's events).
+    /// 0s saves after every read. At most 60s.
+    #[arg(long, env = "LOBBY_CHECKPOINT_DELAY", default_value = "100ms", value_parser = parse_duration)]
+    pub checkpoint_delay: Duration,
+
     /// First delay before retrying a failing handler (doubles with jitter).
     #[arg(long, env = "LOBBY_RETRY_INITIAL", default_value = "100ms", value_parser = parse_duration)]
     pub retry_initial: Duration,
@@ -508,6 +515,7 @@ fn parse_start_from(text: &str) -> Result<StartFrom, String> {
 const SETTING_FLAGS: &[(&str, &str)] = &[
     ("`stream`", "--stream"),
     ("`batch_size`", "--batch-size"),
+    ("`checkpoint_delay`", "--checkpoint-delay"),
     ("`block_timeout`", "--block-timeout"),
     ("`concurrency`", "--concurrency"),
     ("`dead_letter_after`", "--dead-letter-after"),

@@ -25,6 +25,7 @@ const KEYS: &[&str] = &[
     "batch_size",
     "start_from",
     "checkpoint",
+    "checkpoint_delay",
     "retry_initial",
     "retry_max",
     "dead_letter_after",

@@ -45,6 +45,7 @@ pub fn consumer_config(args: &RunArgs) -> ConsumerConfig {
         CheckpointArg::EveryEntry => Checkpoint::EveryEntry,
         CheckpointArg::EveryBatch => Checkpoint::EveryBatch,
     };
+    config.checkpoint_delay = args.checkpoint_delay;
     config.handler_retry = BackoffPolicy {
         initial: args.retry_initial,
         max: args.retry_max,
@@ -343,6 +344,7 @@ fn print_config(
                 Checkpoint::EveryEntry => "every-entry".to_owned(),
             },
         ),
+        ("checkpoint_delay", format_duration(config.checkpoint_delay)),
         (
             "start_from",
             match config.start_from {
