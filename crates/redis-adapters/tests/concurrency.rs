@@ -1088,8 +1088,8 @@ async fn reading_pauses_when_the_held_bytes_reach_the_cap() {
     );
 }
 
-/// Concurrency 1 (the default) keeps strict global stream order across
-/// users: calls start and finish in exactly stream order, one at a time.
+/// Concurrency 1 keeps strict global stream order across users: calls start
+/// and finish in exactly stream order, one at a time.
 #[tokio::test]
 async fn concurrency_one_keeps_strict_stream_order_across_users() {
     let env = Env::start().await;
@@ -1099,10 +1099,6 @@ async fn concurrency_one_keeps_strict_stream_order_across_users() {
     let recorder = Recorder::new();
     *recorder.delay_ms.lock().unwrap() = Some((0, 2));
     let config = config(1);
-    assert_eq!(
-        ConsumerConfig::new(STREAM, USER_LIFECYCLE_LABEL).concurrency,
-        1
-    );
     let consumer = env.consumer(config, &recorder);
     let run = spawn_run(&consumer);
 

@@ -288,6 +288,9 @@ impl Env {
 /// Short timings, so the whole file runs quickly.
 fn config() -> ConsumerConfig {
     let mut config = ConsumerConfig::new(STREAM, USER_LIFECYCLE_LABEL);
+    // These tests pin stream order across users, which is concurrency 1's;
+    // tests/concurrency.rs covers the default.
+    config.concurrency = 1;
     config.block_timeout = Duration::from_millis(150);
     config.batch_size = 16;
     config.handler_retry = BackoffPolicy {

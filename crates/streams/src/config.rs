@@ -91,6 +91,10 @@ pub struct ConsumerConfig {
     pub max_held_bytes: usize,
 }
 
+/// The default of [`ConsumerConfig::concurrency`]: where the cascade's rate
+/// levels off on one Redis (`lobby-worker bench` measures 1 to 256). Per-user
+/// order holds at any concurrency, and memory is bounded by bytes, not by it.
+pub const DEFAULT_CONCURRENCY: usize = 64;
 /// The default of [`ConsumerConfig::max_reply_bytes`].
 pub const DEFAULT_MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 /// The default of [`ConsumerConfig::max_held_bytes`].
@@ -122,7 +126,7 @@ impl ConsumerConfig {
             shutdown_timeout: Duration::from_secs(10),
             drain: false,
             connect_timeout: Duration::from_secs(5),
-            concurrency: 1,
+            concurrency: DEFAULT_CONCURRENCY,
             max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
             max_held_bytes: DEFAULT_MAX_HELD_BYTES,
         }

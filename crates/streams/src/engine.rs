@@ -15,6 +15,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -133,6 +134,7 @@ impl<D: EntryDecoder> StreamConsumer<D> {
             suspect: tokio::sync::Notify::new(),
             jobs: std::sync::Mutex::new(cancel.child_token()),
             hold: tokio::sync::watch::Sender::new(false),
+            dependency_down: std::sync::atomic::AtomicBool::new(false),
         };
         let span = tracing::info_span!("consumer", stream = %self.config.stream, label = %self.config.label);
         async move {
@@ -168,6 +170,10 @@ return ''
 /// How long reads may go without the deletion probe while entries trickle
 /// in (in a backlog every read takes it along: see `Driver::probe_due`).
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Entries read without the deletion probe, at most, before the next read
+/// takes it along; bounds what the trim judgement keeps of those reads.
+const PROBE_EVERY_ENTRIES: usize = 1024;
 
 /// A point in time after which the stop gives up.
 #[derive(Clone, Copy, Debug)]
@@ -241,6 +247,10 @@ struct Ctx<'a, D: EntryDecoder, H: ?Sized> {
     /// Whether jobs must wait before retrying: the store is being checked
     /// (see `Machine::verify`).
     hold: tokio::sync::watch::Sender<bool>,
+    /// A handler's dependency is failing (a transient error, not yet
+    /// followed by a success): the jobs failing on it log the episode
+    /// once, not once each.
+    dependency_down: std::sync::atomic::AtomicBool,
 }
 
 /// What to do after a failed handler call.
@@ -357,6 +367,9 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
             let err = match self.handler.handle(item).await {
                 Ok(()) => {
                     self.stats().handled();
+                    if self.dependency_down.load(Ordering::Relaxed) {
+                        self.dependency_down.store(false, Ordering::Relaxed);
+                    }
                     break (Completion::Finished, None);
                 }
                 Err(err) => err,
@@ -381,7 +394,9 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
                 Retry::After(delay) => delay,
             };
             let retry_in_ms = millis(delay);
-            if err.is_transient() && attempts.outage_repeat() {
+            let episode_logged =
+                err.is_transient() && self.dependency_down.swap(true, Ordering::Relaxed);
+            if err.is_transient() && (attempts.outage_repeat() || episode_logged) {
                 debug!(stream_entry_id = %id, attempt = calls, retry_in_ms, err = %err, "handler still failing on an unavailable dependency");
             } else {
                 warn!(
@@ -925,10 +940,11 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
     }
 
     /// Whether the next read takes the deletion probe along: after a batch
-    /// of entries read without one, or [`PROBE_INTERVAL`] after the last
-    /// (a trim is then noticed within about that long).
+    /// (at least [`PROBE_EVERY_ENTRIES`]) of entries read without one, or
+    /// [`PROBE_INTERVAL`] after the last (a trim is then noticed within
+    /// about that long).
     fn probe_due(&self) -> bool {
-        self.trim.unprobed() >= self.config().batch_size
+        self.trim.unprobed() >= self.config().batch_size.max(PROBE_EVERY_ENTRIES)
             || self
                 .probed_at
                 .is_none_or(|at| at.elapsed() >= PROBE_INTERVAL)
@@ -1428,6 +1444,7 @@ mod tests {
             suspect: tokio::sync::Notify::new(),
             jobs: std::sync::Mutex::new(cancel.child_token()),
             hold: tokio::sync::watch::Sender::new(released_after.is_some()),
+            dependency_down: std::sync::atomic::AtomicBool::new(false),
         };
         let job = ctx.run_job(Box::new(Job {
             id: EntryId::new(1, 0),

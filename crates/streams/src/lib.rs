@@ -91,7 +91,8 @@ mod window;
 
 pub use backoff::BackoffPolicy;
 pub use config::{
-    Checkpoint, ConsumerConfig, StartFrom, DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_REPLY_BYTES,
+    Checkpoint, ConsumerConfig, StartFrom, DEFAULT_CONCURRENCY, DEFAULT_MAX_HELD_BYTES,
+    DEFAULT_MAX_REPLY_BYTES,
 };
 pub use decoder::{Decoded, EntryDecoder};
 pub use engine::StreamConsumer;

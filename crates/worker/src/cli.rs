@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lifecycle_domain::EntryId;
-use lifecycle_streams::StartFrom;
+use lifecycle_streams::{StartFrom, DEFAULT_CONCURRENCY};
 
 /// The lobby's user-lifecycle worker: consumes account lifecycle events from a
 /// Redis stream and cascades deletions and permanent blocks into the lobby.
@@ -248,8 +248,9 @@ pub struct RunArgs {
     pub drain: bool,
 
     /// How many events are handled at once; one user's events never
-    /// concurrently and always in stream order. 1 keeps strict stream order.
-    #[arg(long, env = "LOBBY_CONCURRENCY", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    /// concurrently and always in stream order. 1 keeps strict stream order
+    /// across users too.
+    #[arg(long, env = "LOBBY_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY as u32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub concurrency: u32,
 
     /// Where /metrics, /healthz and /readyz are served (`IP:PORT`), or `off`

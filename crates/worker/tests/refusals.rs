@@ -354,6 +354,10 @@ impl Scene {
             "200ms",
             "--batch-size",
             "64",
+            // Where the worker is held is exact at concurrency 1 (one
+            // cascade at a time, in stream order).
+            "--concurrency",
+            "1",
         ];
         all.extend_from_slice(args);
         let worker = Running::start(&format!("redis://127.0.0.1:{}/", proxy.port()), &all);

@@ -662,7 +662,17 @@ fn sigkill_at_random_moments_replays_at_most_one_batch_and_skips_nothing() {
     );
 
     let batch = CRASH_BATCH.to_string();
-    let args = ["--batch-size", batch.as_str(), "--log-level", "warn"];
+    // The one-batch bound and the first-gap check below are concurrency 1's
+    // (at higher concurrency the bound is the entries held, and entries of
+    // other users finish past a gap: see tests/concurrency.rs).
+    let args = [
+        "--batch-size",
+        batch.as_str(),
+        "--concurrency",
+        "1",
+        "--log-level",
+        "warn",
+    ];
     let mut covered_before = 0_usize;
     let mut replays = Vec::new();
     let mut mid_backlog = 0;
@@ -738,7 +748,11 @@ fn sigkill_at_random_moments_replays_at_most_one_batch_and_skips_nothing() {
     }
 
     let drain_began = Instant::now();
-    let mut drain = start_worker(&url, "warn", &["--drain", "--batch-size", &batch]);
+    let mut drain = start_worker(
+        &url,
+        "warn",
+        &["--drain", "--batch-size", &batch, "--concurrency", "1"],
+    );
     let status = drain.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "drain: {status}\n{}", drain.log());
     let drain_took = drain_began.elapsed();
@@ -1305,10 +1319,18 @@ fn a_failing_cascade_backs_off_without_spinning_and_drains_once_repaired() {
     let mut conn = connect(&url);
     let lobby = Lobby { tag: "spin", n: 51 };
     let ids = poison_lobby(&mut conn, &lobby);
+    // Concurrency 1: nothing after the failing entry may be handled.
     let mut worker = start_worker(
         &url,
         "info",
-        &["--retry-initial", "50ms", "--retry-max", "1s"],
+        &[
+            "--retry-initial",
+            "50ms",
+            "--retry-max",
+            "1s",
+            "--concurrency",
+            "1",
+        ],
     );
     wait_for(
         Duration::from_secs(20),

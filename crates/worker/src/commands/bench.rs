@@ -6,10 +6,14 @@
 //! - `reference`: the Go reference's mode (one entry per read, one offset
 //!   save per entry), no-op handler.
 //! - `default`: the default settings, no-op handler.
-//! - `cascade_c1` / `cascade_c64`: the cascade handler over a seeded lobby
-//!   (each user in two games), concurrency 1 and 64.
-//! - latency: `XADD` to handler at a steady rate, with a live (blocking)
-//!   consumer.
+//! - `cascade_default`: the cascade handler over a seeded lobby (each user in
+//!   two games) with the default settings; `cascade_c<N>`: the same at
+//!   concurrency 1, 16, 32, 64, 128 and 256, the best of which is what the
+//!   default is compared with.
+//! - latency: `XADD` to handler completion at a steady rate, with a live
+//!   (blocking) consumer and the default settings: a no-op handler, and the
+//!   cascade handler over a seeded lobby; the commands the worker sent per
+//!   event meanwhile (`INFO commandstats`).
 //! - memory: peak resident memory of `lobby-worker run --drain` (the cascade
 //!   handler on an empty lobby, the default settings but `--concurrency`),
 //!   read from the child's own report, over six backlogs that each get a
@@ -48,6 +52,8 @@ const FILL_CHUNK: u64 = 2_000;
 /// Bytes of commands sent per pipelined round trip while filling with
 /// large entries.
 const FILL_CHUNK_BYTES: usize = 16 * 1024 * 1024;
+/// The concurrencies the cascade is measured at besides the default.
+const CASCADE_CONCURRENCIES: [usize; 6] = [1, 16, 32, 64, 128, 256];
 /// The resident memory every memory case should stay under, in MiB.
 const MEMORY_BUDGET_MIB: u64 = 64;
 
@@ -60,14 +66,32 @@ struct Report {
     reference_events: u64,
     reference_eps: f64,
     default_eps: f64,
+    /// Commands the worker sent per entry in `reference` (see
+    /// [`worker_commands`]).
+    reference_commands_per_event: f64,
     cascade_events: u64,
+    /// The default settings' concurrency, and the cascade's rate with them.
+    cascade_default_concurrency: usize,
+    cascade_default_eps: f64,
     cascade_c1_eps: f64,
     cascade_c64_eps: f64,
+    /// Every concurrency measured: `[concurrency, events/s]`.
+    cascade_sweep: Vec<(usize, f64)>,
+    cascade_best_concurrency: usize,
+    cascade_best_eps: f64,
     latency_rate_eps: u64,
     latency_samples: usize,
     latency_p50_ms: f64,
     latency_p99_ms: f64,
     latency_max_ms: f64,
+    /// `XADD` to the cascade applied (the handler's completion), default
+    /// settings, seeded lobby.
+    latency_cascade_samples: usize,
+    latency_cascade_p50_ms: f64,
+    latency_cascade_p99_ms: f64,
+    latency_cascade_max_ms: f64,
+    /// Commands the worker sent per event during the cascade latency run.
+    commands_per_event_live: f64,
     memory_events: u64,
     /// The same as `memory_small_1m_c1_peak_rss_mib` (its earlier name).
     drain_peak_rss_mib: Option<f64>,
@@ -92,6 +116,8 @@ struct Report {
     default_vs_raw: f64,
     default_vs_reference: f64,
     c64_vs_c1: f64,
+    cascade_default_vs_reference: f64,
+    cascade_default_vs_best: f64,
 }
 
 /// One memory case, in detail.
@@ -141,8 +167,10 @@ impl EventHandler<UserLifecycleEvent> for NoopHandler {
 }
 
 /// Records how long each event took from `XADD` (its send time is in
-/// `trace_id`, nanoseconds since the epoch) to the handler.
+/// `trace_id`, nanoseconds since the epoch) to the completion of the
+/// handler it wraps.
 struct LatencyHandler {
+    inner: Arc<dyn EventHandler<UserLifecycleEvent>>,
     samples: Mutex<Vec<Duration>>,
 }
 
@@ -151,17 +179,50 @@ impl EventHandler<UserLifecycleEvent> for LatencyHandler {
         &'a self,
         event: &'a UserLifecycleEvent,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        let now = epoch_nanos();
-        if let Ok(sent) = event.trace_id.parse::<u128>() {
-            let latency =
-                Duration::from_nanos(u64::try_from(now.saturating_sub(sent)).unwrap_or(u64::MAX));
-            self.samples
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(latency);
-        }
-        Box::pin(std::future::ready(Ok(())))
+        Box::pin(async move {
+            let result = self.inner.handle(event).await;
+            let now = epoch_nanos();
+            if let (Ok(()), Ok(sent)) = (&result, event.trace_id.parse::<u128>()) {
+                let latency = Duration::from_nanos(
+                    u64::try_from(now.saturating_sub(sent)).unwrap_or(u64::MAX),
+                );
+                self.samples
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(latency);
+            }
+            result
+        })
     }
+}
+
+/// The commands a worker sends on its own: `XREAD` and the scripts it
+/// calls (`EVALSHA`, or `EVAL` when Redis lacks the script). A script counts
+/// once, whatever it runs inside Redis; so does nothing a benchmark sends
+/// (`XADD`, `INFO`).
+const WORKER_COMMANDS: [&str; 3] = ["xread", "evalsha", "eval"];
+
+/// How many [`WORKER_COMMANDS`] Redis has run so far (`INFO
+/// commandstats`).
+async fn worker_commands(conn: &mut MultiplexedConnection, url: &str) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .map_err(|err| explain(url, "read INFO commandstats", &err))?;
+    Ok(info
+        .lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            if !WORKER_COMMANDS.contains(&name) {
+                return None;
+            }
+            let calls = stats
+                .split(',')
+                .find_map(|stat| stat.strip_prefix("calls="))?;
+            calls.parse::<u64>().ok()
+        })
+        .sum())
 }
 
 fn epoch_nanos() -> u128 {
@@ -254,6 +315,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut config = ConsumerConfig::new(reference_stream, "reference");
     config.batch_size = 1;
     config.checkpoint = Checkpoint::EveryEntry;
+    let commands_before = worker_commands(&mut conn, &url).await?;
     (report.reference_eps, _) = drain(
         &target,
         prefix,
@@ -262,36 +324,94 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report.reference_events,
     )
     .await?;
+    let commands = worker_commands(&mut conn, &url)
+        .await?
+        .saturating_sub(commands_before);
+    report.reference_commands_per_event = ratio(commands as f64, report.reference_events as f64);
 
     let cascade_stream = format!("{prefix}:cascade");
     fill(&mut conn, &url, &cascade_stream, report.cascade_events).await?;
-    for concurrency in [1usize, 64] {
-        let lobby_prefix = format!("{prefix}-c{concurrency}");
-        say(format!("cascade_c{concurrency}: seeding {}", lobby_prefix));
+    let defaults = ConsumerConfig::new(cascade_stream.clone(), "cascade-default");
+    report.cascade_default_concurrency = defaults.concurrency;
+    let runs = std::iter::once(("default".to_owned(), defaults)).chain(
+        CASCADE_CONCURRENCIES.iter().map(|&concurrency| {
+            let mut config =
+                ConsumerConfig::new(cascade_stream.clone(), format!("cascade-c{concurrency}"));
+            config.concurrency = concurrency;
+            (format!("c{concurrency}"), config)
+        }),
+    );
+    for (name, config) in runs {
+        let lobby_prefix = format!("{prefix}-{name}");
+        say(format!("cascade_{name}: seeding {lobby_prefix}"));
         let lobby = RedisLobbyStore::new(client.clone(), &lobby_prefix)
             .context("cannot set up the lobby store")?;
         seed_lobby(&lobby, report.cascade_events).await?;
-        let mut config =
-            ConsumerConfig::new(cascade_stream.clone(), format!("cascade-c{concurrency}"));
-        config.concurrency = concurrency;
+        let concurrency = config.concurrency;
+        let is_default = name == "default";
         let handler = Arc::new(CascadeHandler::new(lobby));
         let measured = drain(&target, prefix, config, handler, report.cascade_events).await?;
-        if concurrency == 1 {
-            (report.cascade_c1_eps, report.cascade_c1_reads) = measured;
-        } else {
-            (report.cascade_c64_eps, report.cascade_c64_reads) = measured;
+        clear(&mut conn, &url, &lobby_prefix).await?;
+        if is_default {
+            report.cascade_default_eps = measured.0;
+            continue;
         }
+        report.cascade_sweep.push((concurrency, measured.0));
+        match concurrency {
+            1 => (report.cascade_c1_eps, report.cascade_c1_reads) = measured,
+            64 => (report.cascade_c64_eps, report.cascade_c64_reads) = measured,
+            _ => {}
+        }
+    }
+    if let Some(&(concurrency, eps)) = report
+        .cascade_sweep
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+    {
+        report.cascade_best_concurrency = concurrency;
+        report.cascade_best_eps = eps;
     }
 
     say(format!(
         "latency: {} events/s for {:?}",
         args.latency_rate, args.latency_duration
     ));
-    let samples = latency(&target, prefix, args.latency_rate, args.latency_duration).await?;
+    let (samples, _) = latency(
+        &target,
+        &format!("{prefix}:latency"),
+        Arc::new(NoopHandler),
+        args.latency_rate,
+        args.latency_duration,
+    )
+    .await?;
     report.latency_samples = samples.len();
     report.latency_p50_ms = percentile(&samples, 0.50);
     report.latency_p99_ms = percentile(&samples, 0.99);
     report.latency_max_ms = samples.last().map_or(0.0, |max| max.as_secs_f64() * 1e3);
+
+    say(format!(
+        "latency_cascade: {} events/s for {:?}, seeded lobby",
+        args.latency_rate, args.latency_duration
+    ));
+    let lobby_prefix = format!("{prefix}-latency");
+    let lobby = RedisLobbyStore::new(client.clone(), &lobby_prefix)
+        .context("cannot set up the lobby store")?;
+    let live_events =
+        (args.latency_rate as f64 * args.latency_duration.as_secs_f64()).round() as u64;
+    seed_lobby(&lobby, live_events).await?;
+    let (samples, commands) = latency(
+        &target,
+        &format!("{prefix}:latency-cascade"),
+        Arc::new(CascadeHandler::new(lobby)),
+        args.latency_rate,
+        args.latency_duration,
+    )
+    .await?;
+    report.latency_cascade_samples = samples.len();
+    report.latency_cascade_p50_ms = percentile(&samples, 0.50);
+    report.latency_cascade_p99_ms = percentile(&samples, 0.99);
+    report.latency_cascade_max_ms = samples.last().map_or(0.0, |max| max.as_secs_f64() * 1e3);
+    report.commands_per_event_live = ratio(commands as f64, samples.len() as f64);
 
     for spec in &cases {
         say(format!(
@@ -339,6 +459,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     report.default_vs_raw = ratio(report.default_eps, report.raw_eps);
     report.default_vs_reference = ratio(report.default_eps, report.reference_eps);
     report.c64_vs_c1 = ratio(report.cascade_c64_eps, report.cascade_c1_eps);
+    report.cascade_default_vs_reference = ratio(report.cascade_default_eps, report.reference_eps);
+    report.cascade_default_vs_best = ratio(report.cascade_default_eps, report.cascade_best_eps);
     clear(&mut conn, &url, prefix).await?;
     drop(server);
 
@@ -351,32 +473,55 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn print_table(report: &Report) {
-    println!("{:<34} {:>14}", "measure", "value");
-    let rows = [
-        ("raw_eps (bare XREAD reader)", report.raw_eps),
-        ("reference_eps (batch 1, save each)", report.reference_eps),
-        ("default_eps (no-op handler)", report.default_eps),
-        ("cascade_c1_eps", report.cascade_c1_eps),
-        ("cascade_c64_eps", report.cascade_c64_eps),
-    ];
-    for (name, value) in rows {
-        println!("{name:<34} {value:>14.0}");
-    }
-    println!("{:<34} {:>14.3}", "latency_p50_ms", report.latency_p50_ms);
-    println!("{:<34} {:>14.3}", "latency_p99_ms", report.latency_p99_ms);
-    println!("{:<34} {:>14.3}", "latency_max_ms", report.latency_max_ms);
-    println!("{:<34} {:>14.2}", "default_vs_raw", report.default_vs_raw);
+    let eps = |name: &str, value: f64| println!("{name:<40} {value:>14.0}");
+    let ms = |name: &str, value: f64| println!("{name:<40} {value:>14.3}");
+    let times = |name: &str, value: f64| println!("{name:<40} {value:>14.2}");
     println!(
-        "{:<34} {:>14.1}",
-        "default_vs_reference", report.default_vs_reference
+        "real path: the cascade handler over a seeded lobby (concurrency {} by default)",
+        report.cascade_default_concurrency
     );
-    println!("{:<34} {:>14.1}", "c64_vs_c1", report.c64_vs_c1);
+    eps("cascade_default_eps", report.cascade_default_eps);
+    eps(
+        &format!("cascade_best_eps (c{})", report.cascade_best_concurrency),
+        report.cascade_best_eps,
+    );
+    times("cascade_default_vs_best", report.cascade_default_vs_best);
+    times(
+        "cascade_default_vs_reference",
+        report.cascade_default_vs_reference,
+    );
+    ms("latency_cascade_p50_ms", report.latency_cascade_p50_ms);
+    ms("latency_cascade_p99_ms", report.latency_cascade_p99_ms);
+    ms("latency_cascade_max_ms", report.latency_cascade_max_ms);
+    times("commands_per_event_live", report.commands_per_event_live);
+    let sweep: Vec<String> = report
+        .cascade_sweep
+        .iter()
+        .map(|(concurrency, eps)| format!("c{concurrency} {eps:.0}"))
+        .collect();
+    println!("cascade events/s by concurrency: {}", sweep.join(", "));
+    println!();
+    println!("the consumer alone: a no-op handler");
+    eps("raw_eps (bare XREAD reader)", report.raw_eps);
+    eps("reference_eps (batch 1, save each)", report.reference_eps);
+    eps("default_eps (default settings)", report.default_eps);
+    ms("latency_p50_ms", report.latency_p50_ms);
+    ms("latency_p99_ms", report.latency_p99_ms);
+    ms("latency_max_ms", report.latency_max_ms);
+    times("default_vs_raw", report.default_vs_raw);
+    times("default_vs_reference", report.default_vs_reference);
+    times("c64_vs_c1 (cascade)", report.c64_vs_c1);
+    times(
+        "reference_commands_per_event",
+        report.reference_commands_per_event,
+    );
     println!(
-        "events {}, reference over {}, cascades over {}, latency samples {}, batch size {}",
+        "events {}, reference over {}, cascades over {}, latency samples {} (no-op) and {} (cascade), batch size {}",
         report.events,
         report.reference_events,
         report.cascade_events,
         report.latency_samples,
+        report.latency_cascade_samples,
         report.batch_size
     );
     println!(
@@ -620,22 +765,25 @@ async fn drain(
     Ok((rate(finished, elapsed), stats.reads))
 }
 
-/// Publishes at `rate_eps` for `duration` to a live consumer; the sorted
-/// latencies from `XADD` to handler.
+/// Publishes at `rate_eps` for `duration` to `stream`, for a live consumer
+/// with the default settings (but a 1 s block) that runs `inner`; the sorted
+/// latencies from `XADD` to the handler's completion, and the commands the
+/// worker sent meanwhile ([`worker_commands`]).
 async fn latency(
     target: &RedisTarget,
-    prefix: &str,
+    stream: &str,
+    inner: Arc<dyn EventHandler<UserLifecycleEvent>>,
     rate_eps: u64,
     duration: Duration,
-) -> anyhow::Result<Vec<Duration>> {
-    let stream = format!("{prefix}:latency");
-    let mut config = ConsumerConfig::new(stream.clone(), "latency");
+) -> anyhow::Result<(Vec<Duration>, u64)> {
+    let mut config = ConsumerConfig::new(stream, "latency");
     config.block_timeout = Duration::from_secs(1);
     let url = target.url.as_str();
-    let offsets = RedisOffsetStore::new(target.client()?, prefix)
+    let offsets = RedisOffsetStore::new(target.client()?, stream)
         .context("cannot set up the offset store")?;
     let consumer = Arc::new(target.consumer(Arc::new(offsets), config)?);
     let handler = Arc::new(LatencyHandler {
+        inner,
         samples: Mutex::new(Vec::new()),
     });
     consumer.on_event(handler.clone());
@@ -653,15 +801,16 @@ async fn latency(
     let period = Duration::from_secs_f64(1.0 / rate_eps.max(1) as f64);
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let commands_before = worker_commands(&mut conn, url).await?;
     for user in 0..total {
         ticker.tick().await;
         redis::cmd("XADD")
-            .arg(&stream)
+            .arg(stream)
             .arg("*")
             .arg("event_type")
             .arg("user.deleted")
             .arg("user_id")
-            .arg(format!("l{user}"))
+            .arg(format!("u{user}"))
             .arg("occurred_at_ms")
             .arg(1_700_000_000_000_i64)
             .arg("trace_id")
@@ -674,6 +823,9 @@ async fn latency(
     while consumer.stats().snapshot().handled < total && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let commands = worker_commands(&mut conn, url)
+        .await?
+        .saturating_sub(commands_before);
     consumer.shutdown();
     running.await.context("the latency consumer panicked")??;
     let mut samples = std::mem::take(
@@ -683,7 +835,7 @@ async fn latency(
             .unwrap_or_else(PoisonError::into_inner),
     );
     samples.sort_unstable();
-    Ok(samples)
+    Ok((samples, commands))
 }
 
 /// What one memory case's entries look like: each a well-formed
