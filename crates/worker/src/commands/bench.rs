@@ -4,7 +4,8 @@
 //! - `raw`: a bare reader, `XREAD COUNT <batch>` in a loop, replies scanned
 //!   off the socket without building values, nothing decoded or handled.
 //! - `reference`: the Go reference's mode (one entry per read, one offset
-//!   save per entry), no-op handler.
+//!   save per entry, one at a time), no-op handler; and the commands it sent
+//!   per entry.
 //! - `default`: the default settings, no-op handler.
 //! - `cascade_default`: the cascade handler over a seeded lobby (each user in
 //!   two games) with the default settings; `cascade_c<N>`: the same at
@@ -315,6 +316,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut config = ConsumerConfig::new(reference_stream, "reference");
     config.batch_size = 1;
     config.checkpoint = Checkpoint::EveryEntry;
+    config.concurrency = 1;
     let commands_before = worker_commands(&mut conn, &url).await?;
     (report.reference_eps, _) = drain(
         &target,
