@@ -1195,6 +1195,49 @@ async fn entries_deleted_ahead_of_the_offset_are_noticed() {
     assert_eq!(consumer.stats().snapshot().trimmed, 1);
 }
 
+/// A live consumer, caught up, takes the deletion probe along only once a
+/// second: an entry deleted before it was read is still reported, by the
+/// next probe, and the entries after it are handled.
+#[tokio::test]
+async fn an_entry_deleted_unread_while_caught_up_is_reported_by_the_next_probe() {
+    let env = Env::start().await;
+    let before = env.publish_many(3).await;
+    let recorder = Recorder::new();
+    let consumer = env.consumer(config(), &recorder);
+    let run = spawn_run(&consumer);
+    wait_until!(
+        PATIENCE,
+        "the backlog is handled",
+        recorder.handled_ids() == before
+    );
+    // Two entries added and the first deleted in one transaction: the
+    // blocked read is served after it, with the second entry only.
+    let reply = env.server.cli(&[
+        "EVAL",
+        "local gone = redis.call('XADD', KEYS[1], '*', 'event_type', 'user.deleted', 'user_id', 'gone', 'occurred_at_ms', '1700000000000') \
+         local kept = redis.call('XADD', KEYS[1], '*', 'event_type', 'user.deleted', 'user_id', 'kept', 'occurred_at_ms', '1700000000000') \
+         redis.call('XDEL', KEYS[1], gone) return kept",
+        "1",
+        "user:lifecycle_events",
+    ]);
+    let kept: EntryId = reply.trim().parse().unwrap();
+    wait_until!(
+        PATIENCE,
+        "the entry after the deleted one is handled",
+        recorder.handled_ids().last() == Some(&kept)
+    );
+    wait_until!(
+        PATIENCE,
+        "the next probe reports the deleted entry",
+        consumer.stats().snapshot().trimmed == 1
+    );
+    consumer.shutdown();
+    join(run, PATIENCE).await.unwrap();
+    let mut expected = before;
+    expected.push(kept);
+    assert_eq!(recorder.handled_ids(), expected);
+}
+
 /// Fails the first `transient` calls as a dependency outage, then succeeds.
 struct Outage {
     remaining: Mutex<u32>,
