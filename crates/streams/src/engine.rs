@@ -865,6 +865,8 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                     }
                 }
                 Action::Save(offset) => {
+                    // This save covers what a deferred one was waiting for.
+                    self.deferred_save_at = None;
                     let expected = self.machine.as_ref().and_then(Machine::saved_offset);
                     self.save = Some(start_save(
                         &ctx.consumer.offsets,

@@ -698,6 +698,17 @@ impl<T> Machine<T> {
     /// Shutdown began: nothing new is read or started; jobs not yet started
     /// are dropped (their entries stay after the offset); the offset is due.
     pub(crate) fn stop(&mut self) {
+        // Actions decided but not yet performed (the driver stops after a
+        // read to let it go out first): starts are dropped like the ready
+        // jobs, a read is not sent; a save already decided stays.
+        let unstarted = self
+            .actions
+            .iter()
+            .filter(|action| matches!(action, Action::Start(_)))
+            .count();
+        self.running = self.running.saturating_sub(unstarted);
+        self.actions
+            .retain(|action| matches!(action, Action::Save(_)));
         self.stopping = true;
         self.rewind_to = None;
         self.verifying = Verifying::No;
@@ -1245,6 +1256,23 @@ mod tests {
         assert!(started(&actions).is_empty());
         assert!(reads(&actions).is_empty());
         assert_eq!(saves(&actions), vec![id(1)]);
+    }
+
+    #[test]
+    fn a_stop_with_actions_still_undone_drops_them_and_saves() {
+        let mut machine = Machine::new(settings(4), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(vec![job(1, "a"), job(2, "b")], Some(id(2)), 100);
+        // The driver performs the read and the first start, and the stop
+        // comes before it takes the second.
+        assert!(matches!(machine.poll_action(), Some(Action::Read { .. })));
+        assert!(matches!(machine.poll_action(), Some(Action::Start(job)) if job.item == 1));
+        machine.completed(id(1), key("a"), Completion::Finished);
+        machine.stop();
+        let actions = drain(&mut machine);
+        assert_eq!(saves(&actions), vec![id(1)], "the final save goes out");
+        assert!(started(&actions).is_empty(), "nothing starts after stop");
+        assert!(reads(&actions).is_empty());
     }
 
     #[test]
