@@ -9,6 +9,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use lifecycle_domain::EntryId;
 use lifecycle_streams::{StartFrom, DEFAULT_CONCURRENCY};
 
+/// A mistake in what the command was given (exit status 2), as opposed to a
+/// failure while carrying it out (exit status 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InputError(pub String);
+
 /// The lobby's user-lifecycle worker: consumes account lifecycle events from a
 /// Redis stream and cascades deletions and permanent blocks into the lobby.
 #[derive(Debug, Parser)]
@@ -318,9 +324,15 @@ pub struct PublishArgs {
     #[command(flatten)]
     pub redis: RedisArgs,
 
-    /// `user.deleted`, `user.permanently_blocked`, or another type.
+    /// `user.deleted` or `user.permanently_blocked` (another type only with
+    /// --allow-unknown-type).
     #[arg(long)]
     pub event_type: String,
+
+    /// Publish an --event-type the worker does not act on (it absorbs such
+    /// events): for testing consumers, never for a real deletion.
+    #[arg(long)]
+    pub allow_unknown_type: bool,
 
     /// The account the event is about.
     #[arg(long)]

@@ -68,7 +68,19 @@ fn tail_json_has_the_contract_shape_for_every_status() {
     );
     assert_success(&output);
     let first = stdout(&output).trim().to_owned();
-    let unknown = publish(&url, "user.renamed", "u-2");
+    let output = worker(
+        &url,
+        &[
+            "publish",
+            "--event-type",
+            "user.renamed",
+            "--user-id",
+            "u-2",
+            "--allow-unknown-type",
+        ],
+    );
+    assert_success(&output);
+    let unknown = stdout(&output).trim().to_owned();
     let malformed = server.cli(&[
         "XADD",
         "user:lifecycle_events",
@@ -366,11 +378,92 @@ fn user_caused_failures_are_one_clear_line() {
         );
     }
     let server = RedisServer::start();
-    let line = assert_one_error_line(&worker(
+    let output = worker(
         &server.url(),
         &["publish", "--event-type", " ", "--user-id", "u"],
-    ));
+    );
+    let line = assert_one_error_line(&output);
     assert!(line.contains("--event-type"), "{line}");
+    assert_eq!(output.status.code(), Some(2), "an input error");
+}
+
+#[test]
+fn publish_refuses_an_event_type_the_worker_would_absorb() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let typo = ["publish", "--event-type", "user.delete", "--user-id", "u1"];
+    let output = worker(&url, &typo);
+    let line = assert_one_error_line(&output);
+    assert_eq!(output.status.code(), Some(2), "{line}");
+    assert!(
+        line.contains("\"user.delete\"") && line.contains("--allow-unknown-type"),
+        "{line}"
+    );
+    assert_eq!(server.cli(&["XLEN", "user:lifecycle_events"]).trim(), "0");
+    let mut allowed = typo.to_vec();
+    allowed.push("--allow-unknown-type");
+    assert_success(&worker(&url, &allowed));
+    assert_eq!(server.cli(&["XLEN", "user:lifecycle_events"]).trim(), "1");
+}
+
+#[test]
+fn a_log_level_that_names_no_level_is_refused() {
+    let unreachable = format!("redis://127.0.0.1:{}/", free_port());
+    for (flag, env) in [(Some("wran"), None), (None, Some("verbose"))] {
+        let mut command = Command::new(BIN);
+        command
+            .env("REDIS_URL", &unreachable)
+            .env_remove("RUST_LOG");
+        match flag {
+            Some(level) => command.args(["--log-level", level]),
+            None => command.env_remove("LOBBY_LOG_LEVEL"),
+        };
+        if let Some(level) = env {
+            command.env("LOBBY_LOG_LEVEL", level);
+        }
+        let output = command.arg("status").output().unwrap();
+        let line = assert_one_error_line(&output);
+        assert_eq!(output.status.code(), Some(2), "{line}");
+        assert!(line.contains("names no level"), "{line}");
+    }
+}
+
+#[test]
+fn a_reader_that_closes_stdout_ends_the_command_quietly() {
+    let server = RedisServer::start();
+    for _ in 0..3 {
+        publish(&server.url(), "user.deleted", "u");
+    }
+    // `demo` prints with `println!`, `tail` through a writer: both meet the
+    // closed pipe.
+    for (args, url) in [
+        (vec!["demo"], None),
+        (vec!["tail", "--count", "3"], Some(server.url())),
+    ] {
+        let mut command = Command::new(BIN);
+        command.args(&args).env_remove("REDIS_URL");
+        if let Some(url) = &url {
+            command.env("REDIS_URL", url);
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closed before the command prints its first line.
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        let err = stderr(&output);
+        assert!(
+            output.status.success(),
+            "{args:?}: {:?}: {err}",
+            output.status
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("error"),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -1,18 +1,30 @@
 //! `lobby-worker publish`: the producer side, one event at a time.
 
 use anyhow::bail;
+use lifecycle_domain::EventType;
 use redis::Value;
 
-use crate::cli::PublishArgs;
+use crate::cli::{InputError, PublishArgs};
 use crate::redis_conn::{connect, explain, RedisTarget};
 
 /// Adds one event and prints its id.
 pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     if args.event_type.trim().is_empty() {
-        bail!("--event-type must not be blank");
+        return Err(InputError("--event-type must not be blank".into()).into());
     }
     if args.user_id.trim().is_empty() {
-        bail!("--user-id must not be blank");
+        return Err(InputError("--user-id must not be blank".into()).into());
+    }
+    if !EventType::from_wire(&args.event_type).is_known() && !args.allow_unknown_type {
+        // A typo here would be absorbed by the worker: the user never
+        // deleted.
+        return Err(InputError(format!(
+            "--event-type {:?} is not one the worker acts on ({} or {}); add --allow-unknown-type to publish it anyway",
+            args.event_type,
+            EventType::USER_DELETED,
+            EventType::USER_PERMANENTLY_BLOCKED
+        ))
+        .into());
     }
     let occurred_at_ms = match args.occurred_at_ms {
         Some(ms) => ms,
