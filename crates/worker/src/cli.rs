@@ -67,9 +67,16 @@ pub enum Command {
 /// `bench`'s settings.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Use this Redis instead of starting a private one (keys under `bench`).
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    /// Use this Redis instead of starting a private one (keys under `bench`),
+    /// with --yes. Only from the command line: never `REDIS_URL`, which may
+    /// name a production Redis.
+    #[arg(long)]
     pub redis_url: Option<String>,
+
+    /// Confirms that --redis-url may take about a million and a half entries
+    /// and have the keys `bench:*` and `bench-*` deleted.
+    #[arg(long)]
+    pub yes: bool,
 
     /// Events in the backlog for `raw` and `default`.
     #[arg(long, default_value_t = 200_000)]
@@ -121,8 +128,9 @@ pub struct BenchArgs {
 pub struct DemoArgs {
     /// Use this Redis instead of starting a private one; the demo then uses
     /// the key prefix `lobby-demo` and the stream `lobby-demo:user:lifecycle_events`,
-    /// clears them first and leaves them for inspection.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    /// clears them first and leaves them for inspection. Only from the
+    /// command line: never `REDIS_URL`, which may name a production Redis.
+    #[arg(long)]
     pub redis_url: Option<String>,
 
     /// Certificate files for a rediss:// --redis-url.

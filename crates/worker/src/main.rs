@@ -36,8 +36,9 @@ fn main() -> ExitCode {
         Command::Demo(_) | Command::Bench(_) => "error",
         _ => "info",
     };
-    if let Err(err) = telemetry::init(cli.log_level.as_deref(), default_level, cli.log_format) {
-        eprintln!("error: {err}");
+    let format = cli.log_format;
+    if let Err(err) = telemetry::init(cli.log_level.as_deref(), default_level, format) {
+        report_fatal(format, &err, false);
         return ExitCode::from(2);
     }
     // One thread: the work is waiting on Redis, and on a small machine the
@@ -72,13 +73,27 @@ fn main() -> ExitCode {
         // Whoever reads the output stopped reading (`| head`): done.
         Err(err) if stdout_closed(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", one_line(&err));
+            report_fatal(format, &one_line(&err), true);
             if err.downcast_ref::<cli::InputError>().is_some() {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// Prints the error that ends the process: `error: ...` on one line, or with
+/// `--log-format json` one JSON object like every other line (through the
+/// logger once it is installed, so that it has the same fields).
+fn report_fatal(format: cli::LogFormat, line: &str, logger_installed: bool) {
+    match format {
+        cli::LogFormat::Text => eprintln!("error: {line}"),
+        cli::LogFormat::Json if logger_installed => tracing::error!(err = %line, "fatal"),
+        cli::LogFormat::Json => eprintln!(
+            "{}",
+            serde_json::json!({"level": "ERROR", "message": "fatal", "err": line})
+        ),
     }
 }
 

@@ -482,6 +482,38 @@ fn a_stream_key_of_the_wrong_type_ends_run_with_advice() {
 }
 
 #[test]
+fn with_json_logs_the_fatal_error_is_a_json_line_too() {
+    let server = RedisServer::start();
+    server.cli(&["SET", "user:lifecycle_events", "oops"]);
+    let output = worker(&server.url(), &["--log-format", "json", "run"]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    for line in err.lines().filter(|line| !line.trim().is_empty()) {
+        let object: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: not JSON: {line}"));
+        assert!(object["level"].is_string(), "{line}");
+    }
+    let last: Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(last["level"], "ERROR");
+    assert!(
+        last["err"].as_str().unwrap().contains("not a stream"),
+        "{last}"
+    );
+    // Before the logger exists (a log level that names no level) as well.
+    let output = worker(
+        &server.url(),
+        &["--log-format", "json", "--log-level", "wran", "run"],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let line: Value = serde_json::from_str(stderr(&output).trim()).unwrap();
+    assert_eq!(line["level"], "ERROR");
+    assert!(
+        line["err"].as_str().unwrap().contains("names no level"),
+        "{line}"
+    );
+}
+
+#[test]
 fn demo_tours_a_private_redis_and_exits_zero() {
     let output = Command::new(BIN)
         .arg("demo")
@@ -532,6 +564,24 @@ fn demo_on_a_given_redis_keeps_to_its_own_keys() {
         server.cli(&["XLEN", "lobby-demo:user:lifecycle_events"]),
         "5"
     );
+}
+
+#[test]
+fn demo_and_bench_never_take_redis_from_the_environment() {
+    let exported = RedisServer::start();
+    // An operator's shell with REDIS_URL exported: the demo still starts
+    // its own server and leaves the exported one untouched.
+    let output = worker(&exported.url(), &["demo"]);
+    assert_success(&output);
+    assert!(stdout(&output).contains("a private redis-server on 127.0.0.1:"));
+    assert_eq!(exported.cli(&["DBSIZE"]).trim(), "0");
+    // bench on a given Redis asks for --yes first, and writes nothing
+    // without it.
+    let output = worker(&exported.url(), &["bench", "--redis-url", &exported.url()]);
+    let line = assert_one_error_line(&output);
+    assert_eq!(output.status.code(), Some(2), "{line}");
+    assert!(line.contains("--yes"), "{line}");
+    assert_eq!(exported.cli(&["DBSIZE"]).trim(), "0");
 }
 
 #[test]

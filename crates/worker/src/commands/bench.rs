@@ -45,7 +45,7 @@ use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 
-use crate::cli::{BenchArgs, TlsArgs};
+use crate::cli::{BenchArgs, InputError, TlsArgs};
 use crate::redis_conn::{connect, delete_matching, explain, RedisTarget};
 
 /// Entries added per pipelined round trip while filling.
@@ -250,7 +250,13 @@ fn ratio(numerator: f64, denominator: f64) -> f64 {
 /// Runs the benchmark and prints a table, or one JSON object.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.events == 0 {
-        bail!("--events must be at least 1");
+        return Err(InputError("--events must be at least 1".into()).into());
+    }
+    if args.redis_url.is_some() && !args.yes {
+        return Err(InputError(
+            "bench would push about a million and a half entries through the Redis of --redis-url and delete its keys bench:* and bench-*; add --yes if that Redis is yours to load, or leave --redis-url out for a private one".into(),
+        )
+        .into());
     }
     let server = match &args.redis_url {
         Some(_) => None,
