@@ -258,7 +258,8 @@ pub struct RunArgs {
     pub max_held_bytes: usize,
 
     /// Handle the entries present at start-up, save the offset and exit 0.
-    #[arg(long, env = "LOBBY_DRAIN")]
+    /// From the environment: 1/0, true/false, yes/no, on/off.
+    #[arg(long, env = "LOBBY_DRAIN", value_parser = clap::builder::BoolishValueParser::new())]
     pub drain: bool,
 
     /// How many events are handled at once; one user's events never

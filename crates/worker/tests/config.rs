@@ -97,3 +97,22 @@ fn bad_files_are_rejected_naming_the_setting() {
         assert_eq!(err.lines().count(), 1, "{err}");
     }
 }
+
+#[test]
+fn a_boolean_from_the_environment_takes_the_usual_spellings() {
+    for (value, expected) in [
+        ("1", "true"),
+        ("yes", "true"),
+        ("on", "true"),
+        ("true", "true"),
+        ("0", "false"),
+        ("no", "false"),
+        ("off", "false"),
+        ("false", "false"),
+    ] {
+        let settings = printed(&run(&["--print-config"], &[("LOBBY_DRAIN", value)]));
+        assert_eq!(settings["drain"], expected, "LOBBY_DRAIN={value}");
+    }
+    let refused = run(&["--print-config"], &[("LOBBY_DRAIN", "maybe")]);
+    assert_eq!(refused.status.code(), Some(2));
+}
