@@ -157,12 +157,13 @@ pub struct RedisArgs {
         long,
         global = true,
         env = "LOBBY_STREAM",
-        default_value = "user:lifecycle_events"
+        default_value = "user:lifecycle_events",
+        value_parser = non_blank
     )]
     pub stream: String,
 
     /// Prefix of every lobby key (offsets are at `<prefix>:stream_offsets:<label>`).
-    #[arg(long, global = true, env = "LOBBY_KEY_PREFIX", default_value = "lobby")]
+    #[arg(long, global = true, env = "LOBBY_KEY_PREFIX", default_value = "lobby", value_parser = non_blank)]
     pub key_prefix: String,
 
     /// Certificate files for rediss://.
@@ -404,7 +405,7 @@ pub struct OffsetsArgs {
     pub redis: RedisArgs,
 
     /// The consumer label whose offset to use.
-    #[arg(long, global = true, default_value = "user_lifecycle")]
+    #[arg(long, global = true, default_value = "user_lifecycle", value_parser = non_blank)]
     pub label: String,
 
     /// What to do with it.
@@ -417,14 +418,28 @@ pub struct OffsetsArgs {
 pub enum OffsetsAction {
     /// Print the stored offset.
     Get,
-    /// Overwrite it with exactly ID, even backwards (a deliberate rewind or skip).
+    /// Overwrite it with exactly ID, even backwards (a deliberate rewind or
+    /// skip); an ID past the stream's last generated id only with --force.
     Set {
         /// The entry id, `<ms>-<seq>`.
         #[arg(value_parser = parse_entry_id)]
         id: EntryId,
+        /// Store an ID past the stream's last generated id (or on a stream
+        /// that does not exist): every event added until the stream's ids
+        /// pass it would be skipped.
+        #[arg(long)]
+        force: bool,
     },
     /// Delete it: the next `run` starts per --start-from.
     Reset,
+}
+
+/// A name that is not empty or blank (a stream, a key prefix, a label).
+pub fn non_blank(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("must not be empty or blank".into());
+    }
+    Ok(text.to_owned())
 }
 
 /// Parses `250ms`, `2s`, `1m`, `1h` or `1m30s`.

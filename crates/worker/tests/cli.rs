@@ -204,6 +204,20 @@ fn offsets_get_set_reset() {
     assert_eq!(stdout(&output), "");
     assert!(stderr(&output).contains("no offset"));
 
+    // Past the end of a stream that does not exist: refused.
+    let output = worker(&url, &["offsets", "set", "10-5"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    server.cli(&[
+        "XADD",
+        "user:lifecycle_events",
+        "20-0",
+        "event_type",
+        "user.deleted",
+        "user_id",
+        "u",
+        "occurred_at_ms",
+        "1",
+    ]);
     assert_success(&worker(&url, &["offsets", "set", "10-5"]));
     assert_eq!(
         server.cli(&["GET", "lobby:stream_offsets:user_lifecycle"]),
@@ -228,6 +242,35 @@ fn offsets_get_set_reset() {
     );
     assert_success(&output);
     assert_eq!(server.cli(&["GET", "other:stream_offsets:gm"]), "1-1");
+
+    // Past the stream's last id: every event until then would be skipped.
+    let output = worker(&url, &["offsets", "set", "99999999999999-0"]);
+    let line = assert_one_error_line(&output);
+    assert_eq!(output.status.code(), Some(2), "{line}");
+    assert!(line.contains("20-0") && line.contains("--force"), "{line}");
+    assert_eq!(stdout(&worker(&url, &["offsets", "get"])).trim(), "9-0");
+    assert_success(&worker(
+        &url,
+        &["offsets", "set", "99999999999999-0", "--force"],
+    ));
+    assert_eq!(
+        stdout(&worker(&url, &["offsets", "get"])).trim(),
+        "99999999999999-0"
+    );
+    // Blank names are refused, wherever they come from.
+    for args in [
+        vec!["offsets", "--key-prefix", "", "get"],
+        vec!["offsets", "--label", " ", "get"],
+        vec!["status", "--stream", ""],
+    ] {
+        let output = worker(&url, &args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
 
     assert_success(&worker(&url, &["offsets", "reset"]));
     assert_eq!(
