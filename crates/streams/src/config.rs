@@ -183,7 +183,12 @@ impl ConsumerConfig {
                 "`handler_retry.initial` must not be larger than `handler_retry.max`".into(),
             );
         }
-        if self.dead_letter_after.is_some() && self.dead_letter_stream == self.stream {
+        // Checked whether or not dead-lettering is on: a setting that would
+        // copy failing entries back into the stream is wrong either way.
+        if self.dead_letter_stream.trim().is_empty() {
+            return Err("`dead_letter_stream` must not be empty".into());
+        }
+        if self.dead_letter_stream == self.stream {
             return Err("`dead_letter_stream` must differ from `stream`".into());
         }
         Ok(())

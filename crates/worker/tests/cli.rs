@@ -392,6 +392,26 @@ fn user_caused_failures_are_one_clear_line() {
     let line = assert_one_error_line(&worker("http://127.0.0.1", &["run"]));
     assert!(line.contains("invalid Redis URL"), "{line}");
 
+    // Settings that contradict each other are input errors too (exit 2),
+    // named by their flags; a dead-letter stream equal to the stream
+    // whether or not dead-lettering is on.
+    for args in [
+        vec!["run", "--dead-letter-stream", "user:lifecycle_events"],
+        vec![
+            "run",
+            "--dead-letter-stream",
+            "user:lifecycle_events",
+            "--dead-letter-after",
+            "3",
+        ],
+        vec!["run", "--retry-initial", "10s", "--retry-max", "1s"],
+    ] {
+        let output = worker(&unreachable, &args);
+        let line = assert_one_error_line(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {line}");
+        assert!(line.contains("invalid settings"), "{line}");
+    }
+
     let bad_flags: [&[&str]; 4] = [
         &["run", "--block-timeout", "soon"],
         &["run", "--batch-size", "0"],

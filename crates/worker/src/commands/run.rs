@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::cli::{
-    format_duration, CheckpointArg, LogFormat, MetricsAddr, RunArgs, DEFAULT_METRICS_ADDR,
+    format_duration, CheckpointArg, InputError, LogFormat, MetricsAddr, RunArgs,
+    DEFAULT_METRICS_ADDR,
 };
 use crate::handler_metrics::{HandlerMetrics, InstrumentedHandler};
 use crate::health::Health;
@@ -71,7 +72,7 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     // The engine names its settings; `main` prints them as flags.
     config
         .validate()
-        .map_err(|reason| anyhow::anyhow!("invalid settings: {reason}"))?;
+        .map_err(|reason| InputError(format!("invalid settings: {reason}")))?;
     let target = RedisTarget::from_args(&args.redis)?;
     let client = target.client()?;
     if args.print_config {
