@@ -19,6 +19,7 @@ pub mod cascade;
 pub mod decode;
 pub mod entry_id;
 pub mod event;
+pub mod log_text;
 pub mod ports;
 
 pub use cascade::{
@@ -28,6 +29,7 @@ pub use cascade::{
 pub use decode::{decode_user_lifecycle_event, DecodeError, MAX_ENTRY_BYTES};
 pub use entry_id::{EntryId, ParseEntryIdError};
 pub use event::{EventType, UserLifecycleEvent};
+pub use log_text::for_log;
 pub use ports::{
     BoxFuture, EventHandler, HandlerError, RunOutcome, SaveOutcome, StopReason, StoreError,
     StreamOffsetStore, UserLifecycleConsumer, USER_LIFECYCLE_LABEL,

@@ -4,8 +4,8 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use lifecycle_domain::{
-    decode_user_lifecycle_event, BoxFuture, EntryId, EventHandler, HandlerError, RunOutcome,
-    StreamOffsetStore, UserLifecycleConsumer, UserLifecycleEvent,
+    decode_user_lifecycle_event, for_log, BoxFuture, EntryId, EventHandler, HandlerError,
+    RunOutcome, StreamOffsetStore, UserLifecycleConsumer, UserLifecycleEvent,
 };
 use lifecycle_streams::{
     ConsumerConfig, ConsumerError, ConsumerStats, Decoded, EntryDecoder, StreamConsumer,
@@ -53,7 +53,7 @@ impl EventHandler<UserLifecycleEvent> for LoggedHandler {
                 Ok(()) => debug!(
                     stream_entry_id = %event.entry_id,
                     event_type = event.event_type.as_str(),
-                    user_id = ?event.user_id,
+                    user_id = ?for_log(&event.user_id),
                     "user lifecycle event processed"
                 ),
                 // The engine logs the failure with its retry; this names the
@@ -61,7 +61,7 @@ impl EventHandler<UserLifecycleEvent> for LoggedHandler {
                 Err(err) => debug!(
                     stream_entry_id = %event.entry_id,
                     event_type = event.event_type.as_str(),
-                    user_id = ?event.user_id,
+                    user_id = ?for_log(&event.user_id),
                     err = %err,
                     "user lifecycle handler failed"
                 ),

@@ -19,8 +19,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use lifecycle_domain::{
-    game_action, BoxFuture, CascadeOutcome, EntryId, Game, GameStatus, LobbyStore, MemberChange,
-    StoreError, UserCascade,
+    for_log, game_action, BoxFuture, CascadeOutcome, EntryId, Game, GameStatus, LobbyStore,
+    MemberChange, StoreError, UserCascade,
 };
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value};
@@ -283,8 +283,8 @@ impl RedisLobbyStore {
                 let unknown_status: Vec<String> = unknown.iter().filter_map(text).collect();
                 for game_id in &unknown_status {
                     warn!(
-                        game_id = ?game_id,
-                        user_id = ?cascade.user_id,
+                        game_id = ?for_log(game_id),
+                        user_id = ?for_log(&cascade.user_id),
                         stream_entry_id = %cascade.entry_id,
                         "game with an unknown status left like a finished one"
                     );
@@ -293,7 +293,7 @@ impl RedisLobbyStore {
                 debug!(
                     stream_entry_id = %cascade.entry_id,
                     event_type = ?cascade.event_type,
-                    user_id = ?cascade.user_id,
+                    user_id = ?for_log(&cascade.user_id),
                     games,
                     "cascade applied"
                 );
@@ -308,7 +308,7 @@ impl RedisLobbyStore {
                     .ok_or_else(|| unexpected(action(), &reply))?;
                 debug!(
                     stream_entry_id = %cascade.entry_id,
-                    user_id = ?cascade.user_id,
+                    user_id = ?for_log(&cascade.user_id),
                     recorded = %recorded,
                     "cascade already applied; nothing changed"
                 );

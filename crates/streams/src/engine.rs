@@ -995,7 +995,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                     None
                 }
                 Decoded::UnknownType(event_type) => {
-                    info!(stream_entry_id = %id, event_type = ?event_type, "entry of unknown type absorbed");
+                    info!(stream_entry_id = %id, event_type = ?lifecycle_domain::for_log(&event_type), "entry of unknown type absorbed");
                     stats.unknown_type();
                     None
                 }

@@ -577,6 +577,79 @@ fn with_json_logs_the_fatal_error_is_a_json_line_too() {
 }
 
 #[test]
+fn log_fields_are_plain_values_and_long_entry_values_are_cut() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let long_type = "t".repeat(120_000);
+    let long_user = "u".repeat(100_000);
+    for (event_type, user) in [
+        (long_type.as_str(), "u1"),
+        ("user.deleted", long_user.as_str()),
+    ] {
+        server.cli(&[
+            "XADD",
+            "user:lifecycle_events",
+            "*",
+            "event_type",
+            event_type,
+            "user_id",
+            user,
+            "occurred_at_ms",
+            "1700000000000",
+        ]);
+    }
+    let output = worker(
+        &url,
+        &[
+            "--log-format",
+            "json",
+            "--log-level",
+            "info,lifecycle_redis=debug",
+            "run",
+            "--drain",
+            "--metrics-addr",
+            "off",
+            "--dead-letter-after",
+            "3",
+        ],
+    );
+    assert_success(&output);
+    let err = stderr(&output);
+    assert!(
+        err.len() < 32 * 1024,
+        "{} bytes of log:\n{}",
+        err.len(),
+        &err[..2000]
+    );
+    assert!(
+        err.contains("[120000 bytes]"),
+        "the unknown type, cut: {err}"
+    );
+    assert!(err.contains("[100000 bytes]"), "the user id, cut: {err}");
+    let lines: Vec<Value> = err
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let field = |message: &str, name: &str| -> Value {
+        let line = lines
+            .iter()
+            .find(|line| line["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in {err}"));
+        line[name].clone()
+    };
+    assert_eq!(field("lobby-worker starting", "checkpoint"), "every-batch");
+    assert_eq!(field("lobby-worker starting", "dead_letter_after"), 3);
+    let offset = field("drained", "offset");
+    let offset = offset.as_str().unwrap();
+    assert!(
+        offset
+            .split_once('-')
+            .is_some_and(|(ms, seq)| { ms.parse::<u64>().is_ok() && seq.parse::<u64>().is_ok() }),
+        "{offset:?}"
+    );
+}
+
+#[test]
 fn demo_tours_a_private_redis_and_exits_zero() {
     let output = Command::new(BIN)
         .arg("demo")

@@ -681,9 +681,13 @@ fn cascades_hanging_on_a_stalled_redis_are_abandoned_by_the_deadline() {
     let server = RedisServer::start();
     let url = server.url();
     let proxy = TcpProxy::start(server.port());
+    // Enough backlog, and room to hold it, that the worker is still busy
+    // when the proxy stalls: past the poison entry it goes on until the
+    // byte cap or the backlog's end, which a fast run reaches in well under
+    // a second with 20,000 entries.
     let lobby = Lobby {
         tag: "c64stall",
-        n: 20_000,
+        n: 60_000,
         poison: Some(1_500),
     };
     let mut conn = connect(&url);
@@ -694,6 +698,8 @@ fn cascades_hanging_on_a_stalled_redis_are_abandoned_by_the_deadline() {
         &[
             "--concurrency",
             "64",
+            "--max-held-bytes",
+            "64MiB",
             "--retry-initial",
             "5s",
             "--retry-max",

@@ -122,8 +122,8 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         key_prefix = %args.redis.key_prefix,
         batch_size = config.batch_size,
         block_timeout_ms = config.block_timeout.as_millis() as u64,
-        checkpoint = ?config.checkpoint,
-        dead_letter_after = ?config.dead_letter_after,
+        checkpoint = checkpoint_name(config.checkpoint),
+        dead_letter_after = config.dead_letter_after,
         drain = config.drain,
         concurrency = config.concurrency,
         metrics_addr = %endpoints.as_ref().map_or_else(|| "off".to_owned(), |served| served.addr.to_string()),
@@ -154,7 +154,18 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     let peak_rss_kib = peak_rss_kib();
     match outcome.reason {
         StopReason::Drained => {
-            info!(offset = ?outcome.offset.map(|id| id.to_string()), handled = stats.handled, malformed = stats.malformed, unknown_type = stats.unknown_type, dead_lettered = stats.dead_lettered, reads = stats.reads, offset_saves = stats.offset_saves, held_bytes_peak = stats.held_bytes_peak, peak_rss_kib, "drained")
+            info!(
+                offset = outcome.offset.map(tracing::field::display),
+                handled = stats.handled,
+                malformed = stats.malformed,
+                unknown_type = stats.unknown_type,
+                dead_lettered = stats.dead_lettered,
+                reads = stats.reads,
+                offset_saves = stats.offset_saves,
+                held_bytes_peak = stats.held_bytes_peak,
+                peak_rss_kib,
+                "drained"
+            )
         }
         StopReason::Cancelled => info!(handled = stats.handled, peak_rss_kib, "stopped"),
     }
@@ -338,13 +349,7 @@ fn print_config(
         ),
         ("block_timeout", format_duration(config.block_timeout)),
         ("batch_size", config.batch_size.to_string()),
-        (
-            "checkpoint",
-            match config.checkpoint {
-                Checkpoint::EveryBatch => "every-batch".to_owned(),
-                Checkpoint::EveryEntry => "every-entry".to_owned(),
-            },
-        ),
+        ("checkpoint", checkpoint_name(config.checkpoint).to_owned()),
         ("checkpoint_delay", format_duration(config.checkpoint_delay)),
         (
             "start_from",
@@ -397,4 +402,12 @@ pub fn peak_rss_kib() -> u64 {
                 .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The name `--checkpoint` takes for `checkpoint`.
+fn checkpoint_name(checkpoint: Checkpoint) -> &'static str {
+    match checkpoint {
+        Checkpoint::EveryBatch => "every-batch",
+        Checkpoint::EveryEntry => "every-entry",
+    }
 }
