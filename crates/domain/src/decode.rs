@@ -140,8 +140,8 @@ fn parse_occurred_at(text: &str) -> Result<i64, DecodeError> {
     Ok(ms)
 }
 
-/// Decodes one stream entry into an event, following the contract table of
-/// DESIGN.md: `event_type` kept as sent, `user_id` trimmed, `occurred_at_ms`
+/// Decodes one stream entry into an event, following the contract table in
+/// the README ("The wire contract"): `event_type` kept as sent, `user_id` trimmed, `occurred_at_ms`
 /// a positive signed 64-bit integer exactly as sent, optional fields kept as
 /// sent (lossily decoded), unknown fields ignored, the last of duplicated
 /// field names winning.

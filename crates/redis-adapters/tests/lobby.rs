@@ -2,7 +2,7 @@
 //! script against real, private redis-servers (one per test, never the
 //! system Redis on 6379).
 //!
-//! The expectations come from DESIGN.md, section "Lobby store and the
+//! The expectations come from the README's section "The lobby and the
 //! cascade"; the random test checks that the script and the domain model
 //! ([`Game::apply_cascade`]) agree.
 #![allow(
@@ -314,7 +314,7 @@ fn matrix_game(status: Option<&str>, role: Role) -> Game {
     game
 }
 
-/// What DESIGN.md says the game looks like after the cascade of "u",
+/// What the README says the game looks like after the cascade of "u",
 /// written out from the text (not through the domain model).
 fn matrix_expected(status: Option<&str>, role: Role) -> Game {
     let mut game = matrix_game(status, role);
