@@ -168,7 +168,8 @@ return ''
 ";
 
 /// How long reads may go without the deletion probe while entries trickle
-/// in (in a backlog every read takes it along: see `Driver::probe_due`).
+/// in (in a backlog of full 1024-entry reads every read takes it along: see
+/// `Driver::probe_due`).
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Entries read without the deletion probe, at most, before the next read

@@ -63,8 +63,8 @@
 //! - `decoder`: the decoder trait the engine is generic over.
 //! - [`dead_letter`]: copying a failing entry to the dead-letter stream
 //!   exactly once (one script, with a marker keyed by the entry's id).
-//! - `read_conn`: the reading connection (hand-written `XREAD`, a deletion
-//!   probe before each read); `resp`: its zero-copy, resumable reply
+//! - `read_conn`: the reading connection (hand-written `XREAD`, and a
+//!   deletion probe before a read when the driver asks for one); `resp`: its zero-copy, resumable reply
 //!   scanner.
 //! - `config`: the settings; `backoff`: retry delays; `fault`: transient
 //!   versus permanent Redis failures; `error`: the errors of `run`; `reply`:

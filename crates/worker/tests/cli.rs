@@ -15,7 +15,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    assert_one_error_line, assert_success, stderr, stdout, wait_until, worker, Running, BIN,
+    add_event, assert_one_error_line, assert_success, stderr, stdout, wait_until, worker, Running,
+    BIN,
 };
 use lifecycle_test_support::{free_port, RedisServer};
 use serde_json::{json, Value};
@@ -586,17 +587,7 @@ fn log_fields_are_plain_values_and_long_entry_values_are_cut() {
         (long_type.as_str(), "u1"),
         ("user.deleted", long_user.as_str()),
     ] {
-        server.cli(&[
-            "XADD",
-            "user:lifecycle_events",
-            "*",
-            "event_type",
-            event_type,
-            "user_id",
-            user,
-            "occurred_at_ms",
-            "1700000000000",
-        ]);
+        add_event(&server, event_type, user, "1700000000000");
     }
     let output = worker(
         &url,
@@ -748,17 +739,7 @@ fn values_from_entries_cannot_forge_or_hide_log_lines() {
         ("user.deleted", "\u{1b}[8mhidden\u{1b}[0m"),
         ("evil\nERROR forged type", "u1"),
     ] {
-        server.cli(&[
-            "XADD",
-            "user:lifecycle_events",
-            "*",
-            "event_type",
-            event_type,
-            "user_id",
-            user,
-            "occurred_at_ms",
-            "5",
-        ]);
+        add_event(&server, event_type, user, "5");
     }
     server.cli(&[
         "XADD",

@@ -5,10 +5,8 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{assert_success, connect, info, pipelined, stored_offset, worker};
+use common::{assert_success, connect, deletion, info, pipelined, stored_offset, worker};
 use lifecycle_test_support::RedisServer;
-
-const STREAM: &str = "user:lifecycle_events";
 
 /// Calls of each command Redis ran so far, scripts' own calls included
 /// under their names (`cmdstat_get` counts a script's `GET` too).
@@ -44,18 +42,7 @@ fn the_reference_mode_sends_a_read_and_a_save_per_entry() {
     let mut conn = connect(&url);
     pipelined::<String>(
         &mut conn,
-        (0..ENTRIES).map(|user| {
-            let mut xadd = redis::cmd("XADD");
-            xadd.arg(STREAM)
-                .arg("*")
-                .arg("event_type")
-                .arg("user.deleted")
-                .arg("user_id")
-                .arg(format!("u{user}"))
-                .arg("occurred_at_ms")
-                .arg(1_700_000_000_000_i64);
-            xadd
-        }),
+        (0..ENTRIES).map(|user| deletion(&format!("u{user}"), 1_700_000_000_000)),
     );
     let before = calls(&mut conn);
     let output = worker(

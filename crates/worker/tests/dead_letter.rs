@@ -21,7 +21,9 @@ use lifecycle_test_support::RedisServer;
 
 mod common;
 
-use common::{assert_success, connect, stderr, stored_offset, wait_until, worker, Running};
+use common::{
+    assert_success, connect, deletion, stderr, stored_offset, wait_until, worker, Running,
+};
 
 const STREAM: &str = "user:lifecycle_events";
 const DEAD: &str = "user:lifecycle_events:dead";
@@ -63,18 +65,7 @@ fn publish_poison_then(conn: &mut redis::Connection, healthy: usize) -> Vec<Stri
     }
     seed.exec(conn).unwrap();
     let mut publish = redis::pipe();
-    let event = |user: String| {
-        let mut xadd = redis::cmd("XADD");
-        xadd.arg(STREAM)
-            .arg("*")
-            .arg("event_type")
-            .arg("user.deleted")
-            .arg("user_id")
-            .arg(user)
-            .arg("occurred_at_ms")
-            .arg(1_700_000_000_000_u64);
-        xadd
-    };
+    let event = |user: String| deletion(&user, 1_700_000_000_000);
     let mut poison = event("u-poison".to_owned());
     poison.arg("trace_id").arg("t-poison");
     publish.add_command(poison);

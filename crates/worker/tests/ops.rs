@@ -36,17 +36,7 @@ fn status_json(url: &str, extra: &[&str]) -> Value {
 }
 
 fn add_event(server: &RedisServer, event_type: &str, user: &str) {
-    server.cli(&[
-        "XADD",
-        STREAM,
-        "*",
-        "event_type",
-        event_type,
-        "user_id",
-        user,
-        "occurred_at_ms",
-        "1700000000000",
-    ]);
+    common::add_event(server, event_type, user, "1700000000000");
 }
 
 #[test]

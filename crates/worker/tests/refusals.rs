@@ -23,9 +23,8 @@ use lifecycle_test_support::{free_port, RedisServer, RedisServerOptions, TcpProx
 
 mod common;
 
-use common::{connect, get, info, parse_id, pipelined, sample, wait_for, Running};
+use common::{connect, deletion, get, info, parse_id, pipelined, sample, wait_for, Running};
 
-const STREAM: &str = "user:lifecycle_events";
 const DEAD_LETTER_STREAM: &str = "user:lifecycle_events:dead";
 const OFFSET_KEY: &str = "lobby:stream_offsets:user_lifecycle";
 /// Every this many users, one is in no game (see [`Lobby`]).
@@ -108,18 +107,7 @@ impl Lobby {
     fn publish(&self, conn: &mut redis::Connection) -> Vec<String> {
         pipelined(
             conn,
-            (0..self.n).map(|i| {
-                let mut xadd = redis::cmd("XADD");
-                xadd.arg(STREAM)
-                    .arg("*")
-                    .arg("event_type")
-                    .arg("user.deleted")
-                    .arg("user_id")
-                    .arg(Self::user(i))
-                    .arg("occurred_at_ms")
-                    .arg(1_700_000_000_000_u64 + i as u64);
-                xadd
-            }),
+            (0..self.n).map(|i| deletion(&Self::user(i), 1_700_000_000_000 + i as u64)),
         )
     }
 

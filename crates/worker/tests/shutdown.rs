@@ -36,9 +36,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{connect, parse_id, pipelined, stored_offset, wait_for, Running as Worker};
-
-const STREAM: &str = "user:lifecycle_events";
+use common::{connect, deletion, parse_id, pipelined, stored_offset, wait_for, Running as Worker};
 
 /// The engine's warning per failed handler attempt.
 const HANDLER_FAILED: &str = "handler failed; holding the offset and retrying";
@@ -237,16 +235,7 @@ impl Lobby {
 
     /// The `XADD` of an event of user `i`.
     fn xadd(&self, i: usize) -> redis::Cmd {
-        let mut xadd = redis::cmd("XADD");
-        xadd.arg(STREAM)
-            .arg("*")
-            .arg("event_type")
-            .arg("user.deleted")
-            .arg("user_id")
-            .arg(self.user(i))
-            .arg("occurred_at_ms")
-            .arg(1_700_000_000_000_u64 + i as u64);
-        xadd
+        deletion(&self.user(i), 1_700_000_000_000 + i as u64)
     }
 
     /// Publishes one event for each user `0..n` in order; returns the ids.

@@ -329,3 +329,41 @@ pub fn info(conn: &mut redis::Connection, section: &str) -> HashMap<String, Stri
         .map(|(name, value)| (name.to_owned(), value.trim().to_owned()))
         .collect()
 }
+
+/// The stream the worker reads by default.
+pub const STREAM: &str = "user:lifecycle_events";
+
+/// The `XADD` of a `user.deleted` event of `user` to [`STREAM`].
+pub fn deletion(user: &str, occurred_at_ms: u64) -> redis::Cmd {
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(STREAM)
+        .arg("*")
+        .arg("event_type")
+        .arg("user.deleted")
+        .arg("user_id")
+        .arg(user)
+        .arg("occurred_at_ms")
+        .arg(occurred_at_ms);
+    xadd
+}
+
+/// Adds an entry of `event_type` for `user` to [`STREAM`] through
+/// `redis-cli`, as sent: no check, any bytes a test wants.
+pub fn add_event(
+    server: &lifecycle_test_support::RedisServer,
+    event_type: &str,
+    user: &str,
+    occurred_at_ms: &str,
+) -> String {
+    server.cli(&[
+        "XADD",
+        STREAM,
+        "*",
+        "event_type",
+        event_type,
+        "user_id",
+        user,
+        "occurred_at_ms",
+        occurred_at_ms,
+    ])
+}
