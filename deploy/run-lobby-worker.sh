@@ -13,6 +13,9 @@ if [ ! -x "$bin" ]; then
   exit 2
 fi
 : "${REDIS_URL:?set REDIS_URL, e.g. redis://:password@127.0.0.1:6379/0}"
+# The endpoints listen on loopback unless told otherwise: for a Prometheus on
+# another host, set LOBBY_METRICS_ADDR to the one interface it reaches (say
+# 10.0.0.5:9464) rather than every interface.
 export LOBBY_METRICS_ADDR="${LOBBY_METRICS_ADDR:-127.0.0.1:9464}"
 export LOBBY_CONCURRENCY="${LOBBY_CONCURRENCY:-16}"
 export LOBBY_BATCH_SIZE="${LOBBY_BATCH_SIZE:-1024}"

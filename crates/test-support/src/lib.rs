@@ -11,6 +11,12 @@
 //! let _client_url = server.url();
 //! ```
 //!
+//! The launcher itself (spawn on a free port, wait for `PING`, quote the log, kill on drop) is
+//! the product crate `lifecycle-private-redis`, which `lobby-worker demo` and `bench` use too;
+//! this crate adds what only tests want on top of it: methods that panic instead of returning
+//! errors, append-only and TLS options, [`RedisServer::cli`], broken persistence, a
+//! [`TcpProxy`] and [`free_port`].
+//!
 //! With [`RedisServerOptions::tls`] set, the server also listens for TLS on a second port
 //! ([`RedisServer::tls_url`]); the feature `tls` adds `TlsFiles`, which generates the
 //! certificates in-process.
@@ -18,16 +24,15 @@
 //! Requires `redis-server` and `redis-cli` on the `PATH`.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+use std::ffi::OsString;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, PoisonError};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tempfile::TempDir;
+use lifecycle_private_redis::{Error, Options, PrivateRedis};
 
 pub mod proxy;
 pub use proxy::TcpProxy;
@@ -37,20 +42,12 @@ pub mod tls;
 #[cfg(feature = "tls")]
 pub use tls::TlsFiles;
 
-/// How long a freshly spawned server may take to answer `PING`.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Interval between readiness probes (and between exit checks).
+/// How long [`RedisServer::break_persistence`] and [`RedisServer::repair_persistence`] wait for a `BGSAVE`.
+const BGSAVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Interval between `BGSAVE` status checks.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
-/// How many fresh ports [`RedisServer::start_with`] tries before giving up.
-const START_ATTEMPTS: usize = 5;
-/// How long [`RedisServer::restart`] keeps re-spawning on the same port while it exits early.
-const RESTART_BIND_WINDOW: Duration = Duration::from_secs(5);
-/// How long [`RedisServer::stop`] waits after SIGTERM before falling back to SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Socket timeouts of one readiness probe.
-const PROBE_IO_TIMEOUT: Duration = Duration::from_millis(500);
-/// Lines of `redis.log` quoted in panic messages.
-const LOG_TAIL_LINES: usize = 40;
+/// The flag that gets the TLS port, the first of the launcher's extra ports.
+const TLS_PORT_FLAG: &str = "--tls-port";
 
 /// Options of a private redis-server; `Default` is an in-memory server without a password.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -63,6 +60,37 @@ pub struct RedisServerOptions {
     pub extra_args: Vec<String>,
     /// Also listen for TLS on a second free port ([`RedisServer::tls_port`]); the plain port stays.
     pub tls: Option<ServerTls>,
+}
+
+impl RedisServerOptions {
+    /// The launcher's options: these settings as `redis-server` arguments, `extra_args` last.
+    fn launcher_options(&self) -> Options {
+        let mut args: Vec<OsString> = Vec::new();
+        if self.append_only {
+            args.extend(["--appendonly", "yes", "--appendfsync", "always"].map(OsString::from));
+        }
+        let mut port_flags = Vec::new();
+        if let Some(tls) = &self.tls {
+            port_flags.push(TLS_PORT_FLAG.to_owned());
+            args.extend([
+                "--tls-cert-file".into(),
+                tls.cert.clone().into(),
+                "--tls-key-file".into(),
+                tls.key.clone().into(),
+                "--tls-ca-cert-file".into(),
+                tls.ca_cert.clone().into(),
+                "--tls-auth-clients".into(),
+                if tls.auth_clients { "yes" } else { "no" }.into(),
+            ]);
+        }
+        args.extend(self.extra_args.iter().map(OsString::from));
+        Options {
+            password: self.requirepass.clone(),
+            port_flags,
+            args,
+            ..Options::default()
+        }
+    }
 }
 
 /// Server-side TLS settings: PEM files passed to `--tls-cert-file`, `--tls-key-file`, `--tls-ca-cert-file`.
@@ -81,32 +109,10 @@ pub struct ServerTls {
 /// A private redis-server on a free `127.0.0.1` port in a temporary directory, killed on drop.
 #[derive(Debug)]
 pub struct RedisServer {
-    /// The running process; `None` after `stop`/`kill`. Behind a mutex so `is_running(&self)` can reap it.
-    child: Mutex<Option<Child>>,
-    /// The port, kept across restarts.
-    port: u16,
-    /// The TLS port when [`RedisServerOptions::tls`] is set, kept across restarts.
-    tls_port: Option<u16>,
-    /// The options it was started with, reused by `restart`.
+    /// The launched server (process, ports, directory); kills it and removes the directory on drop.
+    server: PrivateRedis,
+    /// The options it was started with.
     options: RedisServerOptions,
-    /// Its working directory (AOF, `redis.log`); declared last so it is removed after the process is gone.
-    dir: TempDir,
-}
-
-/// Why a spawned server did not become ready.
-enum NotReady {
-    /// The process exited before answering (typically: the port was taken).
-    Exited(ExitStatus),
-    /// The process kept running but did not answer `PING` within the deadline.
-    TimedOut,
-}
-
-/// Outcome of one readiness probe.
-enum Probe {
-    /// Our server answered.
-    Ready,
-    /// Nothing (or not yet our server) answered; try again.
-    NotYet,
 }
 
 impl RedisServer {
@@ -123,180 +129,70 @@ impl RedisServer {
     /// Starts a server with `options` and waits until it answers `PING`; the error says why it
     /// could not (redis-server missing from the `PATH`, refused to start, did not answer).
     pub fn try_start_with(options: RedisServerOptions) -> Result<RedisServer, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("redis-test-")
-            .tempdir()
-            .map_err(|err| {
-                format!("cannot create a temporary directory for redis-server: {err}")
-            })?;
-        let mut failures = Vec::new();
-        for _ in 0..START_ATTEMPTS {
-            let (port, tls_port) = if options.tls.is_some() {
-                let (port, tls_port) = free_port_pair();
-                (port, Some(tls_port))
-            } else {
-                (free_port(), None)
-            };
-            let mut child = spawn_redis(port, tls_port, dir.path(), &options)?;
-            match wait_ready(&mut child, port, options.requirepass.as_deref()) {
-                Ok(()) => {
-                    return Ok(RedisServer {
-                        child: Mutex::new(Some(child)),
-                        port,
-                        tls_port,
-                        options,
-                        dir,
-                    });
-                }
-                Err(NotReady::Exited(status)) => {
-                    // Most likely a port was grabbed between `free_port` and the bind: try other ones.
-                    let ports = match tls_port {
-                        Some(tls_port) => format!("port {port}, tls port {tls_port}"),
-                        None => format!("port {port}"),
-                    };
-                    failures.push(format!("{ports}: exited early with {status}"));
-                }
-                Err(NotReady::TimedOut) => {
-                    reap(&mut child);
-                    return Err(format!(
-                        "redis-server on port {port} did not answer PING within {READY_TIMEOUT:?}\n{}",
-                        log_tail(dir.path())
-                    ));
-                }
-            }
+        match PrivateRedis::start_with(options.launcher_options()) {
+            Ok(server) => Ok(RedisServer { server, options }),
+            Err(err @ Error::ExitedEarly { .. }) => Err(format!(
+                "{err}\n(redis-server exits early when it rejects its arguments: check extra_args; \
+                 with TLS, unreadable certificate or key files also make it exit)"
+            )),
+            Err(err) => Err(err.to_string()),
         }
-        Err(format!(
-            "redis-server failed to start after {START_ATTEMPTS} attempts ({}); \
-             if redis.log is missing, redis-server rejected its arguments (check extra_args); \
-             with TLS, unreadable certificate or key files also make it exit (see redis.log)\n{}",
-            failures.join("; "),
-            log_tail(dir.path())
-        ))
     }
 
     /// The TCP port it listens on (on `127.0.0.1`); unchanged by `restart`.
     pub fn port(&self) -> u16 {
-        self.port
+        self.server.port()
     }
 
     /// A client URL: `redis://127.0.0.1:<port>/`, or `redis://:<password>@127.0.0.1:<port>/` with `requirepass`.
     pub fn url(&self) -> String {
-        match &self.options.requirepass {
-            Some(password) => format!(
-                "redis://:{}@127.0.0.1:{}/",
-                percent_encode_userinfo(password),
-                self.port
-            ),
-            None => format!("redis://127.0.0.1:{}/", self.port),
-        }
+        self.server.url()
     }
 
     /// The TLS port (on `127.0.0.1`) when started with [`RedisServerOptions::tls`]; unchanged by `restart`.
     pub fn tls_port(&self) -> Option<u16> {
-        self.tls_port
+        self.options.tls.as_ref()?;
+        self.server.extra_ports().first().copied()
     }
 
     /// A TLS client URL when started with [`RedisServerOptions::tls`]: `rediss://[:<password>@]127.0.0.1:<tls_port>/`.
     pub fn tls_url(&self) -> Option<String> {
-        let tls_port = self.tls_port?;
-        Some(match &self.options.requirepass {
-            Some(password) => format!(
-                "rediss://:{}@127.0.0.1:{tls_port}/",
-                percent_encode_userinfo(password)
-            ),
-            None => format!("rediss://127.0.0.1:{tls_port}/"),
-        })
+        let tls_port = self.tls_port()?;
+        // The plain URL is `redis://[<userinfo>@]127.0.0.1:<port>/`: keep the userinfo, swap the rest.
+        let url = self.url();
+        let userinfo = url
+            .strip_prefix("redis://")?
+            .strip_suffix(&format!("127.0.0.1:{}/", self.port()))?;
+        Some(format!("rediss://{userinfo}127.0.0.1:{tls_port}/"))
     }
 
     /// Its temporary working directory (append-only files, `redis.log`), removed on drop.
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        self.server.dir()
     }
 
     /// Stops it gracefully (SIGTERM, then waits for exit, so the append-only file is flushed); idempotent.
     pub fn stop(&mut self) {
-        let port = self.port;
-        let Some(mut child) = lock(&mut self.child).take() else {
-            return;
-        };
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        let pid = child.id().to_string();
-        // A failing `kill` (e.g. the process just exited) is fine: the wait below settles it.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(&pid)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => return,
-                Ok(None) if Instant::now() < deadline => thread::sleep(POLL_INTERVAL),
-                Ok(None) => {
-                    reap(&mut child);
-                    panic!(
-                        "test-support: redis-server (pid {pid}, port {port}) ignored SIGTERM for {STOP_TIMEOUT:?}; killed it\n{}",
-                        log_tail(self.dir.path())
-                    );
-                }
-                Err(err) => panic!("test-support: cannot wait for redis-server (pid {pid}): {err}"),
-            }
-        }
+        self.server
+            .stop()
+            .unwrap_or_else(|err| panic!("test-support: {err}"));
     }
 
     /// Kills it (SIGKILL) and waits for it to exit; unflushed data is lost; idempotent.
     pub fn kill(&mut self) {
-        if let Some(mut child) = lock(&mut self.child).take() {
-            reap(&mut child);
-        }
+        self.server.kill();
     }
 
     /// Starts it again on the same port(s) and directory (data kept when append-only) and waits for `PING`; stops it gracefully first if running.
     pub fn restart(&mut self) {
-        self.stop();
-        let port = self.port;
-        let bind_deadline = Instant::now() + RESTART_BIND_WINDOW;
-        let mut attempts = 0_u32;
-        loop {
-            attempts += 1;
-            let mut child = spawn_redis(port, self.tls_port, self.dir.path(), &self.options)
-                .unwrap_or_else(|err| panic!("test-support: {err}"));
-            match wait_ready(&mut child, port, self.options.requirepass.as_deref()) {
-                Ok(()) => {
-                    *lock(&mut self.child) = Some(child);
-                    return;
-                }
-                // The old socket may linger briefly (e.g. TIME_WAIT): keep trying the same port for a while.
-                Err(NotReady::Exited(_)) if Instant::now() < bind_deadline => {
-                    thread::sleep(POLL_INTERVAL);
-                }
-                Err(NotReady::Exited(status)) => panic!(
-                    "test-support: redis-server could not be restarted on port {port} within {RESTART_BIND_WINDOW:?} \
-                     ({attempts} attempts, last exit: {status})\n{}",
-                    log_tail(self.dir.path())
-                ),
-                Err(NotReady::TimedOut) => {
-                    reap(&mut child);
-                    panic!(
-                        "test-support: restarted redis-server on port {port} did not answer PING within {READY_TIMEOUT:?}\n{}",
-                        log_tail(self.dir.path())
-                    );
-                }
-            }
-        }
+        self.server
+            .restart()
+            .unwrap_or_else(|err| panic!("test-support: cannot restart redis-server: {err}"));
     }
 
     /// Whether the process is still running (false after `stop`/`kill` or if it died).
     pub fn is_running(&self) -> bool {
-        let mut guard = self.child.lock().unwrap_or_else(PoisonError::into_inner);
-        match guard.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.server.is_running()
     }
 
     /// Makes Redis refuse writes with `MISCONF`, as it does when it cannot persist (a full or broken
@@ -311,7 +207,7 @@ impl RedisServer {
             "test-support: break_persistence needs the server started with extra_args \
              [\"--enable-protected-configs\", \"yes\"] (got {protected:?})"
         );
-        let gone = self.dir.path().join("persistence-broken");
+        let gone = self.server.dir().join("persistence-broken");
         fs::create_dir_all(&gone)
             .expect("test-support: cannot create a directory for redis-server");
         let gone_text = gone.to_string_lossy().into_owned();
@@ -325,7 +221,7 @@ impl RedisServer {
     /// Undoes [`RedisServer::break_persistence`]: `dir` back to the server's own directory, a
     /// `BGSAVE` that succeeds (after which Redis accepts writes again), no save point.
     pub fn repair_persistence(&self) {
-        let dir = self.dir.path().to_string_lossy().into_owned();
+        let dir = self.server.dir().to_string_lossy().into_owned();
         self.cli(&["CONFIG", "SET", "dir", &dir]);
         self.bgsave_until("ok");
         self.cli(&["CONFIG", "SET", "save", ""]);
@@ -339,7 +235,7 @@ impl RedisServer {
                 .map(|value| value.trim().to_owned())
                 .unwrap_or_default()
         };
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Instant::now() + BGSAVE_TIMEOUT;
         let mut started = false;
         loop {
             let info = self.cli(&["INFO", "persistence"]);
@@ -354,8 +250,8 @@ impl RedisServer {
             }
             assert!(
                 Instant::now() < deadline,
-                "test-support: no BGSAVE ended with status {status:?} within {READY_TIMEOUT:?}\n{info}\n{}",
-                log_tail(self.dir.path())
+                "test-support: no BGSAVE ended with status {status:?} within {BGSAVE_TIMEOUT:?}\n{info}\n{}",
+                self.server.log_tail()
             );
             thread::sleep(POLL_INTERVAL);
         }
@@ -368,7 +264,7 @@ impl RedisServer {
             .arg("-h")
             .arg("127.0.0.1")
             .arg("-p")
-            .arg(self.port.to_string());
+            .arg(self.port().to_string());
         if let Some(password) = &self.options.requirepass {
             command.arg("-a").arg(password).arg("--no-auth-warning");
         }
@@ -381,24 +277,13 @@ impl RedisServer {
             panic!(
                 "test-support: `redis-cli {}` on port {} failed with {}\nstderr: {}\nstdout: {}",
                 args.join(" "),
-                self.port,
+                self.port(),
                 output.status,
                 String::from_utf8_lossy(&output.stderr).trim(),
                 stdout.trim()
             );
         }
         stdout.trim().to_owned()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        // Never panic in drop (we may already be unwinding): kill, reap, ignore errors.
-        let mut guard = self.child.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(mut child) = guard.take() {
-            reap(&mut child);
-        }
-        // `self.dir` (the TempDir) is removed when the fields are dropped, after this.
     }
 }
 
@@ -410,212 +295,6 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("test-support: cannot read the local address of a bound listener")
         .port()
-}
-
-/// Returns two distinct, currently free TCP ports on `127.0.0.1` (both bound at once, then released).
-fn free_port_pair() -> (u16, u16) {
-    let bind = || {
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .expect("test-support: cannot bind 127.0.0.1:0 to find a free port")
-    };
-    let (first, second) = (bind(), bind());
-    let port = |listener: &TcpListener| {
-        listener
-            .local_addr()
-            .expect("test-support: cannot read the local address of a bound listener")
-            .port()
-    };
-    (port(&first), port(&second))
-}
-
-/// Locks the child slot through `&mut`, ignoring poisoning.
-fn lock(child: &mut Mutex<Option<Child>>) -> &mut Option<Child> {
-    child.get_mut().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Spawns `redis-server` on `port` (and TLS on `tls_port` when `options.tls` is set) in `dir`.
-fn spawn_redis(
-    port: u16,
-    tls_port: Option<u16>,
-    dir: &Path,
-    options: &RedisServerOptions,
-) -> Result<Child, String> {
-    let mut command = Command::new("redis-server");
-    command
-        .arg("--port")
-        .arg(port.to_string())
-        .arg("--bind")
-        .arg("127.0.0.1")
-        .arg("--dir")
-        .arg(dir)
-        .arg("--save")
-        .arg("")
-        .arg("--appendonly")
-        .arg(if options.append_only { "yes" } else { "no" });
-    if options.append_only {
-        command.arg("--appendfsync").arg("always");
-    }
-    command
-        .arg("--logfile")
-        .arg(dir.join("redis.log"))
-        .arg("--daemonize")
-        .arg("no");
-    if let Some(password) = &options.requirepass {
-        command.arg("--requirepass").arg(password);
-    }
-    if let (Some(tls), Some(tls_port)) = (&options.tls, tls_port) {
-        // redis-server binds every listener before serving, and exits if one fails, so the
-        // readiness probe on the plain port also vouches for the TLS port.
-        command
-            .arg("--tls-port")
-            .arg(tls_port.to_string())
-            .arg("--tls-cert-file")
-            .arg(&tls.cert)
-            .arg("--tls-key-file")
-            .arg(&tls.key)
-            .arg("--tls-ca-cert-file")
-            .arg(&tls.ca_cert)
-            .arg("--tls-auth-clients")
-            .arg(if tls.auth_clients { "yes" } else { "no" });
-    }
-    command
-        .args(&options.extra_args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    command.spawn().map_err(|err| match err.kind() {
-        std::io::ErrorKind::NotFound => "redis-server is not on the PATH; install it (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)".to_owned(),
-        _ => format!("cannot spawn redis-server: {err}"),
-    })
-}
-
-/// Polls every [`POLL_INTERVAL`] until the child answers `PING` on `port`, exits, or [`READY_TIMEOUT`] passes.
-fn wait_ready(child: &mut Child, port: u16, password: Option<&str>) -> Result<(), NotReady> {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Err(NotReady::Exited(status)),
-            Ok(None) => {}
-            Err(err) => panic!(
-                "test-support: cannot poll redis-server (pid {}): {err}",
-                child.id()
-            ),
-        }
-        if let Probe::Ready = probe(port, password, child.id()) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(NotReady::TimedOut);
-        }
-        thread::sleep(POLL_INTERVAL);
-    }
-}
-
-/// One readiness probe: connects, sends `PING`, expects `+PONG` (or `-NOAUTH` with a password),
-/// then checks via `INFO server` that the answering server is our child and not someone else on the port.
-fn probe(port: u16, password: Option<&str>, pid: u32) -> Probe {
-    match try_probe(port, password, pid) {
-        Ok(true) => Probe::Ready,
-        Ok(false) | Err(_) => Probe::NotYet,
-    }
-}
-
-/// [`probe`] with I/O errors; `Ok(true)` means our server answered.
-fn try_probe(port: u16, password: Option<&str>, pid: u32) -> std::io::Result<bool> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let stream = TcpStream::connect_timeout(&addr, PROBE_IO_TIMEOUT)?;
-    stream.set_read_timeout(Some(PROBE_IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(PROBE_IO_TIMEOUT))?;
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-
-    writer.write_all(b"*1\r\n$4\r\nPING\r\n")?;
-    let reply = read_line(&mut reader)?;
-    let pong = reply.starts_with("+PONG");
-    let noauth = password.is_some() && reply.starts_with("-NOAUTH");
-    if !(pong || noauth) {
-        // E.g. `-LOADING` while the append-only file is replayed.
-        return Ok(false);
-    }
-
-    if let Some(password) = password {
-        writer.write_all(&resp_command(&["AUTH", password]))?;
-        if !read_line(&mut reader)?.starts_with("+OK") {
-            // Someone else's server with another password.
-            return Ok(false);
-        }
-    }
-    writer.write_all(&resp_command(&["INFO", "server"]))?;
-    let header = read_line(&mut reader)?;
-    let Some(len) = header
-        .strip_prefix('$')
-        .and_then(|n| n.parse::<usize>().ok())
-    else {
-        // INFO unavailable (e.g. renamed through extra_args): trust the PING, our child is still alive.
-        return Ok(true);
-    };
-    let mut body = vec![0_u8; len + 2];
-    reader.read_exact(&mut body)?;
-    let body = String::from_utf8_lossy(&body);
-    let answering_pid = body
-        .lines()
-        .find_map(|line| line.strip_prefix("process_id:"))
-        .and_then(|value| value.trim().parse::<u32>().ok());
-    Ok(answering_pid.is_none_or(|answering| answering == pid))
-}
-
-/// Reads one RESP line (without the CRLF); an empty read is an error.
-fn read_line(reader: &mut impl BufRead) -> std::io::Result<String> {
-    let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(line.trim_end().to_owned())
-}
-
-/// Encodes `args` as a RESP array of bulk strings.
-fn resp_command(args: &[&str]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for arg in args {
-        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-        out.extend_from_slice(arg.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
-/// Kills (SIGKILL) and reaps a child, ignoring errors (it may already have exited).
-fn reap(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// The last [`LOG_TAIL_LINES`] lines of `<dir>/redis.log`, for panic messages.
-fn log_tail(dir: &Path) -> String {
-    let path = dir.join("redis.log");
-    match fs::read_to_string(&path) {
-        Ok(log) => {
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = lines
-                .get(lines.len().saturating_sub(LOG_TAIL_LINES)..)
-                .unwrap_or_default();
-            format!("--- tail of {} ---\n{}", path.display(), tail.join("\n"))
-        }
-        Err(err) => format!("--- {} unreadable: {err} ---", path.display()),
-    }
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters, for the userinfo part of a URL.
-fn percent_encode_userinfo(raw: &str) -> String {
-    let mut out = String::with_capacity(raw.len());
-    for byte in raw.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

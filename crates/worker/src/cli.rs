@@ -18,7 +18,7 @@ pub struct InputError(pub String);
 /// The lobby's user-lifecycle worker: consumes account lifecycle events from a
 /// Redis stream and cascades deletions and permanent blocks into the lobby.
 #[derive(Debug, Parser)]
-#[command(name = "lobby-worker", version, about, long_about = None)]
+#[command(name = "lobby-worker", version, about, long_about = None, after_help = EXIT_STATUS_HELP)]
 pub struct Cli {
     /// Log level (error, warn, info, debug, trace) or a full filter such as
     /// `info,lifecycle_streams=debug`; overrides RUST_LOG.
@@ -33,6 +33,12 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// What `--help` says of exit statuses; the README's "Exit status" says the same.
+pub const EXIT_STATUS_HELP: &str =
+    "Exit status: 0 success (and a closed stdout, as with `| head`); \
+2 a mistake in the command line, the environment or the configuration file; \
+1 a failure while carrying the command out (Redis refused, a key of the wrong type).";
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -62,6 +68,19 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure throughput and latency against baselines in the same run.
     Bench(BenchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), e.g. into
+    /// /usr/local/share/man/man1/lobby-worker.1.
+    Man,
+}
+
+/// `completions`' settings.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// `bench`'s settings.
@@ -165,6 +184,12 @@ pub struct RedisArgs {
     /// Prefix of every lobby key (offsets are at `<prefix>:stream_offsets:<label>`).
     #[arg(long, global = true, env = "LOBBY_KEY_PREFIX", default_value = "lobby", value_parser = non_blank)]
     pub key_prefix: String,
+
+    /// A TOML file of settings (keys as the flags, with `_` for `-`, such as
+    /// `key_prefix = "lobby"`), shared by every command; each takes the
+    /// settings it has. Flags and environment variables win over it.
+    #[arg(long, global = true, env = "LOBBY_CONFIG")]
+    pub config: Option<PathBuf>,
 
     /// Certificate files for rediss://.
     #[command(flatten)]
@@ -275,15 +300,23 @@ pub struct RunArgs {
     #[arg(long, env = "LOBBY_METRICS_ADDR", value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<MetricsAddr>,
 
+    /// The consumer label: the offset is saved at
+    /// `<key-prefix>:stream_offsets:<label>`. Give each stream its own.
+    #[arg(long, env = "LOBBY_LABEL", default_value = DEFAULT_LABEL, value_parser = non_blank)]
+    pub label: String,
+
+    /// How often a one-line summary (handled, absorbed, failures, lag) is
+    /// logged at info level; 0s turns it off.
+    #[arg(long, env = "LOBBY_SUMMARY_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub summary_interval: Duration,
+
     /// Print the effective configuration (passwords redacted) and exit.
     #[arg(long)]
     pub print_config: bool,
-
-    /// A TOML file of settings (keys as the flags, with `_` for `-`, such as
-    /// `batch_size = 512`); flags and environment variables win over it.
-    #[arg(long, env = "LOBBY_CONFIG")]
-    pub config: Option<std::path::PathBuf>,
 }
+
+/// The label of the user-lifecycle consumer's offset.
+pub const DEFAULT_LABEL: &str = lifecycle_domain::USER_LIFECYCLE_LABEL;
 
 /// The metrics address used when none is given.
 pub const DEFAULT_METRICS_ADDR: SocketAddr =
@@ -315,7 +348,7 @@ pub struct StatusArgs {
     pub redis: RedisArgs,
 
     /// The consumer label whose offset to use.
-    #[arg(long, default_value = "user_lifecycle")]
+    #[arg(long, env = "LOBBY_LABEL", default_value = DEFAULT_LABEL, value_parser = non_blank)]
     pub label: String,
 
     /// The dead-letter stream (default: `<stream>:dead`).
@@ -345,7 +378,7 @@ pub struct PublishArgs {
     pub allow_unknown_type: bool,
 
     /// The account the event is about.
-    #[arg(long)]
+    #[arg(long, value_parser = non_blank)]
     pub user_id: String,
 
     /// When it happened, milliseconds since the Unix epoch (default: now).
@@ -405,7 +438,7 @@ pub struct OffsetsArgs {
     pub redis: RedisArgs,
 
     /// The consumer label whose offset to use.
-    #[arg(long, global = true, default_value = "user_lifecycle", value_parser = non_blank)]
+    #[arg(long, global = true, env = "LOBBY_LABEL", default_value = DEFAULT_LABEL, value_parser = non_blank)]
     pub label: String,
 
     /// What to do with it.

@@ -1,4 +1,7 @@
-//! The optional TOML configuration file of `run` (`--config`).
+//! The optional TOML configuration file (`--config`), one for every command
+//! that talks to Redis: each command takes the settings it has (`status`
+//! the Redis URL, stream, key prefix and label; `run` all of them) and
+//! leaves the others, which must still be known settings.
 //!
 //! Precedence: a flag, then its environment variable, then the file, then
 //! the default. The file is applied by handing its values to the same
@@ -10,10 +13,12 @@ use std::ffi::OsString;
 use std::path::Path;
 
 use clap::parser::ValueSource;
-use clap::ArgMatches;
+use clap::{ArgMatches, CommandFactory};
 
-/// The keys a file may hold: the `run` flags, and the global logging ones,
-/// with `_` for `-`.
+use crate::cli::Cli;
+
+/// The keys a file may hold: the settings of `run` (a superset of the other
+/// commands'), and the global logging ones, with `_` for `-`.
 const KEYS: &[&str] = &[
     "redis_url",
     "stream",
@@ -35,6 +40,8 @@ const KEYS: &[&str] = &[
     "drain",
     "concurrency",
     "metrics_addr",
+    "label",
+    "summary_interval",
     "log_level",
     "log_format",
 ];
@@ -78,29 +85,59 @@ pub enum ConfigFileError {
     },
 }
 
-/// Reads `path` and returns the arguments its settings stand for, leaving out
-/// those that `run` (the `run` subcommand's matches) got from a flag or the
-/// environment.
+/// The innermost subcommand the command line chose (`["offsets", "set"]`)
+/// and its matches, where the settings appended from a file are parsed.
+pub fn leaf_subcommand(matches: &ArgMatches) -> (Vec<String>, &ArgMatches) {
+    let mut path = Vec::new();
+    let mut leaf = matches;
+    while let Some((name, sub)) = leaf.subcommand() {
+        path.push(name.to_owned());
+        leaf = sub;
+    }
+    (path, leaf)
+}
+
+/// The settings (argument ids) the subcommand at `path` takes, its
+/// inherited global ones included.
+fn settings_of(path: &[String]) -> Vec<String> {
+    let mut command = Cli::command();
+    command.build();
+    let mut leaf = &command;
+    for name in path {
+        match leaf.find_subcommand(name) {
+            Some(sub) => leaf = sub,
+            None => return Vec::new(),
+        }
+    }
+    leaf.get_arguments()
+        .map(|arg| arg.get_id().to_string())
+        .collect()
+}
+
+/// Reads `file` and returns the arguments its settings stand for: those of
+/// the subcommand at `path` that its matches `leaf` did not get from a flag
+/// or the environment.
 ///
 /// # Errors
 ///
 /// [`ConfigFileError`] when the file cannot be read or parsed, or holds an
 /// unknown key or a value of the wrong kind.
 pub fn arguments_from_file(
-    path: &Path,
-    run: &ArgMatches,
+    file: &Path,
+    path: &[String],
+    leaf: &ArgMatches,
 ) -> Result<Vec<OsString>, ConfigFileError> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+    let shown = file.display().to_string();
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigFileError::Read {
         path: shown.clone(),
         source,
     })?;
-    arguments_from_text(&text, &shown, run)
+    arguments_from_text(&text, &shown, &settings_of(path), leaf)
 }
 
-fn given_elsewhere(run: &ArgMatches, key: &str) -> bool {
+fn given_elsewhere(leaf: &ArgMatches, key: &str) -> bool {
     matches!(
-        run.value_source(key),
+        leaf.value_source(key),
         Some(ValueSource::CommandLine | ValueSource::EnvVariable)
     )
 }
@@ -108,7 +145,8 @@ fn given_elsewhere(run: &ArgMatches, key: &str) -> bool {
 fn arguments_from_text(
     text: &str,
     path: &str,
-    run: &ArgMatches,
+    settings: &[String],
+    leaf: &ArgMatches,
 ) -> Result<Vec<OsString>, ConfigFileError> {
     let table: toml::Table = text.parse().map_err(|err: toml::de::Error| {
         let line = err.span().map(|span| {
@@ -139,7 +177,7 @@ fn arguments_from_text(
                 key,
             });
         }
-        if given_elsewhere(run, &key) {
+        if !settings.contains(&key) || given_elsewhere(leaf, &key) {
             continue;
         }
         let flag = format!("--{}", key.replace('_', "-"));
@@ -171,6 +209,10 @@ mod tests {
         matches.subcommand_matches("run").unwrap().clone()
     }
 
+    fn run_settings() -> Vec<String> {
+        settings_of(&["run".to_owned()])
+    }
+
     fn strings(args: Vec<OsString>) -> Vec<String> {
         args.into_iter()
             .map(|arg| arg.into_string().unwrap())
@@ -181,7 +223,7 @@ mod tests {
     fn file_values_become_arguments_unless_a_flag_gave_them() {
         let run = run_matches(&["lobby-worker", "run", "--batch-size", "7"]);
         let text = "batch_size = 99\nconcurrency = 4\nblock_timeout = \"2s\"\ndrain = true\n";
-        let args = strings(arguments_from_text(text, "f.toml", &run).unwrap());
+        let args = strings(arguments_from_text(text, "f.toml", &run_settings(), &run).unwrap());
         assert_eq!(
             args,
             ["--block-timeout", "2s", "--concurrency", "4", "--drain"]
@@ -192,8 +234,13 @@ mod tests {
     fn the_three_layers_resolve_flag_over_file_over_default() {
         let argv = ["lobby-worker", "run", "--batch-size", "7"];
         let run = run_matches(&argv);
-        let extra =
-            arguments_from_text("batch_size = 99\nconcurrency = 4\n", "f.toml", &run).unwrap();
+        let extra = arguments_from_text(
+            "batch_size = 99\nconcurrency = 4\n",
+            "f.toml",
+            &run_settings(),
+            &run,
+        )
+        .unwrap();
         let mut full: Vec<OsString> = argv.iter().map(OsString::from).collect();
         full.extend(extra);
         let matches = Cli::command().try_get_matches_from(full).unwrap();
@@ -213,14 +260,41 @@ mod tests {
     #[test]
     fn unknown_keys_and_odd_values_are_rejected_naming_the_setting() {
         let run = run_matches(&["lobby-worker", "run"]);
-        let err = arguments_from_text("batchsize = 3\n", "f.toml", &run).unwrap_err();
+        let err =
+            arguments_from_text("batchsize = 3\n", "f.toml", &run_settings(), &run).unwrap_err();
         assert!(
             err.to_string().contains("unknown setting \"batchsize\""),
             "{err}"
         );
-        let err = arguments_from_text("stream = [1, 2]\n", "f.toml", &run).unwrap_err();
+        let err =
+            arguments_from_text("stream = [1, 2]\n", "f.toml", &run_settings(), &run).unwrap_err();
         assert!(err.to_string().contains("\"stream\""), "{err}");
-        let err = arguments_from_text("stream = \n", "f.toml", &run).unwrap_err();
+        let err = arguments_from_text("stream = \n", "f.toml", &run_settings(), &run).unwrap_err();
         assert!(err.to_string().contains("not valid TOML"), "{err}");
+    }
+
+    #[test]
+    fn each_command_takes_the_settings_it_has() {
+        let text =
+            "batch_size = 5\nkey_prefix = \"mine\"\nlabel = \"other\"\nlog_level = \"warn\"\n";
+        let argv = ["lobby-worker", "--log-level", "debug", "offsets", "get"];
+        let matches = Cli::command().try_get_matches_from(argv).unwrap();
+        let (path, leaf) = leaf_subcommand(&matches);
+        assert_eq!(path, ["offsets", "get"]);
+        let args = strings(arguments_from_text(text, "f.toml", &settings_of(&path), leaf).unwrap());
+        assert_eq!(
+            args,
+            ["--key-prefix", "mine", "--label", "other"],
+            "no batch size for offsets; the flag's log level wins"
+        );
+        let matches = Cli::command()
+            .try_get_matches_from(["lobby-worker", "tail"])
+            .unwrap();
+        let (path, leaf) = leaf_subcommand(&matches);
+        let args = strings(arguments_from_text(text, "f.toml", &settings_of(&path), leaf).unwrap());
+        assert_eq!(args, ["--key-prefix", "mine", "--log-level", "warn"]);
+        let err = arguments_from_text("batchsize = 1\n", "f.toml", &settings_of(&path), leaf)
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown setting"), "{err}");
     }
 }

@@ -13,8 +13,10 @@ mod outcome;
 mod redis_conn;
 mod stream_status;
 mod telemetry;
+mod watch;
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use std::ffi::OsString;
 
@@ -57,17 +59,29 @@ fn main() -> ExitCode {
         level: cli.log_level.as_deref(),
         format: cli.log_format,
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run(args) => commands::run::run(args, logging).await,
-            Command::Publish(args) => commands::publish::run(args).await,
-            Command::Tail(args) => commands::tail::run(args).await,
-            Command::Offsets(args) => commands::offsets::run(args).await,
-            Command::Status(args) => commands::status::run(args).await,
-            Command::Demo(args) => commands::demo::run(args).await,
-            Command::Bench(args) => commands::bench::run(args).await,
-        }
+    // A `println!` into a closed pipe panics; unwinding (rather than exiting
+    // from the panic hook) drops what the command holds, such as the private
+    // redis-server of `demo | head`, which is then stopped, not orphaned.
+    let run_command = std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(async {
+            match cli.command {
+                Command::Run(args) => commands::run::run(args, logging).await,
+                Command::Publish(args) => commands::publish::run(args).await,
+                Command::Tail(args) => commands::tail::run(args).await,
+                Command::Offsets(args) => commands::offsets::run(args).await,
+                Command::Status(args) => commands::status::run(args).await,
+                Command::Demo(args) => commands::demo::run(args).await,
+                Command::Bench(args) => commands::bench::run(args).await,
+                Command::Completions(args) => commands::completions(args.shell),
+                Command::Man => commands::man_page(),
+            }
+        })
     });
+    let result = match std::panic::catch_unwind(run_command) {
+        Ok(result) => result,
+        Err(_) if STDOUT_CLOSED.load(Ordering::SeqCst) => return ExitCode::SUCCESS,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // Whoever reads the output stopped reading (`| head`): done.
@@ -106,8 +120,12 @@ fn stdout_closed(err: &anyhow::Error) -> bool {
     })
 }
 
-/// Makes `println!` into a closed pipe end the process quietly with status
-/// 0, as a write error does, rather than panic with a backtrace.
+/// Set when a `println!` found stdout closed.
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Makes `println!` into a closed pipe end the command quietly with status
+/// 0, as a write error does, rather than print a panic and a backtrace: the
+/// panic is noted and unwinds to `main` (see [`STDOUT_CLOSED`]).
 fn exit_quietly_when_stdout_closes() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -118,7 +136,8 @@ fn exit_quietly_when_stdout_closes() {
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or_default();
         if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
-            std::process::exit(0);
+            STDOUT_CLOSED.store(true, Ordering::SeqCst);
+            return;
         }
         default(info);
     }));
@@ -130,21 +149,25 @@ fn one_line(err: &anyhow::Error) -> String {
     cli::in_flag_terms(&chain_line(err))
 }
 
-/// Parses the command line and, for `run --config FILE`, the file's settings
-/// that no flag or environment variable gave. Usage errors on the command
-/// line itself exit here, as clap does.
+/// Parses the command line and, with `--config FILE` (any command), the
+/// file's settings that the command has and that no flag or environment
+/// variable gave. Usage errors on the command line itself exit here, as clap
+/// does.
 fn parse_command_line() -> Result<Cli, String> {
     let argv: Vec<OsString> = std::env::args_os().collect();
     let matches = Cli::command().get_matches_from(&argv);
-    let file = matches.subcommand_matches("run").and_then(|run| {
-        run.get_one::<std::path::PathBuf>("config")
-            .map(|path| (path.clone(), run))
-    });
+    let (path, leaf) = config_file::leaf_subcommand(&matches);
+    // `demo`, `bench` and the like have no `--config`: never a file's Redis.
+    let file = leaf
+        .try_get_one::<std::path::PathBuf>("config")
+        .ok()
+        .flatten()
+        .map(|file| (file.clone(), leaf));
     let matches = match file {
         None => matches,
-        Some((path, run)) => {
-            let extra =
-                config_file::arguments_from_file(&path, run).map_err(|err| err.to_string())?;
+        Some((file, leaf)) => {
+            let extra = config_file::arguments_from_file(&file, &path, leaf)
+                .map_err(|err| err.to_string())?;
             let mut full = argv;
             full.extend(extra);
             Cli::command().try_get_matches_from(full).map_err(|err| {
@@ -152,7 +175,7 @@ fn parse_command_line() -> Result<Cli, String> {
                 let first = text.lines().next().unwrap_or_default();
                 format!(
                     "in the configuration file {}: {}",
-                    path.display(),
+                    file.display(),
                     first.trim_start_matches("error: ")
                 )
             })?

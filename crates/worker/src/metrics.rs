@@ -5,7 +5,7 @@
 //! comes from a decorator around the handler
 //! ([`InstrumentedHandler`](crate::handler_metrics::InstrumentedHandler));
 //! the lag gauges from a task that looks at the stream every few seconds
-//! ([`lag_task`]). Labels are fixed words (`outcome`), never values taken
+//! ([`watch`](crate::watch)). Labels are fixed words (`outcome`), never values taken
 //! from entries, users or errors.
 
 use std::sync::atomic::AtomicU64;
@@ -20,8 +20,6 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::{Registry, Unit};
-use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 use crate::handler_metrics::HandlerMetrics;
 use crate::health::Health;
@@ -38,25 +36,26 @@ pub struct LagGauges {
     lag_saturated: Gauge,
     lag_seconds: Gauge<f64, AtomicU64>,
     offset_timestamp_seconds: Gauge<f64, AtomicU64>,
+    measured_timestamp_seconds: Gauge<f64, AtomicU64>,
+    offset_past_end: Gauge,
     probe_failures: Counter,
 }
 
 /// Everything `/metrics` shows.
 pub struct Metrics {
     registry: Registry,
-    /// Fed by the lag task.
-    pub lag: Arc<LagGauges>,
 }
 
 impl Metrics {
     /// The registry of a worker whose consumer keeps `stats`, whose handler
     /// decorator records into `handler` and whose readiness `health` tells.
+    /// The lag gauges are `lag`, which the watch task sets.
     pub fn new(
         stats: Arc<ConsumerStats>,
         handler: Arc<HandlerMetrics>,
         health: Arc<Health>,
+        lag: Arc<LagGauges>,
     ) -> Self {
-        let lag = Arc::new(LagGauges::default());
         let mut registry = Registry::with_prefix("lobby");
         registry.register_with_unit(
             "handler_duration",
@@ -96,13 +95,24 @@ impl Metrics {
             Unit::Seconds,
             lag.offset_timestamp_seconds.clone(),
         );
+        registry.register_with_unit(
+            "lag_measured_timestamp",
+            "When the lag gauges were last refreshed (Unix time; 0 before the first measurement, when they mean nothing yet)",
+            Unit::Seconds,
+            lag.measured_timestamp_seconds.clone(),
+        );
+        registry.register(
+            "offset_past_end",
+            "1 while the stored offset lies after every id the stream gave: events added until the stream's ids pass it are skipped",
+            lag.offset_past_end.clone(),
+        );
         registry.register(
             "lag_probe_failures",
             "Failed refreshes of the lag gauges (they then keep their last values)",
             lag.probe_failures.clone(),
         );
         registry.register_collector(Box::new(StatsCollector { stats, health }));
-        Self { registry, lag }
+        Self { registry }
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -268,7 +278,7 @@ fn implied_offset(start_from: StartFrom) -> Option<EntryId> {
     start_from.read_after()
 }
 
-/// What the lag task needs.
+/// What the lag probe needs.
 pub struct LagProbe {
     /// Its own connection; reconnects by itself.
     pub conn: redis::aio::ConnectionManager,
@@ -284,15 +294,35 @@ pub struct LagProbe {
     pub gauges: Arc<LagGauges>,
 }
 
+/// What one look at the stream found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LagReading {
+    /// How far the worker is behind.
+    pub lag: crate::stream_status::Lag,
+    /// The stored offset.
+    pub offset: Option<EntryId>,
+    /// The largest id the stream ever gave (`None`: no stream).
+    pub last_generated_id: Option<EntryId>,
+    /// Whether the stored offset lies after every id the stream gave.
+    pub offset_past_end: bool,
+}
+
 impl LagProbe {
-    /// One refresh of the gauges.
-    async fn refresh(&mut self) -> Result<(), String> {
-        let state = stream_state(&mut self.conn, &self.stream)
-            .await
-            .map_err(|err| err.to_string())?;
+    /// One look at the stream: sets the gauges and returns what it found.
+    ///
+    /// # Errors
+    ///
+    /// Redis failures, as text (the gauges then keep their values).
+    pub async fn refresh(&mut self) -> Result<LagReading, String> {
+        // The offset first: read after it, the stream's state already holds
+        // every entry the worker had saved past, so a save racing the probe
+        // cannot look like an offset past the stream's end.
         let stored = self
             .offsets
             .get(&self.label)
+            .await
+            .map_err(|err| err.to_string())?;
+        let state = stream_state(&mut self.conn, &self.stream)
             .await
             .map_err(|err| err.to_string())?;
         let gauges = &self.gauges;
@@ -324,31 +354,22 @@ impl LagProbe {
         gauges.lag_entries.set(to_gauge(measured.entries));
         gauges.lag_saturated.set(i64::from(measured.more_than));
         gauges.lag_seconds.set(ms_to_seconds(measured.ms));
-        Ok(())
+        let offset_past_end = stored.is_some_and(|offset| state.ends_before(offset));
+        gauges.offset_past_end.set(i64::from(offset_past_end));
+        gauges
+            .measured_timestamp_seconds
+            .set(ms_to_seconds(now_ms()));
+        Ok(LagReading {
+            lag: measured,
+            offset: stored,
+            last_generated_id: state.last_generated_id,
+            offset_past_end,
+        })
     }
-}
 
-/// Refreshes the lag gauges every [`LAG_INTERVAL`] until `cancel` fires.
-/// Failures (Redis down) keep the last values and count in
-/// `lobby_lag_probe_failures_total`; the consumer reports outages itself.
-pub async fn lag_task(mut probe: LagProbe, cancel: CancellationToken) {
-    let mut ticks = tokio::time::interval(LAG_INTERVAL);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            () = cancel.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let refreshed = tokio::select! {
-            biased;
-            () = cancel.cancelled() => return,
-            refreshed = probe.refresh() => refreshed,
-        };
-        if let Err(err) = refreshed {
-            probe.gauges.probe_failures.inc();
-            debug!(err = %err, "cannot refresh the lag gauges");
-        }
+    /// Counts a failed refresh.
+    pub fn failed(&self) {
+        self.gauges.probe_failures.inc();
     }
 }
 
@@ -367,7 +388,7 @@ mod tests {
             Arc::default(),
             Duration::from_secs(5),
         ));
-        let metrics = Metrics::new(stats, Arc::clone(&handler), health);
+        let metrics = Metrics::new(stats, Arc::clone(&handler), health, Arc::default());
         handler.duration.observe(0.002);
         let body = metrics.render().unwrap();
         for line in [
@@ -389,6 +410,8 @@ mod tests {
             "lobby_lag_entries 0",
             "lobby_lag_seconds 0.0",
             "lobby_offset_timestamp_seconds 0.0",
+            "lobby_lag_measured_timestamp_seconds 0.0",
+            "lobby_offset_past_end 0",
             "lobby_ready 0",
         ] {
             assert!(body.lines().any(|l| l == line), "no {line:?} in:\n{body}");

@@ -108,6 +108,15 @@ impl StreamState {
         deleted_after || (removed_some && front_past)
     }
 
+    /// Whether `offset` lies after every id the stream ever gave (or the
+    /// stream is gone): the worker would skip every event added until the
+    /// stream's ids pass it. A wrong `--label` or `--stream`, an `offsets
+    /// set --force`, or a Redis that lost data (restarted empty, failed over
+    /// to a replica that lagged) leads there.
+    pub fn ends_before(&self, offset: EntryId) -> bool {
+        offset > EntryId::ZERO && self.last_generated_id.is_none_or(|last| offset > last)
+    }
+
     fn parse(reply: Value) -> Self {
         let mut state = StreamState {
             exists: true,
@@ -391,6 +400,23 @@ mod tests {
         let mut old = state(Some(7), 9, None, 5, 3);
         old.entries_added = None;
         assert!(!old.trimmed_past(offset));
+    }
+
+    #[test]
+    fn an_offset_after_every_id_given_is_past_the_end() {
+        let mut state = StreamState {
+            exists: true,
+            length: 1,
+            last_generated_id: Some(EntryId::new(9, 0)),
+            ..StreamState::default()
+        };
+        assert!(!state.ends_before(EntryId::new(9, 0)), "caught up");
+        assert!(!state.ends_before(EntryId::new(8, 5)));
+        assert!(state.ends_before(EntryId::new(9, 1)));
+        assert!(state.ends_before(EntryId::new(99_999_999_999_999, 0)));
+        state = StreamState::default();
+        assert!(state.ends_before(EntryId::new(1, 0)), "the stream is gone");
+        assert!(!state.ends_before(EntryId::ZERO), "0-0 skips nothing");
     }
 
     #[test]

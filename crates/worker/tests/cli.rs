@@ -504,8 +504,14 @@ fn a_reader_that_closes_stdout_ends_the_command_quietly() {
         (vec!["demo"], None),
         (vec!["tail", "--count", "3"], Some(server.url())),
     ] {
+        // The demo's private redis-server lives in a directory under TMPDIR,
+        // removed when the server is stopped: not orphaned by the exit.
+        let tmp = tempfile::tempdir().unwrap();
         let mut command = Command::new(BIN);
-        command.args(&args).env_remove("REDIS_URL");
+        command
+            .args(&args)
+            .env_remove("REDIS_URL")
+            .env("TMPDIR", tmp.path());
         if let Some(url) = &url {
             command.env("REDIS_URL", url);
         }
@@ -527,6 +533,8 @@ fn a_reader_that_closes_stdout_ends_the_command_quietly() {
             !err.contains("panicked") && !err.contains("error"),
             "{args:?}: {err}"
         );
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert!(left.is_empty(), "{args:?}: left behind: {left:?}");
     }
 }
 

@@ -251,17 +251,20 @@ fn status_of_a_missing_stream_is_empty() {
         "lag_entries_more_than": false,
         "lag_ms": null,
         "trimmed_past_offset": false,
+        "offset_past_end": false,
         "dead_letter_stream": "user:lifecycle_events:dead",
         "dead_letter_length": 0,
     });
     assert_eq!(status, expected);
-    // An offset without a stream: nothing to do.
+    // An offset without a stream: nothing to do, but a stream that was
+    // there is gone (or this is the wrong one): flagged.
     server.cli(&["SET", OFFSET_KEY, "5-0"]);
     let status = status_json(&server.url(), &[]);
     assert_eq!(status["offset"], "5-0");
     assert_eq!(status["lag_entries"], 0);
     assert_eq!(status["lag_ms"], 0);
     assert_eq!(status["trimmed_past_offset"], false);
+    assert_eq!(status["offset_past_end"], true);
 }
 
 fn add_ids(server: &RedisServer, stream: &str, ms: &[u64]) {
@@ -308,7 +311,7 @@ fn status_reports_the_backlog_behind_the_offset() {
     assert_success(&output);
     let text = stdout(&output);
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 10, "{text}");
+    assert_eq!(lines.len(), 11, "{text}");
     let column = lines[0].find(STREAM).unwrap();
     for line in &lines {
         let (key, _) = line.split_once(':').unwrap();
@@ -325,6 +328,7 @@ fn status_reports_the_backlog_behind_the_offset() {
     assert!(text.contains("lag_entries:         3\n"), "{text}");
     assert!(text.contains("lag_ms:              3000\n"), "{text}");
     assert!(text.contains("trimmed_past_offset: no\n"), "{text}");
+    assert!(text.contains("offset_past_end:     no\n"), "{text}");
 }
 
 #[test]

@@ -35,12 +35,12 @@ use lifecycle_domain::{
     BoxFuture, CascadeHandler, EntryId, EventHandler, Game, GameStatus, HandlerError,
     UserLifecycleConsumer, UserLifecycleEvent,
 };
+use lifecycle_private_redis::PrivateRedis;
 use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore};
 // The raw baseline reads with the engine's own connection, which is no
 // public API of the engine: it reaches it through its hidden internals.
 use lifecycle_streams::internals::ReadConnection;
 use lifecycle_streams::{Checkpoint, ConsumerConfig};
-use lifecycle_test_support::{RedisServer, RedisServerOptions};
 use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
@@ -261,12 +261,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let server = match &args.redis_url {
         Some(_) => None,
         None => Some(
-            tokio::task::spawn_blocking(|| {
-                RedisServer::try_start_with(RedisServerOptions::default())
-            })
-            .await
-            .context("cannot start a private redis-server")?
-            .map_err(|err| anyhow::anyhow!("cannot start a private redis-server: {err}"))?,
+            tokio::task::spawn_blocking(PrivateRedis::start)
+                .await
+                .context("cannot start a private redis-server")?
+                .map_err(|err| anyhow::anyhow!("cannot start a private redis-server: {err}"))?,
         ),
     };
     let url = match (&args.redis_url, &server) {

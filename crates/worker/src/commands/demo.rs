@@ -13,9 +13,9 @@ use lifecycle_domain::{
     GameStatus, HandlerError, LobbyStore, UserCascade, UserLifecycleConsumer, UserLifecycleEvent,
     USER_LIFECYCLE_LABEL,
 };
+use lifecycle_private_redis::PrivateRedis;
 use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore};
 use lifecycle_streams::{parse_range_reply, ConsumerConfig};
-use lifecycle_test_support::{RedisServer, RedisServerOptions};
 use redis::Value;
 
 use crate::cli::DemoArgs;
@@ -197,12 +197,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (server, url, prefix) = match &args.redis_url {
         Some(url) => (None, url.clone(), SHARED_PREFIX),
         None => {
-            let server = tokio::task::spawn_blocking(|| {
-                RedisServer::try_start_with(RedisServerOptions::default())
-            })
-            .await
-            .context("cannot start a private redis-server")?
-            .map_err(|err| anyhow::anyhow!("cannot start a private redis-server: {err}"))?;
+            let server = tokio::task::spawn_blocking(PrivateRedis::start)
+                .await
+                .context("cannot start a private redis-server")?
+                .map_err(|err| anyhow::anyhow!("cannot start a private redis-server: {err}"))?;
             let url = server.url();
             (Some(server), url, "lobby")
         }

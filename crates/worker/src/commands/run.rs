@@ -1,10 +1,11 @@
 //! `lobby-worker run`: the worker.
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use lifecycle_domain::{CascadeHandler, StopReason, UserLifecycleConsumer, USER_LIFECYCLE_LABEL};
+use lifecycle_domain::{CascadeHandler, StopReason, UserLifecycleConsumer};
 use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore};
 use lifecycle_streams::{
     BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerStats, StartFrom, DEFAULT_MAX_REPLY_BYTES,
@@ -19,10 +20,14 @@ use crate::cli::{
 };
 use crate::handler_metrics::{HandlerMetrics, InstrumentedHandler};
 use crate::health::Health;
-use crate::metrics::{lag_task, LagProbe, Metrics};
+use crate::metrics::{LagGauges, LagProbe, Metrics};
 use crate::outcome::InstrumentedOffsets;
 use crate::outcome::LastOutcome;
 use crate::redis_conn::RedisTarget;
+use crate::watch::{watch, WatchSettings};
+
+/// The longest `--summary-interval`.
+const MAX_SUMMARY_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 /// The logging settings, for `--print-config`.
 #[derive(Clone, Copy, Debug)]
@@ -38,7 +43,7 @@ const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// The consumer settings `args` describe.
 pub fn consumer_config(args: &RunArgs) -> ConsumerConfig {
-    let mut config = ConsumerConfig::new(args.redis.stream.clone(), USER_LIFECYCLE_LABEL);
+    let mut config = ConsumerConfig::new(args.redis.stream.clone(), args.label.clone());
     config.block_timeout = args.block_timeout;
     config.batch_size = args.batch_size as usize;
     config.start_from = args.start_from;
@@ -73,6 +78,12 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     config
         .validate()
         .map_err(|reason| InputError(format!("invalid settings: {reason}")))?;
+    if args.summary_interval > MAX_SUMMARY_INTERVAL {
+        return Err(InputError(
+            "invalid settings: --summary-interval must be at most 24h (0s turns it off)".into(),
+        )
+        .into());
+    }
     let target = RedisTarget::from_args(&args.redis)?;
     let client = target.client()?;
     if args.print_config {
@@ -98,6 +109,7 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     )));
     // Stops at a shutdown signal, and when the run ends.
     let http_stop = CancellationToken::new();
+    let lag_gauges = Arc::new(LagGauges::default());
     let endpoints = start_endpoints(
         args.metrics_addr,
         Endpoints {
@@ -105,21 +117,34 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
             handler: handler_metrics,
             offset_saves,
             block_timeout: config.block_timeout,
-            lag: LagSettings {
-                client,
-                offsets,
-                stream: config.stream.clone(),
-                label: config.label.clone(),
-                start_from: config.start_from,
-            },
+            lag: Arc::clone(&lag_gauges),
         },
         &http_stop,
     )
     .await?;
+    let probe = LagProbe {
+        conn: lifecycle_redis::connect::lazy_manager(client, Duration::from_secs(5))
+            .context("cannot set up the lag probe's connection")?,
+        offsets,
+        stream: config.stream.clone(),
+        label: config.label.clone(),
+        start_from: config.start_from,
+        gauges: lag_gauges,
+    };
+    let watching = tokio::spawn(watch(
+        probe,
+        consumer.stats(),
+        WatchSettings {
+            summary_every: Some(args.summary_interval).filter(|every| !every.is_zero()),
+            progress: config.drain && std::io::stderr().is_terminal(),
+        },
+        http_stop.clone(),
+    ));
     info!(
         redis_url = %redact_url(&args.redis.redis_url),
         stream = %config.stream,
         key_prefix = %args.redis.key_prefix,
+        label = %config.label,
         batch_size = config.batch_size,
         block_timeout_ms = config.block_timeout.as_millis() as u64,
         checkpoint = checkpoint_name(config.checkpoint),
@@ -144,6 +169,10 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         }
     };
     http_stop.cancel();
+    // The progress bar is cleared before the last lines are logged.
+    if let Err(err) = watching.await {
+        error!(err = %err, "the watch task failed");
+    }
     if let Some(served) = endpoints {
         served
             .stop(http_deadline(stop_requested, config.shutdown_timeout))
@@ -185,38 +214,26 @@ fn http_deadline(
     stop_requested.map_or(grace, |at| grace.min(at + shutdown_timeout))
 }
 
-/// What the HTTP endpoints and the lag task need.
+/// What the HTTP endpoints need.
 struct Endpoints {
     stats: Arc<ConsumerStats>,
     handler: Arc<HandlerMetrics>,
     offset_saves: Arc<LastOutcome>,
     block_timeout: Duration,
-    lag: LagSettings,
+    lag: Arc<LagGauges>,
 }
 
-struct LagSettings {
-    client: redis::Client,
-    offsets: RedisOffsetStore,
-    stream: String,
-    label: String,
-    start_from: StartFrom,
-}
-
-/// The running HTTP server and lag task.
+/// The running HTTP server.
 struct Served {
     addr: std::net::SocketAddr,
     server: JoinHandle<std::io::Result<()>>,
-    lag: JoinHandle<()>,
 }
 
 impl Served {
     /// Waits until `until` for the server's graceful end (requests in
-    /// progress finish), then closes what is left, and ends the lag task;
-    /// `stop` must have fired.
+    /// progress finish), then closes what is left; `stop` must have fired.
     async fn stop(self, until: tokio::time::Instant) {
-        let Served {
-            mut server, lag, ..
-        } = self;
+        let Served { mut server, .. } = self;
         match tokio::time::timeout_at(until, &mut server).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(err))) => error!(err = %err, "the HTTP endpoints failed"),
@@ -226,12 +243,10 @@ impl Served {
                 server.abort();
             }
         }
-        lag.abort();
-        drop(lag.await);
     }
 }
 
-/// Binds the metrics address and starts the endpoints and the lag task.
+/// Binds the metrics address and starts the endpoints.
 /// `None` when turned off, or when the default address is taken (then with
 /// a warning: several workers on one machine should not fail for it). An
 /// address given explicitly that cannot be bound is an error.
@@ -272,20 +287,10 @@ async fn start_endpoints(
         offset_saves,
         Health::stale_after(block_timeout),
     ));
-    let metrics = Metrics::new(stats, handler, Arc::clone(&health));
-    let probe = LagProbe {
-        conn: lifecycle_redis::connect::lazy_manager(lag.client, Duration::from_secs(5))
-            .context("cannot set up the lag probe's connection")?,
-        offsets: lag.offsets,
-        stream: lag.stream,
-        label: lag.label,
-        start_from: lag.start_from,
-        gauges: Arc::clone(&metrics.lag),
-    };
-    let lag = tokio::spawn(lag_task(probe, stop.clone()));
+    let metrics = Metrics::new(stats, handler, Arc::clone(&health), lag);
     let server = tokio::spawn(crate::http::serve(listener, metrics, health, stop.clone()));
     info!(%addr, "serving /metrics, /healthz and /readyz");
-    Ok(Some(Served { addr, server, lag }))
+    Ok(Some(Served { addr, server }))
 }
 
 /// Prints the effective settings, one aligned `key: value` line each.
@@ -307,7 +312,12 @@ fn print_config(
     let rows = [
         (
             "config",
-            optional(args.config.as_ref().map(|path| path.display().to_string())),
+            optional(
+                args.redis
+                    .config
+                    .as_ref()
+                    .map(|path| path.display().to_string()),
+            ),
         ),
         ("redis_url", redact_url(&args.redis.redis_url)),
         ("stream", config.stream.clone()),
@@ -373,6 +383,7 @@ fn print_config(
         ("max_held_bytes", config.max_held_bytes.to_string()),
         ("drain", config.drain.to_string()),
         ("concurrency", config.concurrency.to_string()),
+        ("summary_interval", format_duration(args.summary_interval)),
         (
             "metrics_addr",
             args.metrics_addr

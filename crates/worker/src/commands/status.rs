@@ -21,6 +21,7 @@ struct Status {
     lag_entries_more_than: bool,
     lag_ms: Option<u64>,
     trimmed_past_offset: bool,
+    offset_past_end: bool,
     dead_letter_stream: String,
     dead_letter_length: u64,
 }
@@ -46,12 +47,14 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         .dead_letter_stream
         .clone()
         .unwrap_or_else(|| format!("{stream}:dead"));
+    let store = RedisOffsetStore::new(target.client()?, &args.redis.key_prefix)
+        .context("cannot set up the offset store")?;
+    // The offset before the stream: a running worker's save cannot then
+    // look like an offset past the stream's end.
+    let offset = with_url(store.get(&args.label).await, url)?;
     let state = stream_state(&mut conn, stream)
         .await
         .map_err(|err| explain_probe(url, "--stream (LOBBY_STREAM)", err))?;
-    let store = RedisOffsetStore::new(target.client()?, &args.redis.key_prefix)
-        .context("cannot set up the offset store")?;
-    let offset = with_url(store.get(&args.label).await, url)?;
     let lag = match offset {
         Some(offset) => Some(
             lag(&mut conn, stream, &state, offset)
@@ -76,6 +79,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         lag_entries_more_than: lag.is_some_and(|lag| lag.more_than),
         lag_ms: lag.map(|lag| lag.ms),
         trimmed_past_offset: offset.is_some_and(|offset| state.trimmed_past(offset)),
+        offset_past_end: offset.is_some_and(|offset| state.ends_before(offset)),
         dead_letter_stream,
         dead_letter_length,
     };
@@ -119,6 +123,15 @@ fn human(status: &Status, label: &str) -> Vec<(&'static str, String)> {
             "trimmed_past_offset",
             if status.trimmed_past_offset {
                 "yes: the stream was trimmed up to or past the offset, or entries after it deleted"
+                    .to_owned()
+            } else {
+                "no".to_owned()
+            },
+        ),
+        (
+            "offset_past_end",
+            if status.offset_past_end {
+                "yes: the offset is after the stream's last entry; events added until the stream's ids pass it are skipped (check --label and --stream, or move it with `offsets set`)"
                     .to_owned()
             } else {
                 "no".to_owned()
