@@ -2,8 +2,12 @@
 //!
 //! # Layout
 //!
-//! - [`connect`]: opening a Redis client from a URL, and redacting the URL's
-//!   password for anything printed.
+//! - [`connect`]: opening a Redis client from a URL, after checking that the
+//!   client reads the URL as meant, and redacting the URL's passwords for
+//!   anything printed.
+//! - [`server_version`]: the oldest Redis the worker runs against
+//!   ([`MIN_REDIS_VERSION`]), the check of a server's version, and telling a
+//!   server that is not Redis at all.
 //! - [`offsets`]: the stream-offset store on Redis (`<prefix>:stream_offsets:<label>`),
 //!   whose saves never move an offset backwards.
 //! - [`lobby`]: the lobby store on Redis; one user's cascade is one atomic
@@ -48,15 +52,22 @@ pub mod consumer;
 pub mod lobby;
 pub mod memory;
 pub mod offsets;
+pub mod server_version;
 
-pub use connect::{open_client, open_tls_client, redact_url, ConnectError};
+pub use connect::{
+    check_url, open_client, open_tls_client, redact_url, server_address, ConnectError,
+};
 pub use consumer::{RedisUserLifecycleConsumer, UserLifecycleDecoder};
 pub use lobby::{CascadeRecord, RedisLobbyStore};
 pub use memory::MemoryOffsetStore;
 pub use offsets::{RedisOffsetStore, DEFAULT_KEY_PREFIX};
+pub use server_version::{
+    check_server_version, foreign_answer, judge_info, verify_server, ServerVersion, VersionError,
+    VersionVerdict, MIN_REDIS_VERSION,
+};
 
 use lifecycle_domain::StoreError;
-use lifecycle_streams::{classify, FaultClass};
+use lifecycle_streams::{classify, not_redis, FaultClass};
 
 /// Wraps a Redis failure into the domain's [`StoreError`], classified by the
 /// client's own predicates.
@@ -71,6 +82,10 @@ pub(crate) fn store_error(action: String, err: redis::RedisError) -> StoreError 
             "the TLS handshake with Redis failed ({err}): check the CA certificate (`ca_file`) and the client certificate (`cert_file`, `key_file`)"
         )
         .into(),
+        _ if not_redis(&err) => "the server is not a Redis server (it answered in another protocol): is the Redis URL's port a Redis port? (a port that speaks TLS needs rediss://)".into(),
+        // One line whatever the client's message holds (its parse errors
+        // span several).
+        _ if err.to_string().contains('\n') => err.to_string().replace('\n', " ").into(),
         _ => Box::new(err),
     };
     StoreError {

@@ -79,6 +79,19 @@ pub fn classify(err: &RedisError) -> FaultClass {
     if err.kind() == ErrorKind::AuthenticationFailed {
         return FaultClass::Auth;
     }
+    // Bytes that are not the Redis protocol on a connection: Redis never
+    // sends them, so the URL's port belongs to something else (an HTTP
+    // server, another database, a TLS port reached with redis://). Treated
+    // as permanent, so that `run` ends with one line saying so, rather than
+    // retrying forever while looking alive: waiting does not turn a web
+    // server into Redis, and a proxy that is restarting refuses or resets
+    // connections (I/O errors, still transient) rather than answering in
+    // another protocol. The supervisor's restart policy is then the retry,
+    // with the reason in front of the operator; no entry is lost, as the
+    // offset is stored in Redis.
+    if not_redis(err) {
+        return FaultClass::Permanent;
+    }
     match err.clone().into_server_errors() {
         Some(errors) => errors
             .iter()
@@ -94,6 +107,21 @@ pub fn classify(err: &RedisError) -> FaultClass {
             _ => FaultClass::Transient,
         },
     }
+}
+
+/// Whether `err` is the client's failure to read what the server sent as
+/// the Redis protocol (RESP) at all, as opposed to a well-formed reply of
+/// an unexpected type: the server is not Redis (see [`classify`]).
+///
+/// The `redis` crate gives both the kind [`ErrorKind::Parse`]; a protocol
+/// failure is the one its RESP parser words as `Parse error at <position>`
+/// (pinned by the tests below and by the binary's tests against a server
+/// that answers HTTP).
+pub fn not_redis(err: &RedisError) -> bool {
+    err.kind() == ErrorKind::Parse
+        && err
+            .detail()
+            .is_some_and(|detail| detail.starts_with("Parse error at"))
 }
 
 /// Classifies a server error by its code (the first word of the reply).
@@ -152,7 +180,11 @@ pub fn classify_read(err: &ReadError) -> FaultClass {
         | ReadError::Protocol(_)
         | ReadError::ReplyTooLarge { .. } => FaultClass::Transient,
         ReadError::Server(reply) => classify_code(&reply.code),
-        ReadError::Unsupported(_) => FaultClass::Permanent,
+        // As for the client's connections (see `classify`); told by the
+        // first answer of a fresh connection only, so that a reply our own
+        // parser cannot read on a connection that spoke RESP stays
+        // transient.
+        ReadError::Unsupported(_) | ReadError::NotRedis { .. } => FaultClass::Permanent,
     }
 }
 
@@ -398,8 +430,52 @@ mod tests {
         }
     }
 
+    /// What servers that are not Redis answer to a command, as the
+    /// `redis` crate's own parser fails on it.
+    const NOT_REDIS_ANSWERS: &[&[u8]] = &[
+        b"HTTP/1.1 400 Bad Request\r\n\r\n",
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        // A TLS alert, from a port that speaks TLS.
+        b"\x15\x03\x03\x00\x02\x02\x46",
+        b"<html>\r\n",
+    ];
+
+    #[test]
+    fn a_server_that_is_not_redis_is_permanent_and_told_apart() {
+        for answer in NOT_REDIS_ANSWERS {
+            let err = match redis::parse_redis_value(answer) {
+                Err(err) => err,
+                Ok(value) => panic!("{answer:?} parsed as {value:?}"),
+            };
+            assert!(not_redis(&err), "{answer:?}: {err:?}");
+            assert_eq!(classify(&err), FaultClass::Permanent, "{answer:?}");
+        }
+        // A well-formed reply of another type than asked is a parse error
+        // of the same kind, but no sign of another server: unchanged.
+        let conversion = RedisError::from(
+            redis::from_redis_value::<i64>(redis::Value::BulkString(b"x".to_vec())).unwrap_err(),
+        );
+        assert_eq!(conversion.kind(), ErrorKind::Parse);
+        assert!(!not_redis(&conversion), "{conversion:?}");
+        assert_eq!(classify(&conversion), FaultClass::Transient);
+        // Nor are the others.
+        for err in [
+            RedisError::from(io::Error::from(io::ErrorKind::ConnectionReset)),
+            RedisError::from((ErrorKind::Parse, "client-side")),
+            server_error("ERR unknown command 'XREAD'"),
+        ] {
+            assert!(!not_redis(&err), "{err:?}");
+        }
+    }
+
     #[test]
     fn reading_connection_failures_are_classified() {
+        assert_eq!(
+            classify_read(&ReadError::NotRedis {
+                answered: "HTTP/1.1 400 Bad Request".into()
+            }),
+            FaultClass::Permanent
+        );
         assert_eq!(
             classify_read(&ReadError::Timeout(Duration::from_secs(1))),
             FaultClass::Transient

@@ -44,6 +44,13 @@ pub enum ReadError {
     /// The URL asks for a transport the reader does not speak.
     #[error("{0}")]
     Unsupported(String),
+    /// The first answer on a fresh connection is not the Redis protocol:
+    /// the URL's port belongs to another kind of server.
+    #[error("the server is not a Redis server (it answered {answered:?}): is the URL's port a Redis port? (rediss:// for a port that speaks TLS)")]
+    NotRedis {
+        /// The start of its answer, printable characters only.
+        answered: String,
+    },
     /// The reply grew past the limit before it was complete; the connection
     /// must be dropped.
     #[error("an XREAD reply exceeded {limit} bytes after {entries} complete entries")]
@@ -72,6 +79,37 @@ pub struct ReadConnection {
     /// kept here rather than in the receiving future, so that dropping that
     /// future loses nothing.
     probe_seen: Option<DeletionProbe>,
+    /// Whether the server has answered in RESP on this connection: until
+    /// then, bytes that are not RESP mean another kind of server.
+    spoke_resp: bool,
+}
+
+/// The first byte of every RESP2 and RESP3 reply.
+const RESP_TYPE_BYTES: &[u8] = b"+-:$*_,#!=(%~>|";
+
+/// How much of a foreign server's answer [`ReadError::NotRedis`] quotes.
+const ANSWER_QUOTED: usize = 60;
+
+/// The start of `buf` when it cannot be the start of a RESP reply: its first
+/// line, printable ASCII only, at most [`ANSWER_QUOTED`] characters.
+pub(crate) fn foreign_answer(buf: &[u8]) -> Option<String> {
+    let first = *buf.first()?;
+    if RESP_TYPE_BYTES.contains(&first) {
+        return None;
+    }
+    let line = buf
+        .iter()
+        .take_while(|byte| !matches!(byte, b'\r' | b'\n'))
+        .take(ANSWER_QUOTED)
+        .map(|&byte| {
+            if byte.is_ascii_graphic() || byte == b' ' {
+                char::from(byte)
+            } else {
+                '.'
+            }
+        })
+        .collect();
+    Some(line)
 }
 
 /// The SHA1 of the probe's script, computed once for the process.
@@ -170,6 +208,7 @@ impl ReadConnection {
             probe_pending: false,
             probe_cached: false,
             probe_seen: None,
+            spoke_resp: false,
         };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
@@ -204,11 +243,26 @@ impl ReadConnection {
                         let code = message.split(' ').next().unwrap_or_default().to_owned();
                         Err(ReadError::Server(ServerReplyError { code, message }))
                     }
-                    Some(b'+') => Ok(()),
-                    _ => Err(ProtocolError("unexpected answer to a setup command".into()).into()),
+                    Some(b'+') => {
+                        self.spoke_resp = true;
+                        Ok(())
+                    }
+                    _ => Err(self.protocol_error(
+                        &line,
+                        ProtocolError("unexpected answer to a setup command".into()),
+                    )),
                 };
             }
             self.fill().await?;
+        }
+    }
+
+    /// `err`, or [`ReadError::NotRedis`] when `answer` is the first on this
+    /// connection and no RESP reply starts so.
+    fn protocol_error(&self, answer: &[u8], err: ProtocolError) -> ReadError {
+        match foreign_answer(answer).filter(|_| !self.spoke_resp) {
+            Some(answered) => ReadError::NotRedis { answered },
+            None => err.into(),
         }
     }
 
@@ -284,17 +338,25 @@ impl ReadConnection {
                 // The script cache was flushed: send the text again next time.
                 self.probe_cached = false;
             }
-            match parse_probe_reply(&self.buf)? {
+            let parsed =
+                parse_probe_reply(&self.buf).map_err(|err| self.protocol_error(&self.buf, err))?;
+            match parsed {
                 Some((len, seen)) => {
                     self.buf.advance(len);
                     self.probe_pending = false;
                     self.probe_seen = Some(seen);
+                    self.spoke_resp = true;
                 }
                 None => self.fill().await?,
             }
         }
         loop {
-            match self.parser.parse(&self.buf)? {
+            let parsed = self
+                .parser
+                .parse(&self.buf)
+                .map_err(|err| self.protocol_error(&self.buf, err))?;
+            self.spoke_resp |= !matches!(parsed, Parsed::Incomplete);
+            match parsed {
                 Parsed::Incomplete if self.parser.held_bytes(self.buf.len()) > limit => {
                     return Err(ReadError::ReplyTooLarge {
                         limit,
@@ -317,6 +379,81 @@ impl ReadConnection {
                     return Err(ReadError::Server(err));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_foreign_answer_is_quoted_and_a_resp_one_is_not() {
+        assert_eq!(
+            foreign_answer(b"HTTP/1.1 400 Bad Request\r\n\r\n").as_deref(),
+            Some("HTTP/1.1 400 Bad Request")
+        );
+        assert_eq!(
+            foreign_answer(b"\x15\x03\x03\x00\x02\x02\x46").as_deref(),
+            Some("......F")
+        );
+        let long = [b'x'; 500];
+        assert_eq!(
+            foreign_answer(&long).map(|line| line.len()),
+            Some(ANSWER_QUOTED)
+        );
+        for resp in [
+            b"+OK\r\n".as_slice(),
+            b"-ERR no\r\n",
+            b":1\r\n",
+            b"$1\r\nx\r\n",
+            b"*0\r\n",
+            b"_\r\n",
+            b"%0\r\n",
+            b"",
+        ] {
+            assert_eq!(foreign_answer(resp), None, "{resp:?}");
+        }
+    }
+
+    /// A server that answers HTTP to whatever it is sent: the wrong kind of
+    /// server, not a stand-in for Redis.
+    #[tokio::test]
+    async fn the_first_answer_of_another_kind_of_server_is_not_redis() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let _ = stream.read(&mut [0_u8; 1024]).await;
+                let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            }
+        });
+        for url in [
+            format!("redis://127.0.0.1:{port}"),
+            // AUTH first: its answer is the first.
+            format!("redis://:pw@127.0.0.1:{port}"),
+        ] {
+            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap();
+            let timeout = Duration::from_secs(5);
+            let err = match ReadConnection::connect(&info, None, timeout).await {
+                Err(err) => err,
+                Ok(mut conn) => {
+                    conn.send_xread("s", EntryId::ZERO, 10, None, true)
+                        .await
+                        .unwrap();
+                    conn.receive_batch(1 << 20).await.unwrap_err()
+                }
+            };
+            match &err {
+                ReadError::NotRedis { answered } => {
+                    assert_eq!(answered, "HTTP/1.1 400 Bad Request", "{url}");
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+            assert_eq!(
+                crate::fault::classify_read(&err),
+                crate::fault::FaultClass::Permanent
+            );
         }
     }
 }

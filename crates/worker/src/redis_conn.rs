@@ -5,12 +5,15 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use lifecycle_domain::StreamOffsetStore;
-use lifecycle_redis::{open_client, open_tls_client, redact_url, RedisUserLifecycleConsumer};
-use lifecycle_streams::{classify, ConsumerConfig, FaultClass, TlsFiles, TlsSettings};
+use lifecycle_redis::{
+    check_server_version, foreign_answer, open_client, open_tls_client, redact_url, server_address,
+    ConnectError, RedisUserLifecycleConsumer, VersionError,
+};
+use lifecycle_streams::{classify, not_redis, ConsumerConfig, FaultClass, TlsFiles, TlsSettings};
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, RedisError};
+use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError};
 
-use crate::cli::{RedisArgs, TlsArgs};
+use crate::cli::{InputError, RedisArgs, TlsArgs};
 
 /// Where Redis is: its URL and, when certificate files were given, the TLS
 /// settings they make.
@@ -38,7 +41,9 @@ impl RedisTarget {
         Self::new(&args.redis_url, &args.tls)
     }
 
-    /// `url` with the certificate files of `tls` loaded.
+    /// `url` with the certificate files of `tls` loaded. A URL the client
+    /// would misread and unusable certificate files are input errors (exit
+    /// status 2), whose messages never hold a password.
     pub fn new(url: &str, tls: &TlsArgs) -> anyhow::Result<Self> {
         let files = TlsFiles {
             ca_file: tls.tls_ca_file.clone(),
@@ -49,9 +54,9 @@ impl RedisTarget {
             None
         } else {
             Some(TlsSettings::load(&files).map_err(|err| {
-                anyhow!(
+                InputError(format!(
                     "invalid TLS settings (--tls-ca-file, --tls-cert-file, --tls-key-file): {err}"
-                )
+                ))
             })?)
         };
         let target = Self {
@@ -59,7 +64,7 @@ impl RedisTarget {
             tls,
         };
         // A malformed URL, or certificate files with redis://, fail here.
-        target.client()?;
+        target.open().map_err(|err| InputError(err.to_string()))?;
         Ok(target)
     }
 
@@ -79,35 +84,78 @@ impl RedisTarget {
 
     /// A client for the target; nothing is connected yet.
     pub fn client(&self) -> anyhow::Result<redis::Client> {
-        Ok(match &self.tls {
-            Some(tls) => open_tls_client(&self.url, tls)?,
-            None => open_client(&self.url)?,
-        })
+        Ok(self.open()?)
+    }
+
+    fn open(&self) -> Result<redis::Client, ConnectError> {
+        match &self.tls {
+            Some(tls) => open_tls_client(&self.url, tls),
+            None => open_client(&self.url),
+        }
     }
 }
 
-/// Connects to `target` once, failing with a line that says what to do.
+/// Connects to `target` once and checks that it is Redis
+/// [`lifecycle_redis::MIN_REDIS_VERSION`] or later, failing with a line
+/// that says what to do.
 pub async fn connect(target: &RedisTarget) -> anyhow::Result<MultiplexedConnection> {
     let url = target.url.as_str();
     let client = target.client()?;
     let settings = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(10)));
-    let mut conn = client
+    let mut conn = match client
         .get_multiplexed_async_connection_with_config(&settings)
         .await
-        .map_err(|err| explain(url, "connect", &err))?;
+    {
+        Ok(conn) => conn,
+        Err(err) => return Err(connect_failed(&client, url, &err).await),
+    };
     // A connection can open without a password and fail at the first command.
-    redis::cmd("PING")
-        .query_async::<()>(&mut conn)
-        .await
-        .map_err(|err| explain(url, "connect", &err))?;
-    Ok(conn)
+    if let Err(err) = redis::cmd("PING").query_async::<()>(&mut conn).await {
+        return Err(connect_failed(&client, url, &err).await);
+    }
+    match check_server_version(&mut conn, &server_address(&client)).await {
+        Ok(_) => Ok(conn),
+        Err(VersionError::Redis { source, .. }) => Err(explain(url, "connect", &source)),
+        Err(VersionError::NotRedis { .. }) => Err(not_redis_error(&client).await),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// The error for a failure to connect to `client` (whose URL is `url`).
+async fn connect_failed(client: &redis::Client, url: &str, err: &RedisError) -> anyhow::Error {
+    if not_redis(err) {
+        not_redis_error(client).await
+    } else {
+        explain(url, "connect", err)
+    }
+}
+
+/// The error for a server at `client`'s address that does not speak the
+/// Redis protocol, quoting what it answers when that can be read.
+async fn not_redis_error(client: &redis::Client) -> anyhow::Error {
+    anyhow!(
+        "cannot connect: {}",
+        VersionError::NotRedis {
+            at: server_address(client),
+            answered: foreign_answer(client).await,
+        }
+    )
 }
 
 /// Turns a Redis failure into an error that says what to fix.
 pub fn explain(url: &str, action: &str, err: &RedisError) -> anyhow::Error {
     let shown = redact_url(url);
+    if not_redis(err) {
+        // Where it connected, without the URL's credentials.
+        let at = url
+            .into_connection_info()
+            .map_or(shown, |info| info.addr().to_string());
+        return anyhow!(
+            "cannot {action}: the server at {at} is not a Redis server (it answered in another protocol): is --redis-url (REDIS_URL) a Redis port? (a port that speaks TLS needs rediss://)"
+        );
+    }
     match classify(err) {
         FaultClass::Transient if err.is_connection_refusal() => anyhow!(
             "cannot {action}: Redis at {shown} refused the connection; start Redis or point --redis-url (REDIS_URL) at it"

@@ -12,7 +12,7 @@ use lifecycle_streams::{
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::cli::{
     format_duration, CheckpointArg, InputError, LogFormat, MetricsAddr, RunArgs,
@@ -89,6 +89,15 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     if args.print_config {
         print_config(&args, &config, logging)?;
         return Ok(());
+    }
+    match lifecycle_redis::verify_server(&client).await {
+        Ok(Some(version)) => info!(redis_version = %version, "Redis version checked"),
+        // INFO refused or unreadable: not held against the server.
+        Ok(None) => {}
+        // Redis not up yet: the engine retries and logs the outage once.
+        Err(err) if err.is_transient() => debug!(err = %err, "Redis version not checked"),
+        // Too old, not Redis, refused access or TLS: nothing a retry mends.
+        Err(err) => return Err(err.into()),
     }
     let offsets = RedisOffsetStore::new(client.clone(), &args.redis.key_prefix)
         .context("cannot set up the offset store")?;
