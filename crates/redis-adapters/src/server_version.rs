@@ -13,7 +13,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use lifecycle_streams::not_redis;
+use lifecycle_streams::{not_redis, quote_answer};
 use redis::aio::ConnectionLike;
 use redis::{AsyncConnectionConfig, ConnectionAddr};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -28,9 +28,6 @@ const MIN_VERSION: (u32, u32) = (7, 0);
 
 /// How long the check may take to connect, and to get an answer.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How much of a foreign server's answer is quoted.
-const ANSWER_QUOTED: usize = 60;
 
 /// A server's version, from `INFO server`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,7 +77,7 @@ pub fn judge_info(info: &str) -> VersionVerdict {
     let Some(redis) = parse_version(&text) else {
         return VersionVerdict::Unknown(format!(
             "redis_version {:?} is not a version",
-            printable(text.as_bytes())
+            quote_answer(text.as_bytes())
         ));
     };
     let product = [
@@ -288,25 +285,8 @@ async fn first_line<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> Option<
     stream.write_all(b"PING\r\n").await.ok()?;
     let mut buf = [0_u8; 256];
     let len = stream.read(&mut buf).await.ok()?;
-    let line = printable(buf.get(..len)?);
+    let line = quote_answer(buf.get(..len)?);
     (!line.is_empty()).then_some(line)
-}
-
-/// The first line of `bytes`, at most [`ANSWER_QUOTED`] characters, with
-/// every byte that is not printable ASCII shown as `.`.
-fn printable(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .take_while(|byte| !matches!(byte, b'\r' | b'\n'))
-        .take(ANSWER_QUOTED)
-        .map(|&byte| {
-            if byte.is_ascii_graphic() || byte == b' ' {
-                char::from(byte)
-            } else {
-                '.'
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -457,16 +437,6 @@ mod tests {
                 .map(|(a, b, _)| (a, b))
                 .unwrap()
         );
-    }
-
-    #[test]
-    fn answers_are_quoted_printably() {
-        assert_eq!(
-            printable(b"HTTP/1.1 400 Bad Request\r\n\r\n"),
-            "HTTP/1.1 400 Bad Request"
-        );
-        assert_eq!(printable(b"\x15\x03\x03"), "...");
-        assert_eq!(printable(&[b'x'; 300]).len(), ANSWER_QUOTED);
     }
 
     #[tokio::test]

@@ -188,8 +188,42 @@ pub fn classify_read(err: &ReadError) -> FaultClass {
     }
 }
 
+/// How much of a foreign server's answer [`quote_answer`] keeps.
+pub const ANSWER_QUOTED: usize = 60;
+
+/// The first line of what a server that is not Redis answered, fit for a
+/// one-line message: printable ASCII only (anything else shown as `.`), at
+/// most [`ANSWER_QUOTED`] characters.
+pub fn quote_answer(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .take_while(|byte| !matches!(byte, b'\r' | b'\n'))
+        .take(ANSWER_QUOTED)
+        .map(|&byte| {
+            if byte.is_ascii_graphic() || byte == b' ' {
+                char::from(byte)
+            } else {
+                '.'
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn answers_are_quoted_printably() {
+        assert_eq!(
+            super::quote_answer(b"HTTP/1.1 400 Bad Request\r\n\r\n"),
+            "HTTP/1.1 400 Bad Request"
+        );
+        assert_eq!(super::quote_answer(b"\x15\x03\x03"), "...");
+        assert_eq!(
+            super::quote_answer(&[b'x'; 300]).len(),
+            super::ANSWER_QUOTED
+        );
+    }
+
     use std::io;
     use std::time::Duration;
 

@@ -97,7 +97,7 @@ pub use config::{
 pub use decoder::{Decoded, EntryDecoder};
 pub use engine::StreamConsumer;
 pub use error::{BoxError, ConsumerError};
-pub use fault::{classify, not_redis, write_refusal, FaultClass};
+pub use fault::{classify, not_redis, quote_answer, write_refusal, FaultClass, ANSWER_QUOTED};
 pub use lifecycle_domain::EventHandler;
 pub use lifecycle_domain::{RunOutcome, StopReason};
 pub use reply::{parse_range_reply, parse_xread_reply, ReplyError, StreamEntry};

@@ -5,6 +5,7 @@
 //! command, and the next read can be sent before the current batch is handled
 //! (the server prepares it while we work).
 
+use crate::fault::quote_answer;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -87,29 +88,14 @@ pub struct ReadConnection {
 /// The first byte of every RESP2 and RESP3 reply.
 const RESP_TYPE_BYTES: &[u8] = b"+-:$*_,#!=(%~>|";
 
-/// How much of a foreign server's answer [`ReadError::NotRedis`] quotes.
-const ANSWER_QUOTED: usize = 60;
-
-/// The start of `buf` when it cannot be the start of a RESP reply: its first
-/// line, printable ASCII only, at most [`ANSWER_QUOTED`] characters.
+/// The start of `buf` when it cannot be the start of a RESP reply, as
+/// [`quote_answer`] quotes it.
 pub(crate) fn foreign_answer(buf: &[u8]) -> Option<String> {
     let first = *buf.first()?;
     if RESP_TYPE_BYTES.contains(&first) {
         return None;
     }
-    let line = buf
-        .iter()
-        .take_while(|byte| !matches!(byte, b'\r' | b'\n'))
-        .take(ANSWER_QUOTED)
-        .map(|&byte| {
-            if byte.is_ascii_graphic() || byte == b' ' {
-                char::from(byte)
-            } else {
-                '.'
-            }
-        })
-        .collect();
-    Some(line)
+    Some(quote_answer(buf))
 }
 
 /// The SHA1 of the probe's script, computed once for the process.
@@ -400,7 +386,7 @@ mod tests {
         let long = [b'x'; 500];
         assert_eq!(
             foreign_answer(&long).map(|line| line.len()),
-            Some(ANSWER_QUOTED)
+            Some(crate::fault::ANSWER_QUOTED)
         );
         for resp in [
             b"+OK\r\n".as_slice(),
