@@ -16,19 +16,13 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{add_event, assert_success, stderr, stdout, wait_for, worker, Running, BIN, STREAM};
+use common::{
+    add_event, assert_success, status_json, stderr, stdout, wait_for, worker, Running, BIN, STREAM,
+};
 use lifecycle_test_support::RedisServer;
 use serde_json::Value;
 
 const OFFSET_KEY: &str = "lobby:stream_offsets:user_lifecycle";
-
-fn status_json(url: &str, extra: &[&str]) -> Value {
-    let mut args = vec!["status", "--json"];
-    args.extend_from_slice(extra);
-    let output = worker(url, &args);
-    assert_success(&output);
-    serde_json::from_str(stdout(&output).trim()).expect("one JSON object")
-}
 
 fn config_file(text: &str) -> tempfile::NamedTempFile {
     let file = tempfile::NamedTempFile::new().unwrap();

@@ -16,24 +16,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    assert_one_error_line, assert_success, get, sample, stderr, stdout, wait_until, worker,
-    Running, BIN,
+    assert_one_error_line, assert_success, get, sample, status_json, stderr, stdout, wait_until,
+    worker, Running, BIN,
 };
 use lifecycle_test_support::{free_port, RedisServer};
 use serde_json::Value;
 
 const STREAM: &str = "user:lifecycle_events";
 const OFFSET_KEY: &str = "lobby:stream_offsets:user_lifecycle";
-
-fn status_json(url: &str, extra: &[&str]) -> Value {
-    let mut args = vec!["status", "--json"];
-    args.extend_from_slice(extra);
-    let output = worker(url, &args);
-    assert_success(&output);
-    let text = stdout(&output);
-    assert_eq!(text.lines().count(), 1, "{text}");
-    serde_json::from_str(text.trim()).expect("one JSON object")
-}
 
 fn add_event(server: &RedisServer, event_type: &str, user: &str) {
     common::add_event(server, event_type, user, "1700000000000");

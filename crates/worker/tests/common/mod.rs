@@ -367,3 +367,14 @@ pub fn add_event(
         occurred_at_ms,
     ])
 }
+
+/// `lobby-worker status --json EXTRA` against `url`: its one JSON object.
+pub fn status_json(url: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["status", "--json"];
+    args.extend_from_slice(extra);
+    let output = worker(url, &args);
+    assert_success(&output);
+    let text = stdout(&output);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    serde_json::from_str(text.trim()).expect("one JSON object")
+}
