@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lifecycle_domain::{CascadeHandler, StopReason, UserLifecycleConsumer};
-use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore};
+use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore, VersionError};
 use lifecycle_streams::{
     BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerStats, StartFrom, DEFAULT_MAX_REPLY_BYTES,
 };
@@ -94,10 +94,14 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         Ok(Some(version)) => info!(redis_version = %version, "Redis version checked"),
         // INFO refused or unreadable: not held against the server.
         Ok(None) => {}
-        // Redis not up yet: the engine retries and logs the outage once.
-        Err(err) if err.is_transient() => debug!(err = %err, "Redis version not checked"),
-        // Too old, not Redis, refused access or TLS: nothing a retry mends.
-        Err(err) => return Err(err.into()),
+        // Too old, or not Redis at all: nothing a retry mends.
+        Err(err @ (VersionError::TooOld { .. } | VersionError::NotRedis { .. })) => {
+            return Err(err.into())
+        }
+        // Redis not up yet (the engine retries and logs the outage once), or
+        // a refused password or handshake, which the engine reports with
+        // its advice.
+        Err(err) => debug!(err = %err, "Redis version not checked"),
     }
     let offsets = RedisOffsetStore::new(client.clone(), &args.redis.key_prefix)
         .context("cannot set up the offset store")?;
