@@ -175,6 +175,9 @@ pub struct UserCascade {
     pub entry_id: EntryId,
     /// When the event happened.
     pub occurred_at_ms: i64,
+    /// The event's distributed-trace id, kept in the cascade's record; empty
+    /// when the event had none.
+    pub trace_id: String,
 }
 
 impl UserCascade {
@@ -185,6 +188,7 @@ impl UserCascade {
             event_type: event.event_type.as_str().to_owned(),
             entry_id: event.entry_id,
             occurred_at_ms: event.occurred_at_ms,
+            trace_id: event.trace_id.clone(),
         }
     }
 }
@@ -427,6 +431,33 @@ mod handler_tests {
             Poll::Ready(value) => value,
             Poll::Pending => panic!("the store answers at once"),
         }
+    }
+
+    #[test]
+    fn a_cascade_carries_its_events_trace_id() {
+        let mut event = UserLifecycleEvent {
+            entry_id: EntryId::new(7, 1),
+            event_type: EventType::UserPermanentlyBlocked,
+            user_id: "u".into(),
+            occurred_at_ms: 5,
+            source: "accounts".into(),
+            actor_type: "admin".into(),
+            actor_id: "a".into(),
+            reason_code: "r".into(),
+            trace_id: "trace-1".into(),
+        };
+        assert_eq!(
+            UserCascade::for_event(&event),
+            UserCascade {
+                user_id: "u".into(),
+                event_type: "user.permanently_blocked".into(),
+                entry_id: EntryId::new(7, 1),
+                occurred_at_ms: 5,
+                trace_id: "trace-1".into(),
+            }
+        );
+        event.trace_id.clear();
+        assert_eq!(UserCascade::for_event(&event).trace_id, "");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use lifecycle_streams::{
     TlsSettings,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info_span, Instrument, Span};
 
 /// Decodes `user:lifecycle_events` entries per the contract.
 #[derive(Clone, Copy, Debug, Default)]
@@ -38,8 +38,32 @@ impl EntryDecoder for UserLifecycleDecoder {
     }
 }
 
-/// The registered handler, logging each outcome with the user it concerns
-/// (the engine knows entries, not users).
+/// The span of one event's handling: where the event came from, as its
+/// producer said (`trace_id`, `source`, `actor_type`), so that every line
+/// logged while handling it (the store's, the handler's) names its trace.
+/// Values are cut for logs; an empty value is left out, not logged as `""`.
+/// Recorded as plain strings: JSON logs show `"trace_id":"T"`, text logs
+/// quote and escape them.
+fn event_span(event: &UserLifecycleEvent) -> Span {
+    fn present(value: &str) -> Option<std::borrow::Cow<'_, str>> {
+        (!value.is_empty()).then(|| for_log(value))
+    }
+    let (trace_id, source, actor_type) = (
+        present(&event.trace_id),
+        present(&event.source),
+        present(&event.actor_type),
+    );
+    info_span!(
+        "lifecycle_event",
+        trace_id = trace_id.as_deref(),
+        source = source.as_deref(),
+        actor_type = actor_type.as_deref()
+    )
+}
+
+/// The registered handler, run in the event's span (see [`event_span`]) and
+/// logging each outcome with the user it concerns (the engine knows entries,
+/// not users).
 struct LoggedHandler(Arc<dyn EventHandler<UserLifecycleEvent>>);
 
 impl EventHandler<UserLifecycleEvent> for LoggedHandler {
@@ -47,27 +71,30 @@ impl EventHandler<UserLifecycleEvent> for LoggedHandler {
         &'a self,
         event: &'a UserLifecycleEvent,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(async move {
-            let result = self.0.handle(event).await;
-            match &result {
-                Ok(()) => debug!(
-                    stream_entry_id = %event.entry_id,
-                    event_type = event.event_type.as_str(),
-                    user_id = ?for_log(&event.user_id),
-                    "user lifecycle event processed"
-                ),
-                // The engine logs the failure with its retry; this names the
-                // user, at debug level so one failure is one warning.
-                Err(err) => debug!(
-                    stream_entry_id = %event.entry_id,
-                    event_type = event.event_type.as_str(),
-                    user_id = ?for_log(&event.user_id),
-                    err = %err,
-                    "user lifecycle handler failed"
-                ),
+        Box::pin(
+            async move {
+                let result = self.0.handle(event).await;
+                match &result {
+                    Ok(()) => debug!(
+                        stream_entry_id = %event.entry_id,
+                        event_type = event.event_type.as_str(),
+                        user_id = ?for_log(&event.user_id),
+                        "user lifecycle event processed"
+                    ),
+                    // The engine logs the failure with its retry; this names the
+                    // user, at debug level so one failure is one warning.
+                    Err(err) => debug!(
+                        stream_entry_id = %event.entry_id,
+                        event_type = event.event_type.as_str(),
+                        user_id = ?for_log(&event.user_id),
+                        err = %err,
+                        "user lifecycle handler failed"
+                    ),
+                }
+                result
             }
-            result
-        })
+            .instrument(event_span(event)),
+        )
     }
 }
 

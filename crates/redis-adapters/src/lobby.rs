@@ -32,11 +32,26 @@ use crate::store_error;
 /// The cascade executor. ARGV: prefix, user id, event type, entry id,
 /// occurred_at_ms, then the rule table as one string of ten two-character
 /// codes, for the statuses `open`, `running`, `finished`, `cancelled` and any
-/// other, each for a user who does not own the game and one who does. A code
-/// is the members change (`K` keep, `R` remove, `D` move to dropped) and the
-/// cancel flag (`0`/`1`). Returns `{1, games, unknown-status game ids...}`
-/// when applied, `{0, recorded entry id}` when the record already holds this
-/// entry or a later one.
+/// other, each for a user who does not own the game and one who does (a code
+/// is the members change, `K` keep, `R` remove, `D` move to dropped, and the
+/// cancel flag, `0`/`1`), then the event's trace id (empty: none) and the
+/// time of application, `applied_at_ms`. Returns
+/// `{1, games, unknown-status game ids...}` when applied, `{0, recorded entry
+/// id}` when the record already holds this entry or a later one.
+///
+/// The record (see [`CascadeRecord`]) describes the newest cascade by entry
+/// id, rewritten whole when one applies: its `trace_id` is removed when the
+/// newer event has none, so it never names an older event's trace.
+/// `applied_at_ms` is the worker's clock as it sends the script, not Redis's
+/// `TIME`: Redis checks a script's commands against the caller's ACL, `TIME`
+/// is in no category the documented grant has (`+@read +@write +@scripting
+/// +@connection`, only `@fast`), and a grant that worked before this field
+/// existed must not start failing every cascade. (Workers on skewed clocks
+/// write skewed times; the entry id, not this time, orders the cascades.) A
+/// replay or an older entry returns before any write, so it does not move
+/// `applied_at_ms` either: the record stays byte for byte as it was, and
+/// says when its entry was first applied. `applied_at_ms` is the one field
+/// in which two orders of the same cascades may differ.
 ///
 /// All or nothing: Redis does not roll back a script that fails midway, so
 /// the script keeps an undo log of each write that changed something and,
@@ -52,8 +67,8 @@ use crate::store_error;
 const APPLY_CASCADE: &str = concat!(
     lua_id_less!(),
     r"
-local prefix, user, event_type, entry_id, occurred, rules =
-  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local prefix, user, event_type, entry_id, occurred, rules, trace_id, applied_at =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 
 -- The undo log, flat to spare a table per write: four slots per entry, the
 -- undoing command and key, then for a game hash its earlier status and
@@ -148,8 +163,18 @@ for _, game_id in ipairs(game_ids) do
   end
 end
 if #game_ids > 0 then redis.call('DEL', index_key) end
-redis.call('HSET', record_key, 'event_type', event_type, 'entry_id', entry_id,
-  'occurred_at_ms', occurred, 'games', touched)
+-- The record's key was read above, and this is either the script's first
+-- write (refused cleanly, nothing to undo) or comes after one (Redis no
+-- longer refuses it), so neither write can fail halfway. HSET goes first:
+-- an HDEL first would let the HSET through past maxmemory.
+if trace_id ~= '' then
+  redis.call('HSET', record_key, 'event_type', event_type, 'entry_id', entry_id,
+    'occurred_at_ms', occurred, 'games', touched, 'trace_id', trace_id, 'applied_at_ms', applied_at)
+else
+  redis.call('HSET', record_key, 'event_type', event_type, 'entry_id', entry_id,
+    'occurred_at_ms', occurred, 'games', touched, 'applied_at_ms', applied_at)
+  if recorded then redis.call('HDEL', record_key, 'trace_id') end
+end
 local reply = { 1, touched }
 if unknown then
   for _, game_id in ipairs(unknown) do reply[#reply + 1] = game_id end
@@ -158,7 +183,8 @@ return reply
 "
 );
 
-/// The recorded cascade of one user (`<p>:user:<id>:cascade`).
+/// The recorded cascade of one user (`<p>:user:<id>:cascade`): the newest
+/// applied, by entry id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CascadeRecord {
     /// The event type applied.
@@ -169,6 +195,13 @@ pub struct CascadeRecord {
     pub occurred_at_ms: String,
     /// Games touched.
     pub games: u64,
+    /// The event's distributed-trace id; `None` when it had none (or the
+    /// record was written before trace ids were kept).
+    pub trace_id: Option<String>,
+    /// When the cascade was applied, in milliseconds since the Unix epoch by
+    /// the applying worker's clock; a replay does not move it. `None` in a
+    /// record written before this field was kept.
+    pub applied_at_ms: Option<u64>,
 }
 
 /// The lobby on Redis.
@@ -263,7 +296,9 @@ impl RedisLobbyStore {
             .arg(&cascade.event_type)
             .arg(cascade.entry_id.to_string())
             .arg(cascade.occurred_at_ms)
-            .arg(&self.rules);
+            .arg(&self.rules)
+            .arg(&cascade.trace_id)
+            .arg(lifecycle_streams::now_ms());
         // Sent once, not again at once on a dropped connection (unlike the
         // idempotent store commands): a dropped connection may be a Redis
         // that restarted and lost acknowledged writes, and the consumer must
@@ -435,6 +470,8 @@ impl RedisLobbyStore {
             entry_id: field("entry_id"),
             occurred_at_ms: field("occurred_at_ms"),
             games: field("games").parse().unwrap_or_default(),
+            trace_id: hash.get("trace_id").cloned(),
+            applied_at_ms: hash.get("applied_at_ms").and_then(|ms| ms.parse().ok()),
         }))
     }
 }

@@ -42,6 +42,14 @@ fn cascade(user_id: &str, event_type: &str, entry_id: EntryId) -> UserCascade {
         event_type: event_type.to_owned(),
         entry_id,
         occurred_at_ms: OCCURRED,
+        trace_id: String::new(),
+    }
+}
+
+fn traced(user_id: &str, event_type: &str, entry_id: EntryId, trace_id: &str) -> UserCascade {
+    UserCascade {
+        trace_id: trace_id.to_owned(),
+        ..cascade(user_id, event_type, entry_id)
     }
 }
 
@@ -80,7 +88,56 @@ fn record(event_type: &str, entry_id: &str, games: u64) -> CascadeRecord {
         entry_id: entry_id.to_owned(),
         occurred_at_ms: OCCURRED.to_string(),
         games,
+        trace_id: None,
+        applied_at_ms: None,
     }
+}
+
+/// Milliseconds since the Unix epoch by this machine's clock, which the
+/// private redis-servers share.
+fn now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// The recorded cascade of `user_id` without its `applied_at_ms` (the one
+/// field that depends on when it ran), which must be present and no later
+/// than now.
+async fn record_of(store: &RedisLobbyStore, user_id: &str) -> Option<CascadeRecord> {
+    let mut record = store.cascade_record(user_id).await.unwrap()?;
+    let applied = record
+        .applied_at_ms
+        .take()
+        .unwrap_or_else(|| panic!("no applied_at_ms in {record:?}"));
+    assert!(
+        applied > 1_600_000_000_000 && applied <= now_ms(),
+        "applied_at_ms {applied}"
+    );
+    Some(record)
+}
+
+/// `dump` with the records' `applied_at_ms` left out: the one field in which
+/// two orders of the same cascades may differ.
+fn timeless(dump: &Dump) -> Dump {
+    dump.iter()
+        .map(|(key, (kind, ttl, contents))| {
+            let mut contents = contents.clone();
+            if kind == "hash" && key.ends_with(b":cascade") {
+                contents = contents
+                    .chunks(2)
+                    .filter(|pair| pair[0] != b"applied_at_ms")
+                    .flatten()
+                    .cloned()
+                    .collect();
+            }
+            (key.clone(), (kind.clone(), *ttl, contents))
+        })
+        .collect()
 }
 
 /// Every key of the server: type, PTTL and contents (hash fields and set
@@ -467,7 +524,7 @@ async fn every_status_and_every_role_follow_the_design() {
     assert!(!exists(&mut conn, "lobby:user:u:games").await);
     assert!(lobby.user_games("u").await.unwrap().is_empty());
     assert_eq!(
-        lobby.cascade_record("u").await.unwrap(),
+        record_of(&lobby, "u").await,
         Some(record(DELETED, "100-0", 30))
     );
     let fields = server.cli(&["HKEYS", "lobby:user:u:cascade"]);
@@ -475,7 +532,14 @@ async fn every_status_and_every_role_follow_the_design() {
     fields.sort_unstable();
     assert_eq!(
         fields,
-        ["entry_id", "event_type", "games", "occurred_at_ms"]
+        [
+            "applied_at_ms",
+            "entry_id",
+            "event_type",
+            "games",
+            "occurred_at_ms"
+        ],
+        "no trace id: no trace_id field"
     );
 
     // Nothing else changed: every key outside the games' hashes and sets and
@@ -619,9 +683,9 @@ async fn redis_agrees_with_the_domain_model_and_cascades_commute() {
         assert_eq!(read_back(&p2, &lobby).await, second_then_first, "{context}");
         let all = dump(&mut conn).await;
         assert_eq!(
-            under(&all, "p1"),
-            under(&all, "p2"),
-            "every key (games, indexes, records) equal in both orders; {context}"
+            timeless(&under(&all, "p1")),
+            timeless(&under(&all, "p2")),
+            "every key (games, indexes, records but for when they were applied) equal in both orders; {context}"
         );
 
         // Every user at once, concurrently: the model of any sequence.
@@ -754,7 +818,7 @@ async fn replays_and_older_entries_change_nothing_newer_ones_apply() {
     assert_eq!(g4.members, ids(&["o"]));
     assert_eq!(g4.status, Some(GameStatus::Open));
     assert_eq!(
-        lobby.cascade_record("u").await.unwrap(),
+        record_of(&lobby, "u").await,
         Some(record(BLOCKED, "101-0", 1))
     );
     assert!(lobby.user_games("u").await.unwrap().is_empty());
@@ -802,7 +866,7 @@ async fn replays_and_older_entries_change_nothing_newer_ones_apply() {
         if applies {
             assert_eq!(outcome, applied(1, &[]), "record {recorded}, entry {entry}");
             assert_eq!(
-                lobby.cascade_record("v").await.unwrap(),
+                record_of(&lobby, "v").await,
                 Some(record(BLOCKED, &entry.to_string(), 1))
             );
             assert_eq!(
@@ -856,7 +920,7 @@ async fn a_user_without_games_gets_a_record_and_nothing_else() {
         .unwrap();
     assert_eq!(outcome, applied(0, &[]));
     assert_eq!(
-        lobby.cascade_record("nobody").await.unwrap(),
+        record_of(&lobby, "nobody").await,
         Some(record(DELETED, "7-3", 0))
     );
     let mut after = dump(&mut conn).await;
@@ -910,7 +974,7 @@ async fn an_indexed_game_without_a_hash_is_skipped() {
     assert!(!exists(&mut conn, "lobby:game:also-gone").await);
     assert!(!exists(&mut conn, "lobby:user:u:games").await);
     assert_eq!(
-        lobby.cascade_record("u").await.unwrap(),
+        record_of(&lobby, "u").await,
         Some(record(DELETED, "100-0", 3))
     );
     done("an_indexed_game_without_a_hash_is_skipped", started);
@@ -1027,7 +1091,7 @@ async fn a_key_of_the_wrong_type_fails_the_whole_cascade() {
         lobby.user_games("u").await.unwrap(),
         ids(&["g1", "g2", "g3"])
     );
-    assert_eq!(lobby.cascade_record("u").await.unwrap(), None);
+    assert_eq!(record_of(&lobby, "u").await, None);
     assert_eq!(lobby.get_game("g1").await.unwrap().unwrap(), games["g1"]);
 
     server.cli(&["DEL", "lobby:game:g2:members"]);
@@ -1040,7 +1104,7 @@ async fn a_key_of_the_wrong_type_fails_the_whole_cascade() {
     let g2 = lobby.get_game("g2").await.unwrap().unwrap();
     assert_eq!((g2.members, g2.dropped), (ids(&["o"]), ids(&["u"])));
     assert_eq!(
-        lobby.cascade_record("u").await.unwrap(),
+        record_of(&lobby, "u").await,
         Some(record(DELETED, "100-0", 3))
     );
     assert!(lobby.user_games("u").await.unwrap().is_empty());
@@ -1178,13 +1242,13 @@ async fn ids_and_prefixes_with_odd_bytes_are_plain_data() {
         let index_key = format!("{prefix}:user:{target}:games");
         assert!(!exists(&mut conn, &index_key).await, "prefix {prefix:?}");
         assert_eq!(
-            lobby.cascade_record(target).await.unwrap(),
+            record_of(&lobby, target).await,
             Some(record(DELETED, "5-1", 4))
         );
         assert_eq!(lobby.user_games(twin).await.unwrap(), twin_index);
         assert_eq!(lobby.user_games(twin2).await.unwrap(), twin2_index);
-        assert_eq!(lobby.cascade_record(twin).await.unwrap(), None);
-        assert_eq!(lobby.cascade_record(twin2).await.unwrap(), None);
+        assert_eq!(record_of(&lobby, twin).await, None);
+        assert_eq!(record_of(&lobby, twin2).await, None);
 
         // Every key is one the layout names, under this prefix.
         let all = dump(&mut conn).await;
@@ -1277,5 +1341,204 @@ async fn a_broken_key_the_rules_leave_alone_does_not_block_the_cascade() {
     assert_eq!(
         server.cli(&["SISMEMBER", "lobby:game:g3:applicants", "u"]),
         "0"
+    );
+}
+
+// ------------------------------------- 9. trace id and time of application
+
+/// Waits until this machine's clock has passed `ms`, so that a later write
+/// would carry a later time.
+fn clock_past(ms: u64) {
+    while now_ms() <= ms {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[tokio::test]
+async fn the_record_keeps_the_trace_id_and_when_the_cascade_was_applied() {
+    let started = Instant::now();
+    let server = RedisServer::start();
+    let lobby = store(&server, "lobby");
+    let mut conn = connect(&server).await;
+    let games = small_lobby();
+    put_lobby(&lobby, &games).await;
+    // Odd bytes and a long value are plain data, stored whole.
+    let trace = format!("00-4bf92f35-\n\"ü🎲%d'{}", "t".repeat(300));
+
+    let before = now_ms();
+    let first = traced("u", DELETED, EntryId::new(100, 0), &trace);
+    assert_eq!(lobby.apply(&first).await.unwrap(), applied(3, &[]));
+    let after = now_ms();
+    let stored = lobby.cascade_record("u").await.unwrap().unwrap();
+    let applied_at = stored.applied_at_ms.unwrap();
+    assert!(
+        (before..=after).contains(&applied_at),
+        "applied_at_ms {applied_at} not within [{before}, {after}]"
+    );
+    assert_eq!(
+        stored,
+        CascadeRecord {
+            trace_id: Some(trace.clone()),
+            applied_at_ms: Some(applied_at),
+            ..record(DELETED, "100-0", 3)
+        }
+    );
+    assert_eq!(read_back(&lobby, &games).await, model(&games, "u", DELETED));
+
+    // A replay, even with another trace id and later: nothing changes, not
+    // even applied_at_ms (the record says when its entry was first applied).
+    clock_past(applied_at);
+    let settled = dump(&mut conn).await;
+    for replay in [
+        first.clone(),
+        traced("u", DELETED, EntryId::new(100, 0), "another"),
+        cascade("u", BLOCKED, EntryId::new(99, 0)),
+    ] {
+        assert_eq!(
+            lobby.apply(&replay).await.unwrap(),
+            CascadeOutcome::AlreadyApplied {
+                recorded: EntryId::new(100, 0)
+            }
+        );
+        assert_eq!(dump(&mut conn).await, settled, "{replay:?}");
+    }
+
+    // A newer entry without a trace id: the record describes it alone, with
+    // no trace_id left from the older one, and a later applied_at_ms.
+    lobby.put_game("g4", &rejoined_by("u")).await.unwrap();
+    let before = now_ms();
+    let newer = cascade("u", BLOCKED, EntryId::new(101, 0));
+    assert_eq!(lobby.apply(&newer).await.unwrap(), applied(1, &[]));
+    let after = now_ms();
+    let stored = lobby.cascade_record("u").await.unwrap().unwrap();
+    let applied_again = stored.applied_at_ms.unwrap();
+    assert!(
+        applied_again > applied_at && (before..=after).contains(&applied_again),
+        "applied_at_ms {applied_again}: not after {applied_at} within [{before}, {after}]"
+    );
+    assert_eq!(
+        stored,
+        CascadeRecord {
+            applied_at_ms: Some(applied_again),
+            ..record(BLOCKED, "101-0", 1)
+        }
+    );
+    assert_eq!(
+        server.cli(&["HEXISTS", "lobby:user:u:cascade", "trace_id"]),
+        "0"
+    );
+
+    // And a newer one with a trace id again.
+    let newest = traced("u", DELETED, EntryId::new(102, 0), "t-3");
+    assert_eq!(lobby.apply(&newest).await.unwrap(), applied(0, &[]));
+    assert_eq!(
+        server.cli(&["HGET", "lobby:user:u:cascade", "trace_id"]),
+        "t-3"
+    );
+
+    // A user without games and an event without a trace id: no trace_id.
+    lobby
+        .apply(&cascade("v", DELETED, EntryId::new(5, 0)))
+        .await
+        .unwrap();
+    let fields = server.cli(&["HKEYS", "lobby:user:v:cascade"]);
+    assert!(!fields.lines().any(|field| field == "trace_id"), "{fields}");
+    assert!(
+        fields.lines().any(|field| field == "applied_at_ms"),
+        "{fields}"
+    );
+    done(
+        "the_record_keeps_the_trace_id_and_when_the_cascade_was_applied",
+        started,
+    );
+}
+
+/// A record written before trace ids and application times were kept reads
+/// as one without them, keeps older entries out, and is replaced whole by a
+/// newer cascade.
+#[tokio::test]
+async fn a_record_written_before_trace_ids_still_reads_and_guards() {
+    let server = RedisServer::start();
+    let lobby = store(&server, "lobby");
+    let mut conn = connect(&server).await;
+    server.cli(&[
+        "HSET",
+        "lobby:user:u:cascade",
+        "event_type",
+        DELETED,
+        "entry_id",
+        "100-0",
+        "occurred_at_ms",
+        &OCCURRED.to_string(),
+        "games",
+        "2",
+    ]);
+    assert_eq!(
+        lobby.cascade_record("u").await.unwrap(),
+        Some(record(DELETED, "100-0", 2)),
+        "trace_id and applied_at_ms absent"
+    );
+    let before = dump(&mut conn).await;
+    assert_eq!(
+        lobby
+            .apply(&traced("u", BLOCKED, EntryId::new(100, 0), "t"))
+            .await
+            .unwrap(),
+        CascadeOutcome::AlreadyApplied {
+            recorded: EntryId::new(100, 0)
+        }
+    );
+    assert_eq!(
+        dump(&mut conn).await,
+        before,
+        "an old record is not touched"
+    );
+    lobby
+        .apply(&traced("u", BLOCKED, EntryId::new(100, 1), "t"))
+        .await
+        .unwrap();
+    assert_eq!(
+        record_of(&lobby, "u").await,
+        Some(CascadeRecord {
+            trace_id: Some("t".to_owned()),
+            ..record(BLOCKED, "100-1", 0)
+        })
+    );
+}
+
+/// The grant the README documents (no `@fast`, so no `TIME`) is enough to
+/// record a traced cascade and when it was applied: the time comes from the
+/// worker, not from a command the grant lacks.
+#[tokio::test]
+async fn the_documented_acl_grant_records_a_traced_cascade() {
+    let server = RedisServer::start();
+    server.cli(&[
+        "ACL",
+        "SETUSER",
+        "worker",
+        "on",
+        ">worker-pw",
+        "~*",
+        "+@read",
+        "+@write",
+        "+@scripting",
+        "+@connection",
+    ]);
+    let url = format!("redis://worker:worker-pw@127.0.0.1:{}/", server.port());
+    // Seeded as the default user: `put_game` (for tests and demos) uses
+    // MULTI, which the grant lacks.
+    store(&server, "lobby")
+        .put_game("g", &rejoined_by("u"))
+        .await
+        .unwrap();
+    let lobby = RedisLobbyStore::new(open_client(&url).unwrap(), "lobby").unwrap();
+    let first = traced("u", DELETED, EntryId::new(1, 0), "t-1");
+    assert_eq!(lobby.apply(&first).await.unwrap(), applied(1, &[]));
+    // And a newer one without a trace id, which removes the older one's.
+    let second = cascade("u", DELETED, EntryId::new(2, 0));
+    assert_eq!(lobby.apply(&second).await.unwrap(), applied(0, &[]));
+    assert_eq!(
+        record_of(&lobby, "u").await,
+        Some(record(DELETED, "2-0", 0))
     );
 }

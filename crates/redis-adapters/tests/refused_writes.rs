@@ -186,6 +186,7 @@ async fn cascade_is_refused_then_passes(refusal: Refusal, user: &str, games: u64
         event_type: "user.deleted".to_owned(),
         entry_id: entry,
         occurred_at_ms: 1_700_000_000_000,
+        trace_id: String::new(),
     };
     refusal.impose(&server);
     let before = dump(&server);
