@@ -12,7 +12,7 @@ use lifecycle_streams::{
     TlsSettings,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info_span, Instrument, Span};
+use tracing::{debug, info_span, Span};
 
 /// Decodes `user:lifecycle_events` entries per the contract.
 #[derive(Clone, Copy, Debug, Default)]
@@ -31,6 +31,10 @@ impl EntryDecoder for UserLifecycleDecoder {
 
     fn event_type<'a>(&self, item: &'a UserLifecycleEvent) -> &'a str {
         item.event_type.as_str()
+    }
+
+    fn span(&self, item: &UserLifecycleEvent) -> Span {
+        event_span(item)
     }
 
     fn ordering_key<'a>(&self, item: &'a UserLifecycleEvent) -> &'a str {
@@ -61,8 +65,9 @@ fn event_span(event: &UserLifecycleEvent) -> Span {
     )
 }
 
-/// The registered handler, run in the event's span (see [`event_span`]) and
-/// logging each outcome with the user it concerns (the engine knows entries,
+/// The registered handler, run in the event's span (see [`event_span`]; the
+/// engine enters it for the whole handling, retries included), logging each
+/// outcome with the user it concerns (the engine knows entries,
 /// not users).
 struct LoggedHandler(Arc<dyn EventHandler<UserLifecycleEvent>>);
 
@@ -71,30 +76,27 @@ impl EventHandler<UserLifecycleEvent> for LoggedHandler {
         &'a self,
         event: &'a UserLifecycleEvent,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(
-            async move {
-                let result = self.0.handle(event).await;
-                match &result {
-                    Ok(()) => debug!(
-                        stream_entry_id = %event.entry_id,
-                        event_type = event.event_type.as_str(),
-                        user_id = ?for_log(&event.user_id),
-                        "user lifecycle event processed"
-                    ),
-                    // The engine logs the failure with its retry; this names the
-                    // user, at debug level so one failure is one warning.
-                    Err(err) => debug!(
-                        stream_entry_id = %event.entry_id,
-                        event_type = event.event_type.as_str(),
-                        user_id = ?for_log(&event.user_id),
-                        err = %err,
-                        "user lifecycle handler failed"
-                    ),
-                }
-                result
+        Box::pin(async move {
+            let result = self.0.handle(event).await;
+            match &result {
+                Ok(()) => debug!(
+                    stream_entry_id = %event.entry_id,
+                    event_type = event.event_type.as_str(),
+                    user_id = ?for_log(&event.user_id),
+                    "user lifecycle event processed"
+                ),
+                // The engine logs the failure with its retry; this names the
+                // user, at debug level so one failure is one warning.
+                Err(err) => debug!(
+                    stream_entry_id = %event.entry_id,
+                    event_type = event.event_type.as_str(),
+                    user_id = ?for_log(&event.user_id),
+                    err = %err,
+                    "user lifecycle handler failed"
+                ),
             }
-            .instrument(event_span(event)),
-        )
+            result
+        })
     }
 }
 

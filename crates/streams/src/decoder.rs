@@ -36,4 +36,11 @@ pub trait EntryDecoder: Send + Sync + 'static {
     /// (the user id for user-lifecycle events). Items of different keys may
     /// be handled concurrently.
     fn ordering_key<'a>(&self, item: &'a Self::Item) -> &'a str;
+
+    /// The span the item's whole handling runs in: every handler call, retry
+    /// and dead-letter line about it carries the span's fields (a trace id,
+    /// for instance). None by default.
+    fn span(&self, _item: &Self::Item) -> tracing::Span {
+        tracing::Span::none()
+    }
 }

@@ -351,6 +351,11 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
     /// it after the configured attempts. The handler call itself is never
     /// interrupted; the driver bounds it by the shutdown deadline.
     async fn run_job(&self, job: Box<Job<D::Item>>) -> Done {
+        let span = self.consumer.decoder.span(&job.item);
+        self.run_job_in_span(job).instrument(span).await
+    }
+
+    async fn run_job_in_span(&self, job: Box<Job<D::Item>>) -> Done {
         let (id, key) = (job.id, job.key);
         let item = &job.item;
         let stop = self.jobs_token();

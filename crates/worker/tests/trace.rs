@@ -152,3 +152,42 @@ fn the_trace_id_names_the_cascades_log_lines_and_stays_in_its_record() {
     assert_eq!(record(&server, "long")["trace_id"], long_trace);
     assert_eq!(server.cli(&["SMEMBERS", "lobby:game:g1:members"]), "o");
 }
+
+#[test]
+fn the_engines_retry_and_dead_letter_lines_name_the_trace_too() {
+    let server = RedisServer::start();
+    let url = server.url();
+    // A game whose member set has the wrong type: the cascade fails.
+    server.cli(&["HSET", "lobby:game:g1", "owner_id", "o", "status", "open"]);
+    server.cli(&["SET", "lobby:game:g1:members", "not a set"]);
+    server.cli(&["SADD", "lobby:user:poisoned:games", "g1"]);
+    let id = publish(&url, "poisoned", &["--trace-id", "trace-dead"]);
+    let output = worker(
+        &url,
+        &[
+            "--log-format",
+            "json",
+            "run",
+            "--drain",
+            "--dead-letter-after",
+            "2",
+            "--retry-initial",
+            "10ms",
+            "--metrics-addr",
+            "off",
+        ],
+    );
+    assert_success(&output);
+    let log = stderr(&output);
+    for message in [
+        "handler failed; holding the offset and retrying",
+        "entry dead-lettered after repeated handler failures; moving past it",
+    ] {
+        let line: Value = log
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find(|line| line["message"] == message && line["stream_entry_id"] == id)
+            .unwrap_or_else(|| panic!("no {message:?} line about {id} in:\n{log}"));
+        assert_eq!(line["span"]["trace_id"], "trace-dead", "{line}");
+    }
+}
