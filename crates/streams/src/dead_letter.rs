@@ -53,6 +53,19 @@ pub const MAX_ERROR_BYTES: usize = 4096;
 /// the `dead_letter_*` fields.
 pub const MAX_COPIED_FIELDS: usize = 3800;
 
+/// The copy's field holding the original entry's id (`<ms>-<seq>`).
+pub const ENTRY_ID_FIELD: &str = "dead_letter_entry_id";
+/// The copy's field holding the name of the stream the entry came from.
+pub const STREAM_FIELD: &str = "dead_letter_stream";
+/// The copy's field holding why the entry failed (at most
+/// [`MAX_ERROR_BYTES`]).
+pub const ERROR_FIELD: &str = "dead_letter_error";
+/// The copy's field holding after how many failed attempts it was copied.
+pub const ATTEMPTS_FIELD: &str = "dead_letter_attempts";
+/// The copy's field, present only when the entry had more than
+/// [`MAX_COPIED_FIELDS`] fields, holding how many were left out.
+pub const FIELDS_OMITTED_FIELD: &str = "dead_letter_fields_omitted";
+
 /// `KEYS[1]`: the dead-letter stream; `KEYS[2]`: its marker hash.
 /// `ARGV[1]`: the marker field; `ARGV[2..]`: the copy's field/value pairs.
 /// Returns `{1, id}` when it appended the copy at `id`, `{0, id}` when the
@@ -129,18 +142,16 @@ pub async fn append_once(
         invocation.arg(*name).arg(*value);
     }
     invocation
-        .arg("dead_letter_entry_id")
+        .arg(ENTRY_ID_FIELD)
         .arg(entry_id.to_string())
-        .arg("dead_letter_stream")
+        .arg(STREAM_FIELD)
         .arg(stream)
-        .arg("dead_letter_error")
+        .arg(ERROR_FIELD)
         .arg(capped_error(error).as_ref())
-        .arg("dead_letter_attempts")
+        .arg(ATTEMPTS_FIELD)
         .arg(attempts);
     if !omitted.is_empty() {
-        invocation
-            .arg("dead_letter_fields_omitted")
-            .arg(omitted.len());
+        invocation.arg(FIELDS_OMITTED_FIELD).arg(omitted.len());
     }
     let reply: Value = invocation.invoke_async(conn).await?;
     parse_reply(&reply)
@@ -218,8 +229,8 @@ fn crc16(bytes: &[u8]) -> u16 {
 }
 
 /// `error`, cut to at most [`MAX_ERROR_BYTES`] on a character boundary, with
-/// a note of its full length when cut.
-fn capped_error(error: &str) -> Cow<'_, str> {
+/// a note of its full length when cut: what a copy stores as its error.
+pub fn capped_error(error: &str) -> Cow<'_, str> {
     if error.len() <= MAX_ERROR_BYTES {
         return Cow::Borrowed(error);
     }

@@ -60,9 +60,15 @@ pub enum Command {
     Tail(TailArgs),
     /// Inspect or change a stored offset.
     Offsets(OffsetsArgs),
+    /// What the lobby knows of one user: the cascade applied, the games
+    /// still indexed, the dead letters naming the user, an event waiting.
+    User(UserArgs),
     /// Where the worker stands: the stream, the saved offset, the lag, the
     /// dead letters.
     Status(StatusArgs),
+    /// The dead letters `run --dead-letter-after` wrote: list, show, send
+    /// back through the cascade (redrive) or purge them.
+    DeadLetters(DeadLettersArgs),
     /// A self-contained tour: a private Redis, a seeded lobby, a mix of
     /// events, the worker catching up, the lobby before and after.
     Demo(DemoArgs),
@@ -360,6 +366,31 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// `user`'s settings.
+#[derive(Debug, Args)]
+pub struct UserArgs {
+    /// Redis connection and keys.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// The user id, as in the events' `user_id` (trimmed, as the worker
+    /// reads it).
+    #[arg(value_parser = non_blank)]
+    pub user_id: String,
+
+    /// The consumer label whose offset to use.
+    #[arg(long, env = "LOBBY_LABEL", default_value = DEFAULT_LABEL, value_parser = non_blank)]
+    pub label: String,
+
+    /// The dead-letter stream (default: `<stream>:dead`).
+    #[arg(long, env = "LOBBY_DEAD_LETTER_STREAM", value_parser = non_blank)]
+    pub dead_letter_stream: Option<String>,
+
+    /// One JSON object instead of `key: value` lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `publish`'s fields.
 #[derive(Debug, Args)]
 pub struct PublishArgs {
@@ -465,6 +496,124 @@ pub enum OffsetsAction {
     },
     /// Delete it: the next `run` starts per --start-from.
     Reset,
+}
+
+/// `dead-letters`' settings.
+#[derive(Debug, Args)]
+pub struct DeadLettersArgs {
+    /// Redis connection and keys.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// The dead-letter stream (default: `<stream>:dead`).
+    #[arg(long, global = true, env = "LOBBY_DEAD_LETTER_STREAM", value_parser = non_blank)]
+    pub dead_letter_stream: Option<String>,
+
+    /// What to do with them.
+    #[command(subcommand)]
+    pub action: DeadLettersAction,
+}
+
+/// What `dead-letters` does.
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersAction {
+    /// One line per dead letter: its id, the original entry, the user, the
+    /// event type, the attempts, when and the error.
+    List {
+        /// One JSON object per line and dead letter.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        /// Start at this dead letter id (inclusive); default: the first.
+        #[arg(long, value_parser = parse_entry_id)]
+        from: Option<EntryId>,
+    },
+    /// One dead letter whole: every field, in order.
+    Show {
+        /// The dead letter's id (as `list` prints it).
+        #[arg(value_parser = parse_entry_id)]
+        id: EntryId,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters back through the cascade, oldest original entry
+    /// first; each that applies (or was superseded) is removed, each that
+    /// fails stays with its attempts counted and its error updated.
+    Redrive {
+        /// Which ones.
+        #[command(flatten)]
+        which: DeadLetterChoice,
+        /// Say what would be done, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// One JSON object per line and dead letter.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove dead letters for good (with --yes when more than one).
+    Purge {
+        /// Which ones.
+        #[command(flatten)]
+        which: PurgeChoice,
+        /// Confirms removing more than one.
+        #[arg(long)]
+        yes: bool,
+        /// One JSON object instead of a line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The dead letters `redrive` takes: one, or all.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct DeadLetterChoice {
+    /// The dead letter with this id.
+    #[arg(long, value_parser = parse_entry_id)]
+    pub id: Option<EntryId>,
+    /// Every dead letter of --stream.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// The dead letters `purge` removes: one, all, or the old ones.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct PurgeChoice {
+    /// The dead letter with this id.
+    #[arg(long, value_parser = parse_entry_id)]
+    pub id: Option<EntryId>,
+    /// Every dead letter.
+    #[arg(long)]
+    pub all: bool,
+    /// Those written (or last failed a redrive) longer ago than this, such
+    /// as 7d, 12h, 30m or 1d12h.
+    #[arg(long, value_parser = parse_age)]
+    pub older_than: Option<Duration>,
+}
+
+/// Parses an age: what [`parse_duration`] takes, optionally after a number of
+/// days (`7d`, `1d12h`).
+pub fn parse_age(text: &str) -> Result<Duration, String> {
+    let invalid =
+        || format!("{text:?} is not an age: use a number with a unit, like 7d, 12h, 30m or 1d12h");
+    let trimmed = text.trim();
+    let Some((days, rest)) = trimmed.split_once('d') else {
+        return parse_duration(trimmed).map_err(|_| invalid());
+    };
+    if days.is_empty() || !days.bytes().all(|byte| byte.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    let days: u64 = days.parse().map_err(|_| invalid())?;
+    let rest = if rest.is_empty() {
+        Duration::ZERO
+    } else {
+        parse_duration(rest).map_err(|_| invalid())?
+    };
+    Ok(Duration::from_secs(days.saturating_mul(86_400)).saturating_add(rest))
 }
 
 /// A name that is not empty or blank (a stream, a key prefix, a label).
@@ -682,6 +831,19 @@ mod tests {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         for bad in ["", "5", "s", "1.5s", "-1s", "2 s", "1d", "ms5"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ages_parse_with_days_too() {
+        assert_eq!(parse_age("7d").unwrap(), Duration::from_secs(7 * 86_400));
+        assert_eq!(parse_age("1d12h").unwrap(), Duration::from_secs(36 * 3600));
+        assert_eq!(parse_age("12h").unwrap(), Duration::from_secs(12 * 3600));
+        assert_eq!(parse_age("30m").unwrap(), Duration::from_secs(1800));
+        for bad in [
+            "", "d", "7", "-1d", "1.5d", "7dd", "1d2", "d7", "7 d", "1h1d",
+        ] {
+            assert!(parse_age(bad).is_err(), "{bad:?}");
         }
     }
 

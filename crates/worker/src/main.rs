@@ -70,6 +70,8 @@ fn main() -> ExitCode {
                 Command::Tail(args) => commands::tail::run(args).await,
                 Command::Offsets(args) => commands::offsets::run(args).await,
                 Command::Status(args) => commands::status::run(args).await,
+                Command::User(args) => commands::user::run(args).await,
+                Command::DeadLetters(args) => commands::dead_letters::run(args).await,
                 Command::Demo(args) => commands::demo::run(args).await,
                 Command::Bench(args) => commands::bench::run(args).await,
                 Command::Completions(args) => commands::completions(args.shell),

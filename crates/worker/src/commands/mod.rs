@@ -1,12 +1,14 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod dead_letters;
 pub mod demo;
 pub mod offsets;
 pub mod publish;
 pub mod run;
 pub mod status;
 pub mod tail;
+pub mod user;
 
 use clap::CommandFactory;
 
