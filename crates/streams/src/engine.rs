@@ -144,7 +144,7 @@ impl<D: EntryDecoder> StreamConsumer<D> {
             let unsaved = driver.shut_down(shutdown).await;
             let reason = outcome?;
             info!(
-                offset = driver.stored().map(|id| id.to_string()).unwrap_or_default(),
+                offset = driver.stored().map(tracing::field::display),
                 reason = reason.as_str(),
                 "consumer stopped"
             );
@@ -733,7 +733,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             batch_size = config.batch_size,
             concurrency = config.concurrency,
             max_held_bytes = config.max_held_bytes,
-            drain_until = drain_target.map(|id| id.to_string()).unwrap_or_default(),
+            drain_until = drain_target.map(tracing::field::display),
             "consumer started"
         );
         let cancel = self.ctx.cancel;
@@ -924,8 +924,8 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                     .unwrap_or_else(|| machine.finished());
                 error!(
                     offset = %offset,
-                    expected = machine.saved_offset().map(|id| id.to_string()).unwrap_or_default(),
-                    stored = stored.map(|id| id.to_string()).unwrap_or_default(),
+                    expected = machine.saved_offset().map(tracing::field::display),
+                    stored = stored.map(tracing::field::display),
                     replay_after = %to,
                     "the stored offset is behind what this worker saved: Redis lost acknowledged writes (a restart without appendfsync always, a failover) or an operator rewound it; handling again every entry after it"
                 );
@@ -1237,7 +1237,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                     machine.save_failed();
                     error!(
                         offset = %offset,
-                        stored = stored.map(|id| id.to_string()).unwrap_or_default(),
+                        stored = stored.map(tracing::field::display),
                         "the stored offset is behind what this worker saved (Redis lost writes, or an operator rewound it); left as it is: the next start handles every entry after it again"
                     );
                     return false;
@@ -1267,7 +1267,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
         if unsaved {
             warn!(
                 offset = %machine.finished(),
-                stored = machine.saved_offset().map(|id| id.to_string()).unwrap_or_default(),
+                stored = machine.saved_offset().map(tracing::field::display),
                 "could not save the offset before the shutdown deadline; entries after the stored offset will be handled again"
             );
         }
@@ -1287,7 +1287,7 @@ fn report_finding(stats: &ConsumerStats, finding: Finding) {
             error!(
                 read_from = %read_from,
                 removed_entry_id = %evidence,
-                removed_entries = count.map(|count| count.to_string()).unwrap_or_default(),
+                removed_entries = count,
                 "entries after our position were trimmed or deleted before they were handled; they are lost to this worker"
             );
         }

@@ -230,8 +230,15 @@ fn run_logs_a_summary_at_the_interval() {
 /// Runs `command` under a pseudo-terminal (util-linux `script`), returning
 /// what the terminal showed.
 fn on_a_terminal(url: &str, command: &str) -> String {
+    on_a_terminal_with(url, command, &[])
+}
+
+/// [`on_a_terminal`] with extra environment.
+fn on_a_terminal_with(url: &str, command: &str, env: &[(&str, &str)]) -> String {
     let output = Command::new("script")
         .args(["--quiet", "--return", "--command", command, "/dev/null"])
+        .env_remove("NO_COLOR")
+        .envs(env.iter().copied())
         .env("REDIS_URL", url)
         .env("LOBBY_LOG_LEVEL", "info")
         .env_remove("LOBBY_METRICS_ADDR")
@@ -365,4 +372,26 @@ fn exit_statuses_are_documented_and_input_mistakes_exit_two() {
     server.cli(&["SET", STREAM, "not a stream"]);
     let output = worker(&url, &["status"]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+}
+
+#[test]
+fn logs_are_coloured_only_on_a_terminal_and_never_with_no_color() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let command = format!("{BIN} run --drain --metrics-addr off");
+    // The reset that ends every coloured span (the progress bar's own
+    // cursor movements are not colours).
+    let escape = "\u{1b}[0m";
+    assert!(
+        on_a_terminal(&url, &command).contains(escape),
+        "no colour on a terminal"
+    );
+    let shown = on_a_terminal_with(&url, &command, &[("NO_COLOR", "1")]);
+    assert!(shown.contains("drained"), "{shown}");
+    assert!(
+        !shown.contains(escape),
+        "colour despite NO_COLOR: {shown:?}"
+    );
+    let output = worker(&url, &["run", "--drain", "--metrics-addr", "off"]);
+    assert!(!stderr(&output).contains(escape), "colour into a pipe");
 }
