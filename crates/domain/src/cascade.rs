@@ -213,9 +213,11 @@ pub enum CascadeOutcome {
 
 /// Where the lobby's rosters live.
 pub trait LobbyStore: Send + Sync {
-    /// Applies one user's cascade atomically and idempotently: no reader sees
-    /// half of it, and a cascade whose entry is not newer than the recorded
-    /// one changes nothing.
+    /// Applies one user's cascade idempotently, each game atomically: no
+    /// reader sees half of one game's change (a store may apply the games in
+    /// several steps, and a failure midway leaves the games done so far,
+    /// which a retry completes), and a cascade whose entry is not newer than
+    /// the recorded one changes nothing.
     fn apply_cascade<'a>(
         &'a self,
         cascade: &'a UserCascade,

@@ -1,21 +1,26 @@
-//! The lobby store on Redis, and the cascade as one server-side script.
+//! The lobby store on Redis, and the cascade as bounded server-side steps.
 //!
 //! Keys (prefix `lobby` by default): `<p>:game:<id>` (hash: `owner_id`,
 //! `status`, ...), `<p>:game:<id>:{members,applicants,invitees,dropped}`
 //! (sets), `<p>:user:<id>:games` (set: the index the cascade walks) and
 //! `<p>:user:<id>:cascade` (hash: the record of the cascade applied).
 //!
-//! One user's cascade is one `EVALSHA`: Redis runs a script alone, so no
-//! reader sees half of it. When it meets a key of the wrong type it undoes
-//! its own writes before failing, so such a key fails the whole cascade
-//! without changing anything (Redis does not roll back a script that fails
-//! midway). It does not hold the rules: the domain's rule table
-//! ([`lifecycle_domain::game_action`]) is passed in as an argument, so the
-//! rules live, and are tested, in one place. Game keys are derived inside
-//! the script from the index, which a single-node Redis allows (a cluster
-//! would need the index read first).
+//! Redis runs a script alone, so a script that walked all of a user's games
+//! would stop every other client for as long as the user has games (1.15 s
+//! for a user in 100,000). A cascade is therefore applied in steps of at
+//! most a page of games ([`DEFAULT_PAGE_GAMES`]) each: a user with no more
+//! games than that (the common case) costs one script call, which does
+//! everything; a larger index is walked with `SSCAN`, a page of games per
+//! script call, and the cascade ends with the same single call once the
+//! handled games are out of the index. No reader sees half of one game's
+//! change, nor a record before every game is done. When a script meets a
+//! key of the wrong type it undoes its own writes before failing (Redis
+//! does not roll back a script that fails midway). The scripts do not hold
+//! the rules: the domain's rule table ([`lifecycle_domain::game_action`]) is
+//! passed in as an argument, so the rules live, and are tested, in one
+//! place.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use lifecycle_domain::{
@@ -29,46 +34,46 @@ use tracing::{debug, warn};
 use crate::connect::lazy_manager;
 use crate::store_error;
 
-/// The cascade executor. ARGV: prefix, user id, event type, entry id,
-/// occurred_at_ms, then the rule table as one string of ten two-character
-/// codes, for the statuses `open`, `running`, `finished`, `cancelled` and any
-/// other, each for a user who does not own the game and one who does (a code
-/// is the members change, `K` keep, `R` remove, `D` move to dropped, and the
-/// cancel flag, `0`/`1`), then the event's trace id (empty: none) and the
-/// time of application, `applied_at_ms`. Returns
-/// `{1, games, unknown-status game ids...}` when applied, `{0, recorded entry
-/// id}` when the record already holds this entry or a later one.
+/// Games one script call handles at most, unless
+/// [`RedisLobbyStore::with_page_size`] says otherwise. A game costs Redis 10
+/// to 15 µs (a few `SREM`s, a `HMGET`, an `EXISTS`), so a page keeps each
+/// call under a millisecond or so, with room for a busy machine below the
+/// few milliseconds allowed; and a user with this many games or fewer (the
+/// common case is a handful) is handled in one call.
+pub const DEFAULT_PAGE_GAMES: usize = 50;
+
+/// Handled games removed from a user's index per `SREM` once a walk is
+/// done: a plain command, cheap per member, bounded like the pages.
+const REMOVE_BATCH: usize = 1_000;
+
+/// The part both cascade scripts share. ARGV 1 to 5: prefix, user id, event
+/// type, entry id, then the rule table as one string of ten two-character
+/// codes, for the statuses `open`, `running`, `finished`, `cancelled` and
+/// any other, each for a user who does not own the game and one who does (a
+/// code is the members change, `K` keep, `R` remove, `D` move to dropped,
+/// and the cancel flag, `0`/`1`).
 ///
-/// The record (see [`CascadeRecord`]) describes the newest cascade by entry
-/// id, rewritten whole when one applies: its `trace_id` is removed when the
-/// newer event has none, so it never names an older event's trace.
-/// `applied_at_ms` is the worker's clock as it sends the script, not Redis's
-/// `TIME`: Redis checks a script's commands against the caller's ACL, `TIME`
-/// is in no category the documented grant has (`+@read +@write +@scripting
-/// +@connection`, only `@fast`), and a grant that worked before this field
-/// existed must not start failing every cascade. (Workers on skewed clocks
-/// write skewed times; the entry id, not this time, orders the cascades.) A
-/// replay or an older entry returns before any write, so it does not move
-/// `applied_at_ms` either: the record stays byte for byte as it was, and
-/// says when its entry was first applied. `applied_at_ms` is the one field
-/// in which two orders of the same cascades may differ.
+/// First the guard: when the record holds this entry or a later one, the
+/// script returns `{0, recorded entry id}` before any write. Then
+/// `apply_game(id)`, which applies the rules to one game and counts it in
+/// `touched` (and in `unknown` when its status is not one the rules name);
+/// a game id without a hash is skipped.
 ///
-/// All or nothing: Redis does not roll back a script that fails midway, so
-/// the script keeps an undo log of each write that changed something and,
-/// when a key turns out to hold the wrong type, replays it backwards before
-/// failing. Keys are read only where the rules need their contents (the
-/// record, the index, the game hash); set writes go straight to `SREM`/`SADD`,
-/// whose replies tell both the type and whether anything changed. Most of a
-/// script's cost is per Redis call, so this halves the calls of a
-/// check-then-write script. Keys the rules leave alone (the members of a
-/// finished game) are not touched. The undo restores contents, not expiry
-/// times (lobby keys carry none), and needs `HDEL` besides the commands of
-/// the cascade itself (see the README's ACL note).
-const APPLY_CASCADE: &str = concat!(
-    lua_id_less!(),
-    r"
-local prefix, user, event_type, entry_id, occurred, rules, trace_id, applied_at =
-  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+/// All or nothing per call: Redis does not roll back a script that fails
+/// midway, so each call keeps an undo log of each write that changed
+/// something and, when a key turns out to hold the wrong type, replays it
+/// backwards before failing. Keys are read only where the rules need their
+/// contents (the record, the index, the game hash); set writes go straight
+/// to `SREM`/`SADD`, whose replies tell both the type and whether anything
+/// changed. Most of a script's cost is per Redis call, so this halves the
+/// calls of a check-then-write script. Keys the rules leave alone (the
+/// members of a finished game) are not touched. The undo restores contents,
+/// not expiry times (lobby keys carry none), and needs `HDEL` besides the
+/// commands of the cascade itself (see the README's ACL note).
+macro_rules! lua_cascade_prelude {
+    () => {
+        r"
+local prefix, user, event_type, entry_id, rules = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 
 -- The undo log, flat to spare a table per write: four slots per entry, the
 -- undoing command and key, then for a game hash its earlier status and
@@ -118,68 +123,132 @@ local recorded = checked(record_key, redis.pcall('HGET', record_key, 'entry_id')
 if recorded and not id_less(recorded, entry_id) then
   return { 0, recorded }
 end
-local index_key = prefix .. ':user:' .. user .. ':games'
-local game_ids = checked(index_key, redis.pcall('SMEMBERS', index_key))
 
 local touched = 0
 local unknown
-for _, game_id in ipairs(game_ids) do
+local function apply_game(game_id)
   local game_key = prefix .. ':game:' .. game_id
   local fields = checked(game_key, redis.pcall('HMGET', game_key, 'status', 'owner_id', 'cancel_reason'))
   local status, owner = fields[1], fields[2]
-  if status or owner or redis.call('EXISTS', game_key) == 1 then
-    touched = touched + 1
-    local index
-    if status == 'open' then index = 0
-    elseif status == 'running' then index = 1
-    elseif status == 'finished' then index = 2
-    elseif status == 'cancelled' then index = 3
-    else
-      index = 4
-      unknown = unknown or {}
-      unknown[#unknown + 1] = game_id
-    end
-    local at = index * 4 + ((owner == user) and 3 or 1)
-    local op = string.sub(rules, at, at)
-    -- Applicant and invitee sets are usually absent: one EXISTS spares
-    -- a write to each.
-    local applicants, invitees = game_key .. ':applicants', game_key .. ':invitees'
-    if redis.call('EXISTS', applicants, invitees) > 0 then
-      changed(applicants, redis.pcall('SREM', applicants, user), 'SADD')
-      changed(invitees, redis.pcall('SREM', invitees, user), 'SADD')
-    end
-    if op ~= 'K' then
-      local members = game_key .. ':members'
-      if changed(members, redis.pcall('SREM', members, user), 'SADD') and op == 'D' then
-        local dropped = game_key .. ':dropped'
-        changed(dropped, redis.pcall('SADD', dropped, user), 'SREM')
-      end
-    end
-    if string.sub(rules, at + 1, at + 1) == '1' then
-      -- The hash was read above, so this write cannot fail.
-      redis.call('HSET', game_key, 'status', 'cancelled', 'cancel_reason', event_type)
-      log('HRESTORE', game_key, status or false, fields[3] or false)
+  if not (status or owner or redis.call('EXISTS', game_key) == 1) then return end
+  touched = touched + 1
+  local index
+  if status == 'open' then index = 0
+  elseif status == 'running' then index = 1
+  elseif status == 'finished' then index = 2
+  elseif status == 'cancelled' then index = 3
+  else
+    index = 4
+    unknown = unknown or {}
+    unknown[#unknown + 1] = game_id
+  end
+  local at = index * 4 + ((owner == user) and 3 or 1)
+  local op = string.sub(rules, at, at)
+  -- Applicant and invitee sets are usually absent: one EXISTS spares
+  -- a write to each.
+  local applicants, invitees = game_key .. ':applicants', game_key .. ':invitees'
+  if redis.call('EXISTS', applicants, invitees) > 0 then
+    changed(applicants, redis.pcall('SREM', applicants, user), 'SADD')
+    changed(invitees, redis.pcall('SREM', invitees, user), 'SADD')
+  end
+  if op ~= 'K' then
+    local members = game_key .. ':members'
+    if changed(members, redis.pcall('SREM', members, user), 'SADD') and op == 'D' then
+      local dropped = game_key .. ':dropped'
+      changed(dropped, redis.pcall('SADD', dropped, user), 'SREM')
     end
   end
+  if string.sub(rules, at + 1, at + 1) == '1' then
+    -- The hash was read above, so this write cannot fail.
+    redis.call('HSET', game_key, 'status', 'cancelled', 'cancel_reason', event_type)
+    log('HRESTORE', game_key, status or false, fields[3] or false)
+  end
 end
+-- The reply of a call that applied: its count, then its games of unknown
+-- status.
+local function applied(count)
+  local reply = { 1, count }
+  if unknown then
+    for _, game_id in ipairs(unknown) do reply[#reply + 1] = game_id end
+  end
+  return reply
+end
+"
+    };
+}
+
+/// The whole cascade when the index is small, and its last step when it is
+/// not. ARGV 1 to 5 as in [`lua_cascade_prelude`], then occurred_at_ms, the
+/// event's trace id (empty: none), the time of application
+/// (`applied_at_ms`), the page size, and the games counted by the steps
+/// before (0 when there were none). Returns `{2, games in the index}`,
+/// having written nothing, when the index holds more than a page;
+/// otherwise applies the rules to every indexed game, deletes the index,
+/// writes the record and returns `{1, games counted in all, unknown-status
+/// game ids of this call...}`; `{0, recorded entry id}` when the record
+/// already holds this entry or a later one.
+///
+/// The record (see [`CascadeRecord`]) describes the newest cascade by entry
+/// id, rewritten whole when one applies: its `trace_id` is removed when the
+/// newer event has none, so it never names an older event's trace.
+/// `applied_at_ms` is the worker's clock as it sends the script, not Redis's
+/// `TIME`: Redis checks a script's commands against the caller's ACL, `TIME`
+/// is in no category the documented grant has (`+@read +@write +@scripting
+/// +@connection`, only `@fast`), and a grant that worked before this field
+/// existed must not start failing every cascade. (Workers on skewed clocks
+/// write skewed times; the entry id, not this time, orders the cascades.) A
+/// replay or an older entry returns before any write, so it does not move
+/// `applied_at_ms` either: the record stays byte for byte as it was, and
+/// says when its entry was first applied. `applied_at_ms` is the one field
+/// in which two orders of the same cascades may differ.
+const FINISH_CASCADE: &str = concat!(
+    lua_id_less!(),
+    lua_cascade_prelude!(),
+    r"
+local occurred, trace_id, applied_at = ARGV[6], ARGV[7], ARGV[8]
+local page, carried = tonumber(ARGV[9]), tonumber(ARGV[10])
+local index_key = prefix .. ':user:' .. user .. ':games'
+local count = checked(index_key, redis.pcall('SCARD', index_key))
+-- More than a page: the caller walks the index a page per call, and this
+-- call writes nothing.
+if count > page then
+  return { 2, count }
+end
+local game_ids = checked(index_key, redis.pcall('SMEMBERS', index_key))
+for _, game_id in ipairs(game_ids) do apply_game(game_id) end
+-- At most a page of members: deleting them is as cheap as the page.
 if #game_ids > 0 then redis.call('DEL', index_key) end
+local games = carried + touched
 -- The record's key was read above, and this is either the script's first
 -- write (refused cleanly, nothing to undo) or comes after one (Redis no
 -- longer refuses it), so neither write can fail halfway. HSET goes first:
 -- an HDEL first would let the HSET through past maxmemory.
 if trace_id ~= '' then
   redis.call('HSET', record_key, 'event_type', event_type, 'entry_id', entry_id,
-    'occurred_at_ms', occurred, 'games', touched, 'trace_id', trace_id, 'applied_at_ms', applied_at)
+    'occurred_at_ms', occurred, 'games', games, 'trace_id', trace_id, 'applied_at_ms', applied_at)
 else
   redis.call('HSET', record_key, 'event_type', event_type, 'entry_id', entry_id,
-    'occurred_at_ms', occurred, 'games', touched, 'applied_at_ms', applied_at)
+    'occurred_at_ms', occurred, 'games', games, 'applied_at_ms', applied_at)
   if recorded then redis.call('HDEL', record_key, 'trace_id') end
 end
-local reply = { 1, touched }
-if unknown then
-  for _, game_id in ipairs(unknown) do reply[#reply + 1] = game_id end
-end
-return reply
+return applied(games)
+"
+);
+
+/// One page of a large cascade. ARGV 1 to 5 as in [`lua_cascade_prelude`],
+/// then the ids of the games to handle (at most a page, found by the caller
+/// with `SSCAN`). Applies the rules to each and returns `{1, games counted,
+/// unknown-status game ids...}`, or `{0, recorded entry id}` when the record
+/// already holds this entry or a later one (another run finished it). It
+/// neither writes the record nor touches the index: a crash after it leaves
+/// the index whole, and the replay walks it again, the games already done
+/// changing nothing.
+const CASCADE_PAGE: &str = concat!(
+    lua_id_less!(),
+    lua_cascade_prelude!(),
+    r"
+for i = 6, #ARGV do apply_game(ARGV[i]) end
+return applied(touched)
 "
 );
 
@@ -209,8 +278,14 @@ pub struct CascadeRecord {
 pub struct RedisLobbyStore {
     conn: ConnectionManager,
     prefix: String,
-    script: Script,
-    /// The domain's rule table, encoded once as the script's argument.
+    /// [`FINISH_CASCADE`]: the whole cascade of a small index, the last
+    /// step of a large one.
+    finish: Script,
+    /// [`CASCADE_PAGE`]: one page of a large index.
+    page: Script,
+    /// Games one script call handles at most.
+    page_games: usize,
+    /// The domain's rule table, encoded once as the scripts' argument.
     rules: String,
 }
 
@@ -218,6 +293,7 @@ impl std::fmt::Debug for RedisLobbyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisLobbyStore")
             .field("prefix", &self.prefix)
+            .field("page_games", &self.page_games)
             .finish_non_exhaustive()
     }
 }
@@ -257,6 +333,75 @@ fn unexpected(action: String, reply: &Value) -> StoreError {
     }
 }
 
+/// What one cascade script call answered.
+enum Step {
+    /// Applied: the games counted (by the finishing call: in all), and those
+    /// of unknown status.
+    Applied {
+        games: u64,
+        unknown_status: Vec<String>,
+    },
+    /// The record already holds this entry or a later one.
+    Recorded(EntryId),
+    /// The index holds this many games, more than a page (the finishing
+    /// call only; it wrote nothing).
+    TooMany(u64),
+}
+
+impl Step {
+    /// Reads a script's reply (`finishing`: of [`FINISH_CASCADE`], the one
+    /// that may decline); `None` when it is not one that script gives.
+    fn read(reply: &Value, finishing: bool) -> Option<Self> {
+        let Value::Array(items) = reply else {
+            return None;
+        };
+        match items.as_slice() {
+            [Value::Int(1), Value::Int(games), unknown @ ..] => Some(Self::Applied {
+                games: u64::try_from(*games).unwrap_or_default(),
+                unknown_status: unknown.iter().filter_map(text).collect(),
+            }),
+            [Value::Int(0), recorded] => text(recorded)
+                .and_then(|id| id.parse::<EntryId>().ok())
+                .map(Self::Recorded),
+            [Value::Int(2), Value::Int(indexed)] if finishing => {
+                Some(Self::TooMany(u64::try_from(*indexed).unwrap_or_default()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The outcome of a cascade whose entry the record already holds (or a
+/// later one), logged.
+fn already(cascade: &UserCascade, recorded: EntryId) -> CascadeOutcome {
+    debug!(
+        stream_entry_id = %cascade.entry_id,
+        user_id = ?for_log(&cascade.user_id),
+        recorded = %recorded,
+        "cascade already applied; nothing changed"
+    );
+    CascadeOutcome::AlreadyApplied { recorded }
+}
+
+/// The next cursor and the members of an `SSCAN` reply, as bytes (ids are
+/// passed back to Redis exactly as stored).
+fn scan_reply(reply: &Value) -> Option<(&[u8], Vec<&[u8]>)> {
+    let Value::Array(parts) = reply else {
+        return None;
+    };
+    let [Value::BulkString(cursor), Value::Array(members)] = parts.as_slice() else {
+        return None;
+    };
+    let ids = members
+        .iter()
+        .map(|member| match member {
+            Value::BulkString(id) => Some(id.as_slice()),
+            _ => None,
+        })
+        .collect::<Option<Vec<&[u8]>>>()?;
+    Some((cursor.as_slice(), ids))
+}
+
 impl RedisLobbyStore {
     /// A store under `prefix`; it connects on first use and reconnects after
     /// faults.
@@ -268,9 +413,20 @@ impl RedisLobbyStore {
         Ok(Self {
             conn: lazy_manager(client, Duration::from_secs(5))?,
             prefix: prefix.to_owned(),
-            script: Script::new(APPLY_CASCADE),
+            finish: Script::new(FINISH_CASCADE),
+            page: Script::new(CASCADE_PAGE),
+            page_games: DEFAULT_PAGE_GAMES,
             rules: rule_codes(),
         })
+    }
+
+    /// The same store, handling at most `games` games per script call (at
+    /// least one): a smaller page blocks Redis for less time per call and
+    /// costs more calls. [`DEFAULT_PAGE_GAMES`] unless set.
+    #[must_use]
+    pub fn with_page_size(mut self, games: usize) -> Self {
+        self.page_games = games.max(1);
+        self
     }
 
     fn game_key(&self, game_id: &str) -> String {
@@ -281,75 +437,211 @@ impl RedisLobbyStore {
         format!("{}:user:{user_id}:{what}", self.prefix)
     }
 
-    /// Applies one cascade; see [`LobbyStore::apply_cascade`].
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError`] when Redis fails or a lobby key has the wrong type
-    /// (then nothing was changed).
-    pub async fn apply(&self, cascade: &UserCascade) -> Result<CascadeOutcome, StoreError> {
-        let action = || format!("apply the cascade of entry {}", cascade.entry_id);
-        let mut invocation = self.script.prepare_invoke();
+    /// An invocation of `script` with the arguments both cascade scripts
+    /// start with.
+    fn invocation<'a>(
+        &self,
+        script: &'a Script,
+        cascade: &UserCascade,
+    ) -> redis::ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
         invocation
             .arg(&self.prefix)
             .arg(&cascade.user_id)
             .arg(&cascade.event_type)
             .arg(cascade.entry_id.to_string())
-            .arg(cascade.occurred_at_ms)
-            .arg(&self.rules)
-            .arg(&cascade.trace_id)
-            .arg(lifecycle_streams::now_ms());
-        // Sent once, not again at once on a dropped connection (unlike the
-        // idempotent store commands): a dropped connection may be a Redis
-        // that restarted and lost acknowledged writes, and the consumer must
-        // check that (it replays from the stored offset) before any cascade
-        // reaches the new server, or a user's later event could be applied
-        // before the replay of an earlier one. The failure is transient: the
-        // consumer checks, then retries.
+            .arg(&self.rules);
+        invocation
+    }
+
+    /// Sends one step. Sent once, not again at once on a dropped connection
+    /// (unlike the idempotent store commands): a dropped connection may be
+    /// a Redis that restarted and lost acknowledged writes, and the
+    /// consumer must check that (it replays from the stored offset) before
+    /// any cascade reaches the new server, or a user's later event could be
+    /// applied before the replay of an earlier one. The failure is
+    /// transient: the consumer checks, then retries the event, which redoes
+    /// only what is not yet done.
+    async fn step(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+        finishing: bool,
+        action: impl Fn() -> String,
+    ) -> Result<Step, StoreError> {
         let reply: Value = invocation
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|err| store_error(action(), err))?;
-        let Value::Array(items) = &reply else {
-            return Err(unexpected(action(), &reply));
-        };
-        match items.as_slice() {
-            [Value::Int(1), Value::Int(games), unknown @ ..] => {
-                let unknown_status: Vec<String> = unknown.iter().filter_map(text).collect();
-                for game_id in &unknown_status {
-                    warn!(
-                        game_id = ?for_log(game_id),
-                        user_id = ?for_log(&cascade.user_id),
-                        stream_entry_id = %cascade.entry_id,
-                        "game with an unknown status left like a finished one"
-                    );
+        Step::read(&reply, finishing).ok_or_else(|| unexpected(action(), &reply))
+    }
+
+    /// Applies one cascade; see [`LobbyStore::apply_cascade`].
+    ///
+    /// A user with at most a page of games is one script call. A larger
+    /// index is walked a page per call (see [`Self::walk`]); then the
+    /// finishing call handles whatever was added to the index meanwhile,
+    /// deletes it and writes the record, or, when more than a page was
+    /// added, another walk follows. A failure in the middle leaves the
+    /// games done so far changed, and the index and record as they were:
+    /// retrying the event completes it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when Redis fails or a lobby key has the wrong type
+    /// (then the call that met it changed nothing).
+    pub async fn apply(&self, cascade: &UserCascade) -> Result<CascadeOutcome, StoreError> {
+        let action = || format!("apply the cascade of entry {}", cascade.entry_id);
+        let mut counted = 0_u64;
+        let mut unknown_status = Vec::new();
+        let mut calls = 0_u64;
+        loop {
+            let mut invocation = self.invocation(&self.finish, cascade);
+            invocation
+                .arg(cascade.occurred_at_ms)
+                .arg(&cascade.trace_id)
+                .arg(lifecycle_streams::now_ms())
+                .arg(self.page_games)
+                .arg(counted);
+            calls = calls.saturating_add(1);
+            let indexed = match self.step(&invocation, true, action).await? {
+                Step::Applied {
+                    games,
+                    unknown_status: last,
+                } => {
+                    unknown_status.extend(last);
+                    return Ok(self.applied(cascade, games, unknown_status, calls));
                 }
-                let games = u64::try_from(*games).unwrap_or_default();
-                debug!(
-                    stream_entry_id = %cascade.entry_id,
-                    event_type = ?cascade.event_type,
-                    user_id = ?for_log(&cascade.user_id),
-                    games,
-                    "cascade applied"
-                );
-                Ok(CascadeOutcome::Applied {
-                    games,
-                    unknown_status,
-                })
+                Step::Recorded(recorded) => return Ok(already(cascade, recorded)),
+                Step::TooMany(indexed) => indexed,
+            };
+            debug!(
+                stream_entry_id = %cascade.entry_id,
+                user_id = ?for_log(&cascade.user_id),
+                indexed,
+                page = self.page_games,
+                "cascade of a large index: walking it a page per call"
+            );
+            if let Some(recorded) = self
+                .walk(cascade, &mut counted, &mut unknown_status, &mut calls)
+                .await?
+            {
+                return Ok(already(cascade, recorded));
             }
-            [Value::Int(0), recorded] => {
-                let recorded = text(recorded)
-                    .and_then(|id| id.parse::<EntryId>().ok())
-                    .ok_or_else(|| unexpected(action(), &reply))?;
-                debug!(
-                    stream_entry_id = %cascade.entry_id,
-                    user_id = ?for_log(&cascade.user_id),
-                    recorded = %recorded,
-                    "cascade already applied; nothing changed"
-                );
-                Ok(CascadeOutcome::AlreadyApplied { recorded })
+        }
+    }
+
+    /// One walk of a large index: `SSCAN` pages of it, and for each page a
+    /// script call applying the rules to its games (each id once, however
+    /// often the scan returns it); then, every game found being done, the
+    /// handled games removed from the index in bounded `SREM`s. A game added
+    /// meanwhile that the scan missed stays in the index for the finishing
+    /// call (or the next walk). Returns the recorded entry when a page found
+    /// the record already at this entry or a later one. The handled ids are
+    /// held here until removed (a few MiB for 100,000 games): the index
+    /// must not lose them before every game is done.
+    async fn walk(
+        &self,
+        cascade: &UserCascade,
+        counted: &mut u64,
+        unknown_status: &mut Vec<String>,
+        calls: &mut u64,
+    ) -> Result<Option<EntryId>, StoreError> {
+        let index_key = self.user_key(&cascade.user_id, "games");
+        let scan_action = || format!("scan the games of user {}", cascade.user_id);
+        let page_action = || format!("apply a page of the cascade of entry {}", cascade.entry_id);
+        let mut conn = self.conn.clone();
+        let mut handled: HashSet<Vec<u8>> = HashSet::new();
+        let mut cursor = b"0".to_vec();
+        loop {
+            let reply: Value = redis::cmd("SSCAN")
+                .arg(&index_key)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(self.page_games)
+                .query_async(&mut conn)
+                .await
+                .map_err(|err| store_error(scan_action(), err))?;
+            let (next, ids) =
+                scan_reply(&reply).ok_or_else(|| unexpected(scan_action(), &reply))?;
+            let fresh: Vec<&[u8]> = ids
+                .into_iter()
+                .filter(|id| handled.insert(id.to_vec()))
+                .collect();
+            // A scan may return more than COUNT (a small set comes whole):
+            // the pages are cut here, so that no call exceeds one.
+            for page in fresh.chunks(self.page_games) {
+                let mut invocation = self.invocation(&self.page, cascade);
+                for game_id in page {
+                    invocation.arg(*game_id);
+                }
+                *calls = calls.saturating_add(1);
+                match self.step(&invocation, false, page_action).await? {
+                    Step::Applied {
+                        games,
+                        unknown_status: unknown,
+                    } => {
+                        *counted = counted.saturating_add(games);
+                        unknown_status.extend(unknown);
+                    }
+                    Step::Recorded(recorded) => return Ok(Some(recorded)),
+                    // Not read from a page's reply.
+                    Step::TooMany(_) => {}
+                }
             }
-            _ => Err(unexpected(action(), &reply)),
+            if next == b"0" {
+                break;
+            }
+            cursor = next.to_vec();
+        }
+        let handled: Vec<Vec<u8>> = handled.into_iter().collect();
+        for batch in handled.chunks(REMOVE_BATCH) {
+            *calls = calls.saturating_add(1);
+            redis::cmd("SREM")
+                .arg(&index_key)
+                .arg(batch)
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|err| {
+                    store_error(
+                        format!(
+                            "remove handled games from the index of user {}",
+                            cascade.user_id
+                        ),
+                        err,
+                    )
+                })?;
+        }
+        Ok(None)
+    }
+
+    /// The outcome of a cascade applied, logged.
+    fn applied(
+        &self,
+        cascade: &UserCascade,
+        games: u64,
+        unknown_status: Vec<String>,
+        calls: u64,
+    ) -> CascadeOutcome {
+        for game_id in &unknown_status {
+            warn!(
+                game_id = ?for_log(game_id),
+                user_id = ?for_log(&cascade.user_id),
+                stream_entry_id = %cascade.entry_id,
+                "game with an unknown status left like a finished one"
+            );
+        }
+        debug!(
+            stream_entry_id = %cascade.entry_id,
+            event_type = ?cascade.event_type,
+            user_id = ?for_log(&cascade.user_id),
+            games,
+            calls,
+            page = self.page_games,
+            "cascade applied"
+        );
+        CascadeOutcome::Applied {
+            games,
+            unknown_status,
         }
     }
 

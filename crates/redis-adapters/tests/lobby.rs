@@ -613,6 +613,20 @@ fn random_lobby(rng: &mut StdRng) -> BTreeMap<String, Game> {
 
 #[tokio::test]
 async fn redis_agrees_with_the_domain_model_and_cascades_commute() {
+    agrees_with_the_domain_model_and_commutes(None).await;
+}
+
+/// The same with a page of one or two games: every user's cascade is
+/// walked in pages (`SSCAN`, a script call per page, the handled games
+/// removed, the finishing call), and concurrent cascades interleave game by
+/// game.
+#[tokio::test]
+async fn paged_cascades_agree_with_the_domain_model_and_commute() {
+    agrees_with_the_domain_model_and_commutes(Some(1)).await;
+    agrees_with_the_domain_model_and_commutes(Some(2)).await;
+}
+
+async fn agrees_with_the_domain_model_and_commutes(page: Option<usize>) {
     let started = Instant::now();
     let seed: u64 = std::env::var("LOBBY_TEST_SEED")
         .ok()
@@ -622,9 +636,13 @@ async fn redis_agrees_with_the_domain_model_and_cascades_commute() {
     let mut rng = StdRng::seed_from_u64(seed);
 
     let server = RedisServer::start();
-    let p1 = store(&server, "p1");
-    let p2 = store(&server, "p2");
-    let p3 = store(&server, "p3");
+    let paged = |prefix: &str| match page {
+        Some(games) => store(&server, prefix).with_page_size(games),
+        None => store(&server, prefix),
+    };
+    let p1 = paged("p1");
+    let p2 = paged("p2");
+    let p3 = paged("p3");
     let mut conn = connect(&server).await;
 
     for round in 0..30 {
@@ -642,7 +660,8 @@ async fn redis_agrees_with_the_domain_model_and_cascades_commute() {
         } else {
             (BLOCKED, DELETED)
         };
-        let context = format!("seed {seed} round {round}: {first} then {second} on {lobby:#?}");
+        let context =
+            format!("page {page:?} seed {seed} round {round}: {first} then {second} on {lobby:#?}");
         let first_cascade = cascade(first, first_event, EntryId::new(100, 0));
         let second_cascade = cascade(second, second_event, EntryId::new(200, 0));
 
@@ -710,7 +729,7 @@ async fn redis_agrees_with_the_domain_model_and_cascades_commute() {
         );
     }
     done(
-        "redis_agrees_with_the_domain_model_and_cascades_commute",
+        &format!("agrees_with_the_domain_model_and_commutes (page {page:?})"),
         started,
     );
 }
@@ -1540,5 +1559,420 @@ async fn the_documented_acl_grant_records_a_traced_cascade() {
     assert_eq!(
         record_of(&lobby, "u").await,
         Some(record(DELETED, "2-0", 0))
+    );
+}
+
+// ------------------------------------------------------ 10. bounded steps
+
+/// `count` games in each of which "u" has a part: every status and every
+/// role of the matrix in turn, other users beside.
+fn big_lobby(count: usize) -> BTreeMap<String, Game> {
+    (0..count)
+        .map(|index| {
+            let status = STATUSES[index % STATUSES.len()];
+            let role = ROLES[(index / STATUSES.len()) % ROLES.len()];
+            (format!("g{index}"), matrix_game(status, role))
+        })
+        .collect()
+}
+
+/// `put_lobby`, many games at a time.
+async fn put_many(store: &RedisLobbyStore, lobby: &BTreeMap<String, Game>) {
+    let games: Vec<(String, Game)> = lobby.clone().into_iter().collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in games.chunks(500) {
+        let store = store.clone();
+        let chunk = chunk.to_vec();
+        tasks.spawn(async move {
+            for (game_id, game) in chunk {
+                store.put_game(&game_id, &game).await.unwrap();
+            }
+        });
+    }
+    while let Some(task) = tasks.join_next().await {
+        task.unwrap();
+    }
+}
+
+/// `read_back`, many games at a time.
+async fn read_many(
+    store: &RedisLobbyStore,
+    lobby: &BTreeMap<String, Game>,
+) -> BTreeMap<String, Game> {
+    let game_ids: Vec<String> = lobby.keys().cloned().collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in game_ids.chunks(500) {
+        let store = store.clone();
+        let chunk = chunk.to_vec();
+        tasks.spawn(async move {
+            let mut out = Vec::new();
+            for game_id in chunk {
+                let game = store
+                    .get_game(&game_id)
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("game {game_id:?} vanished"));
+                out.push((game_id, game));
+            }
+            out
+        });
+    }
+    let mut out = BTreeMap::new();
+    while let Some(task) = tasks.join_next().await {
+        out.extend(task.unwrap());
+    }
+    out
+}
+
+/// How many times Redis has run `command` (`INFO commandstats`, lower
+/// case).
+async fn calls(conn: &mut MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let head = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(head.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
+/// The durations, in microseconds, of the script calls (`EVAL`, `EVALSHA`,
+/// `FCALL`) in the slow log.
+async fn script_durations(conn: &mut MultiplexedConnection) -> Vec<u64> {
+    // Redis 7 logs the commands a script runs as well: tens of thousands of
+    // entries to read.
+    conn.set_response_timeout(std::time::Duration::from_secs(60));
+    let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(-1)
+        .query_async(conn)
+        .await
+        .unwrap();
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let redis::Value::Array(fields) = entry else {
+                return None;
+            };
+            let (Some(redis::Value::Int(micros)), Some(redis::Value::Array(args))) =
+                (fields.get(2), fields.get(3))
+            else {
+                return None;
+            };
+            let Some(redis::Value::BulkString(name)) = args.first() else {
+                return None;
+            };
+            let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+            matches!(name.as_str(), "EVAL" | "EVALSHA" | "FCALL").then(|| *micros as u64)
+        })
+        .collect()
+}
+
+/// The issue's case, scaled down: one script over a user's 20,000 games
+/// holds Redis for about 200 ms; in pages, no script call comes near that,
+/// and the lobby ends as the domain model says.
+#[tokio::test]
+async fn a_user_in_20000_games_never_holds_redis_for_long() {
+    let started = Instant::now();
+    let server = RedisServer::start();
+    let lobby = store(&server, "lobby");
+    let mut conn = connect(&server).await;
+    let games = big_lobby(20_000);
+    put_many(&lobby, &games).await;
+    assert_eq!(lobby.user_games("u").await.unwrap().len(), 20_000);
+    server.cli(&["CONFIG", "SET", "slowlog-max-len", "1000000"]);
+    server.cli(&["CONFIG", "SET", "slowlog-log-slower-than", "0"]);
+    server.cli(&["SLOWLOG", "RESET"]);
+
+    let cascaded = Instant::now();
+    let outcome = lobby
+        .apply(&cascade("u", DELETED, EntryId::new(100, 0)))
+        .await
+        .unwrap();
+    let took = cascaded.elapsed();
+    let scripts = script_durations(&mut conn).await;
+    server.cli(&["CONFIG", "SET", "slowlog-log-slower-than", "10000"]);
+    let mut sorted_scripts = scripts.clone();
+    sorted_scripts.sort_unstable();
+    let at =
+        |quantile: f64| sorted_scripts[((sorted_scripts.len() - 1) as f64 * quantile) as usize];
+    let longest = sorted_scripts.last().copied().unwrap_or_default();
+    println!(
+        "{} script calls in {took:?} ({} µs in scripts): median {} µs, p99 {} µs, the longest {longest} µs",
+        scripts.len(),
+        scripts.iter().sum::<u64>(),
+        at(0.5),
+        at(0.99),
+    );
+    assert!(
+        longest < 50_000,
+        "a script call held Redis for {longest} µs"
+    );
+    assert!(
+        scripts.len() >= 20_000 / lifecycle_redis::lobby::DEFAULT_PAGE_GAMES,
+        "walked a page per call: {} calls",
+        scripts.len()
+    );
+
+    assert_eq!(sorted(outcome), expected_outcome(&games, "u"));
+    assert_eq!(read_many(&lobby, &games).await, model(&games, "u", DELETED));
+    assert!(!exists(&mut conn, "lobby:user:u:games").await);
+    assert_eq!(
+        record_of(&lobby, "u").await,
+        Some(record(DELETED, "100-0", 20_000))
+    );
+    done("a_user_in_20000_games_never_holds_redis_for_long", started);
+}
+
+/// The common case stays one call: a user with at most a page of games is
+/// handled by one script call, no scan; one more game and the index is
+/// walked.
+#[tokio::test]
+async fn a_user_with_at_most_a_page_of_games_costs_one_script_call() {
+    let server = RedisServer::start();
+    let lobby = store(&server, "lobby").with_page_size(3);
+    let mut conn = connect(&server).await;
+    let games = small_lobby();
+    put_lobby(&lobby, &games).await;
+    // Loads the script, so that the count below is the cascade's alone.
+    lobby
+        .apply(&cascade("nobody", DELETED, EntryId::new(1, 0)))
+        .await
+        .unwrap();
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    assert_eq!(
+        lobby
+            .apply(&cascade("u", DELETED, EntryId::new(100, 0)))
+            .await
+            .unwrap(),
+        applied(3, &[])
+    );
+    assert_eq!(calls(&mut conn, "evalsha").await, 1);
+    assert_eq!(calls(&mut conn, "sscan").await, 0);
+    assert_eq!(read_back(&lobby, &games).await, model(&games, "u", DELETED));
+
+    // A page and one more: the finishing call declines, the index is
+    // walked, the finishing call ends it.
+    server.cli(&["FLUSHALL"]);
+    let mut four = small_lobby();
+    four.insert("g4".to_owned(), rejoined_by("u"));
+    put_lobby(&lobby, &four).await;
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    assert_eq!(
+        lobby
+            .apply(&cascade("u", DELETED, EntryId::new(100, 0)))
+            .await
+            .unwrap(),
+        applied(4, &[])
+    );
+    assert!(calls(&mut conn, "sscan").await >= 1);
+    assert!(
+        calls(&mut conn, "evalsha").await >= 4,
+        "finish, 2 pages, finish"
+    );
+    assert_eq!(read_back(&lobby, &four).await, model(&four, "u", DELETED));
+    assert!(!exists(&mut conn, "lobby:user:u:games").await);
+    assert_eq!(
+        record_of(&lobby, "u").await,
+        Some(record(DELETED, "100-0", 4))
+    );
+}
+
+/// Adds game `ARGV[1]` (open, owned by "o", "u" a member) to the lobby and
+/// to "u"'s index in one atomic step, unless "u"'s cascade is recorded
+/// (then 0): a lobby adding games while the cascade runs, every game it
+/// adds added before the cascade ended.
+const ADD_UNLESS_RECORDED: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], 'owner_id', 'o', 'status', 'open')
+redis.call('SADD', KEYS[3], 'o', 'u')
+redis.call('SADD', KEYS[4], ARGV[1])
+return 1
+";
+
+#[tokio::test]
+async fn games_added_while_a_cascade_runs_are_handled_too() {
+    let started = Instant::now();
+    let server = RedisServer::start();
+    let lobby = store(&server, "lobby").with_page_size(25);
+    let mut conn = connect(&server).await;
+    let games = big_lobby(3_000);
+    put_many(&lobby, &games).await;
+
+    let adder = {
+        let mut conn = connect(&server).await;
+        tokio::spawn(async move {
+            let script = redis::Script::new(ADD_UNLESS_RECORDED);
+            let mut added = Vec::new();
+            // At most a game a millisecond, fewer than the cascade handles,
+            // so that it ends.
+            for index in 0..5_000 {
+                let id = format!("new{index}");
+                let done: i64 = script
+                    .key("lobby:user:u:cascade")
+                    .key(format!("lobby:game:{id}"))
+                    .key(format!("lobby:game:{id}:members"))
+                    .key("lobby:user:u:games")
+                    .arg(&id)
+                    .invoke_async(&mut conn)
+                    .await
+                    .unwrap();
+                if done == 0 {
+                    break;
+                }
+                added.push(id);
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            added
+        })
+    };
+    let outcome = lobby
+        .apply(&cascade("u", DELETED, EntryId::new(100, 0)))
+        .await
+        .unwrap();
+    let added = adder.await.unwrap();
+    println!(
+        "{} games added while the cascade ran; {} SSCANs, {} script calls",
+        added.len(),
+        calls(&mut conn, "sscan").await,
+        calls(&mut conn, "evalsha").await
+    );
+    assert!(!added.is_empty() && added.len() < 5_000);
+
+    for game_id in &added {
+        let game = lobby.get_game(game_id).await.unwrap().unwrap();
+        assert_eq!(game.members, ids(&["o"]), "{game_id} left behind");
+        assert_eq!(game.status, Some(GameStatus::Open));
+    }
+    assert_eq!(read_many(&lobby, &games).await, model(&games, "u", DELETED));
+    // Every game added went in before the record: none is left indexed.
+    assert!(!exists(&mut conn, "lobby:user:u:games").await);
+    let total = 3_000 + added.len() as u64;
+    let CascadeOutcome::Applied { games: counted, .. } = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(counted, total);
+    assert_eq!(
+        record_of(&lobby, "u").await,
+        Some(record(DELETED, "100-0", total))
+    );
+    done("games_added_while_a_cascade_runs_are_handled_too", started);
+}
+
+/// A crash in the middle of a large cascade (here: the cascade's task
+/// dropped after a few pages) leaves the games done so far done, the index
+/// whole and no record; the replay of the event completes it.
+#[tokio::test]
+async fn a_cascade_cut_off_midway_is_completed_by_its_replay() {
+    let started = Instant::now();
+    let server = RedisServer::start();
+    let lobby = store(&server, "lobby").with_page_size(10);
+    let mut conn = connect(&server).await;
+    let games = big_lobby(2_000);
+    put_many(&lobby, &games).await;
+    let expected = model(&games, "u", DELETED);
+    let entry = EntryId::new(100, 0);
+    server.cli(&["CONFIG", "RESETSTAT"]);
+
+    let task = {
+        let lobby = lobby.clone();
+        tokio::spawn(async move { lobby.apply(&cascade("u", DELETED, entry)).await })
+    };
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while calls(&mut conn, "evalsha").await < 5 {
+        assert!(Instant::now() < deadline, "no page applied");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    task.abort();
+    assert!(task.await.is_err(), "cut off before it ended");
+    // The call in flight, if any, runs to its end on Redis.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+
+    assert_eq!(record_of(&lobby, "u").await, None);
+    assert_eq!(
+        lobby.user_games("u").await.unwrap().len(),
+        2_000,
+        "the index is whole until every game is done"
+    );
+    let partial = read_many(&lobby, &games).await;
+    let changed = partial
+        .iter()
+        .filter(|(game_id, game)| **game != games[*game_id])
+        .count();
+    assert!(changed > 0, "some games were done");
+    assert_ne!(partial, expected, "not all of them");
+    for (game_id, game) in &partial {
+        assert!(
+            *game == games[game_id] || *game == expected[game_id],
+            "{game_id} is half done: {game:?}"
+        );
+    }
+
+    let outcome = lobby.apply(&cascade("u", DELETED, entry)).await.unwrap();
+    assert_eq!(sorted(outcome), expected_outcome(&games, "u"));
+    assert_eq!(read_many(&lobby, &games).await, expected);
+    assert!(!exists(&mut conn, "lobby:user:u:games").await);
+    assert_eq!(
+        record_of(&lobby, "u").await,
+        Some(record(DELETED, "100-0", 2_000))
+    );
+    assert_eq!(
+        lobby.apply(&cascade("u", DELETED, entry)).await.unwrap(),
+        CascadeOutcome::AlreadyApplied { recorded: entry }
+    );
+    done(
+        "a_cascade_cut_off_midway_is_completed_by_its_replay",
+        started,
+    );
+}
+
+/// In a walked cascade a key of the wrong type fails the page that meets
+/// it, undone; the pages before stay done, the index whole and the record
+/// unwritten, so the retry after the repair completes the cascade.
+#[tokio::test]
+async fn a_key_of_the_wrong_type_stops_a_paged_cascade_until_repaired() {
+    let server = RedisServer::start();
+    let lobby = store(&server, "lobby").with_page_size(1);
+    let mut conn = connect(&server).await;
+    let games = small_lobby();
+    put_lobby(&lobby, &games).await;
+    server.cli(&["SET", "lobby:game:g2:members", "oops"]);
+    let entry = EntryId::new(100, 0);
+
+    let err = lobby
+        .apply(&cascade("u", DELETED, entry))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("lobby:game:g2:members") && text.contains("WRONGTYPE"),
+        "{text}"
+    );
+    assert!(err.permanent, "{text}");
+    assert_eq!(
+        server.cli(&["SISMEMBER", "lobby:game:g2:invitees", "u"]),
+        "1",
+        "the failing page is undone"
+    );
+    assert_eq!(
+        lobby.user_games("u").await.unwrap(),
+        ids(&["g1", "g2", "g3"])
+    );
+    assert_eq!(record_of(&lobby, "u").await, None);
+
+    server.cli(&["DEL", "lobby:game:g2:members"]);
+    server.cli(&["SADD", "lobby:game:g2:members", "o", "u"]);
+    assert_eq!(
+        lobby.apply(&cascade("u", DELETED, entry)).await.unwrap(),
+        applied(3, &[])
+    );
+    assert_eq!(read_back(&lobby, &games).await, model(&games, "u", DELETED));
+    assert!(!exists(&mut conn, "lobby:user:u:games").await);
+    assert_eq!(
+        record_of(&lobby, "u").await,
+        Some(record(DELETED, "100-0", 3))
     );
 }

@@ -175,8 +175,21 @@ async fn handle(store: &RedisLobbyStore, user: &str, id: EntryId) -> Result<(), 
 /// that has written once go on past `maxmemory`, so a cascade that starts
 /// by removing the user from a set is not refused); with `MISCONF`, any.
 async fn cascade_is_refused_then_passes(refusal: Refusal, user: &str, games: u64) {
+    cascade_with_pages_is_refused_then_passes(refusal, user, games, None).await;
+}
+
+/// The same with the store's page size set to `page` games, if any.
+async fn cascade_with_pages_is_refused_then_passes(
+    refusal: Refusal,
+    user: &str,
+    games: u64,
+    page: Option<usize>,
+) {
     let server = refusal.server();
-    let store = RedisLobbyStore::new(open_client(&server.url()).unwrap(), "lobby").unwrap();
+    let mut store = RedisLobbyStore::new(open_client(&server.url()).unwrap(), "lobby").unwrap();
+    if let Some(page) = page {
+        store = store.with_page_size(page);
+    }
     for (id, game) in lobby() {
         store.put_game(&id, &game).await.unwrap();
     }
@@ -221,6 +234,13 @@ async fn a_cascade_refused_for_memory_is_a_transient_failure_and_passes_when_lif
 #[tokio::test]
 async fn a_cascade_refused_for_persistence_is_a_transient_failure_and_passes_when_lifted() {
     cascade_is_refused_then_passes(Refusal::Misconf, "u", 2).await;
+}
+
+/// A cascade walked a game per call: its first page is refused at its
+/// first write, changing nothing, and the retry completes the cascade.
+#[tokio::test]
+async fn a_paged_cascade_refused_for_persistence_is_transient_and_passes_when_lifted() {
+    cascade_with_pages_is_refused_then_passes(Refusal::Misconf, "u", 2, Some(1)).await;
 }
 
 /// Redis refuses only a script's first write that could grow memory: once

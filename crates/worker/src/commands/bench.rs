@@ -11,6 +11,10 @@
 //!   two games) with the default settings; `cascade_c<N>`: the same at
 //!   concurrency 1, 16, 32, 64, 128 and 256, the best of which is what the
 //!   default is compared with; each the better of two rounds.
+//! - `max_script_ms_100k_games`: the longest single script call on Redis
+//!   (from its slow log) while one `user.deleted` for a user in 100,000
+//!   games runs through the cascade handler; it should stay under
+//!   [`MAX_SCRIPT_BUDGET_MS`].
 //! - latency: `XADD` to handler completion at a steady rate, with a live
 //!   (blocking) consumer and the default settings: a no-op handler, and the
 //!   cascade handler over a seeded lobby; the commands the worker sent per
@@ -95,6 +99,11 @@ struct Report {
     latency_cascade_max_ms: f64,
     /// Commands the worker sent per event during the cascade latency run.
     commands_per_event_live: f64,
+    /// The longest script call on Redis during the cascade of a user in
+    /// 100,000 games, in ms (`None`: Redis refused the slow-log settings).
+    max_script_ms_100k_games: Option<f64>,
+    /// How long that cascade took, in seconds.
+    cascade_100k_games_secs: f64,
     memory_events: u64,
     /// The same as `memory_small_1m_c1_peak_rss_mib` (its earlier name).
     drain_peak_rss_mib: Option<f64>,
@@ -444,6 +453,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     report.latency_cascade_max_ms = samples.last().map_or(0.0, |max| max.as_secs_f64() * 1e3);
     report.commands_per_event_live = ratio(commands as f64, samples.len() as f64);
 
+    say(format!(
+        "max_script_ms_100k_games: one user.deleted for a user in {BOUND_GAMES} games"
+    ));
+    (
+        report.max_script_ms_100k_games,
+        report.cascade_100k_games_secs,
+    ) = script_bound_case(&target, &mut conn, &client, prefix).await?;
+
     for spec in &cases {
         say(format!(
             "memory {}: run --drain --concurrency {} over {} entries of {} fields, about {} bytes each",
@@ -525,6 +542,14 @@ fn print_table(report: &Report) {
     ms("latency_cascade_p99_ms", report.latency_cascade_p99_ms);
     ms("latency_cascade_max_ms", report.latency_cascade_max_ms);
     times("commands_per_event_live", report.commands_per_event_live);
+    println!(
+        "{:<40} {:>14} (budget {MAX_SCRIPT_BUDGET_MS} ms; the cascade took {:.1} s)",
+        "max_script_ms_100k_games",
+        report
+            .max_script_ms_100k_games
+            .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.3}")),
+        report.cascade_100k_games_secs
+    );
     let sweep: Vec<String> = report
         .cascade_sweep
         .iter()
@@ -734,6 +759,175 @@ async fn seed_lobby(lobby: &RedisLobbyStore, users: u64) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Games of the one user of [`script_bound_case`].
+const BOUND_GAMES: u64 = 100_000;
+/// What no single script call should exceed, in ms.
+const MAX_SCRIPT_BUDGET_MS: u64 = 5;
+/// The slow-log threshold of [`script_bound_case`], in µs. Not 0: Redis 7
+/// logs every command a script runs too, which would be half a million
+/// entries for this case; a script call of any length worth reporting is
+/// far above it (below it the longest is reported as 0).
+const BOUND_SLOWLOG_MICROS: u64 = 100;
+
+/// The longest single script call (`EVAL`, `EVALSHA`, `FCALL`) on Redis, in
+/// ms, while one `user.deleted` for user `u0`, who owns or plays in
+/// [`BOUND_GAMES`] games of every status, runs through the worker's own
+/// path (the cascade handler in a drain, as the cascade cases); and how
+/// long the drain took. Read from Redis's slow log, whose settings are
+/// restored afterwards; `None` when Redis refuses them (`CONFIG` disabled).
+async fn script_bound_case(
+    target: &RedisTarget,
+    conn: &mut MultiplexedConnection,
+    client: &redis::Client,
+    prefix: &str,
+) -> anyhow::Result<(Option<f64>, f64)> {
+    let url = target.url.as_str();
+    let lobby_prefix = format!("{prefix}-bound");
+    let stream = format!("{prefix}:bound");
+    let lobby = RedisLobbyStore::new(client.clone(), &lobby_prefix)
+        .context("cannot set up the lobby store")?;
+    let statuses = ["open", "running", "finished", "cancelled"];
+    // Written by the store's own `put_game`, a few tasks at a time.
+    let tasks: u64 = 32;
+    let mut writers = tokio::task::JoinSet::new();
+    for task in 0..tasks {
+        let lobby = lobby.clone();
+        writers.spawn(async move {
+            for index in (task..BOUND_GAMES).step_by(usize::try_from(tasks).unwrap_or(1)) {
+                let user = |every: u64| {
+                    if index % every == 0 {
+                        BTreeSet::from(["u0".to_owned()])
+                    } else {
+                        BTreeSet::new()
+                    }
+                };
+                let game = Game {
+                    status: statuses
+                        .get(usize::try_from(index % 4).unwrap_or_default())
+                        .map(|status| GameStatus::parse(status)),
+                    owner_id: if index % 3 == 0 {
+                        "u0".to_owned()
+                    } else {
+                        format!("o{index}")
+                    },
+                    cancel_reason: None,
+                    members: BTreeSet::from(["u0".to_owned(), format!("o{index}")]),
+                    applicants: user(5),
+                    invitees: user(7),
+                    dropped: BTreeSet::new(),
+                };
+                lobby.put_game(&format!("b{index}"), &game).await?;
+            }
+            Ok::<(), lifecycle_domain::StoreError>(())
+        });
+    }
+    while let Some(written) = writers.join_next().await {
+        written.context("a seeding task panicked")??;
+    }
+    redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("event_type")
+        .arg("user.deleted")
+        .arg("user_id")
+        .arg("u0")
+        .arg("occurred_at_ms")
+        .arg(1_700_000_000_000_i64)
+        .query_async::<()>(conn)
+        .await
+        .map_err(|err| explain(url, "publish", &err))?;
+
+    let earlier = (
+        config_value(conn, "slowlog-log-slower-than").await,
+        config_value(conn, "slowlog-max-len").await,
+    );
+    let configured: redis::RedisResult<()> = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg(BOUND_SLOWLOG_MICROS)
+        .arg("slowlog-max-len")
+        .arg(100_000)
+        .query_async(conn)
+        .await;
+    let watched = configured.is_ok();
+    if watched {
+        redis::cmd("SLOWLOG")
+            .arg("RESET")
+            .query_async::<()>(conn)
+            .await
+            .map_err(|err| explain(url, "reset the slow log", &err))?;
+    }
+    let started = Instant::now();
+    let handler = Arc::new(CascadeHandler::new(lobby.clone()));
+    let config = ConsumerConfig::new(stream.clone(), "bound");
+    let drained = drain(target, prefix, config, handler, 1).await;
+    let secs = started.elapsed().as_secs_f64();
+    let entries: redis::RedisResult<Vec<redis::Value>> = if watched {
+        redis::cmd("SLOWLOG")
+            .arg("GET")
+            .arg(-1)
+            .query_async(conn)
+            .await
+    } else {
+        Ok(Vec::new())
+    };
+    if let (true, (Some(slower_than), Some(max_len))) = (watched, earlier) {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("slowlog-log-slower-than")
+            .arg(slower_than)
+            .arg("slowlog-max-len")
+            .arg(max_len)
+            .query_async::<()>(conn)
+            .await
+            .map_err(|err| explain(url, "restore the slow-log settings", &err))?;
+    }
+    drained?;
+    let entries = entries.map_err(|err| explain(url, "read the slow log", &err))?;
+    let record = lobby.cascade_record("u0").await?;
+    let left = lobby.user_games("u0").await?.len();
+    clear(conn, url, &lobby_prefix).await?;
+    redis::cmd("UNLINK")
+        .arg(&stream)
+        .query_async::<()>(conn)
+        .await
+        .map_err(|err| explain(url, "delete the case's stream", &err))?;
+    if record.as_ref().map(|record| record.games) != Some(BOUND_GAMES) || left != 0 {
+        bail!("the cascade of a user in {BOUND_GAMES} games did not complete: record {record:?}, {left} games left in the index");
+    }
+    let longest = entries
+        .iter()
+        .filter_map(|entry| {
+            let redis::Value::Array(fields) = entry else {
+                return None;
+            };
+            let (Some(redis::Value::Int(micros)), Some(redis::Value::Array(args))) =
+                (fields.get(2), fields.get(3))
+            else {
+                return None;
+            };
+            let Some(redis::Value::BulkString(name)) = args.first() else {
+                return None;
+            };
+            let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+            matches!(name.as_str(), "EVAL" | "EVALSHA" | "FCALL").then_some(*micros)
+        })
+        .max()
+        .unwrap_or_default();
+    Ok((watched.then(|| longest as f64 / 1e3), secs))
+}
+
+/// A Redis setting's value; `None` when Redis does not say.
+async fn config_value(conn: &mut MultiplexedConnection, name: &str) -> Option<String> {
+    let pair: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query_async(conn)
+        .await
+        .ok()?;
+    pair.get(1).cloned()
 }
 
 /// The bare reader: entries per second of `XREAD COUNT <batch>` alone.
