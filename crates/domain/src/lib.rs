@@ -13,7 +13,8 @@
 //!   handler that applies a cascade per event.
 //! - [`ports`]: the traits adapters implement: the consumer (and how its run
 //!   ended), the one handler trait it and the engine dispatch to, the
-//!   stream-offset store.
+//!   stream-offset store and the lease that lets one consumer of a label
+//!   consume at a time.
 
 pub mod cascade;
 pub mod decode;
@@ -31,6 +32,7 @@ pub use entry_id::{EntryId, ParseEntryIdError};
 pub use event::{EventType, UserLifecycleEvent};
 pub use log_text::for_log;
 pub use ports::{
-    BoxFuture, EventHandler, HandlerError, RunOutcome, SaveOutcome, StopReason, StoreError,
-    StreamOffsetStore, UserLifecycleConsumer, USER_LIFECYCLE_LABEL,
+    BoxFuture, ConsumerLease, EventHandler, FenceToken, HandlerError, Renewal, RunOutcome,
+    SaveOutcome, StopReason, StoreError, StreamOffsetStore, UserLifecycleConsumer,
+    USER_LIFECYCLE_LABEL,
 };

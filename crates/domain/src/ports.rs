@@ -199,6 +199,73 @@ pub trait StreamOffsetStore: Send + Sync {
         id: EntryId,
         expected: Option<EntryId>,
     ) -> BoxFuture<'a, Result<SaveOutcome, StoreError>>;
+
+    /// Like [`save`](Self::save), and only while `fence` is the fencing
+    /// token of the current holder of `label`'s [`ConsumerLease`], checked in
+    /// the same atomic step as the write: otherwise nothing is written and
+    /// the answer is [`SaveOutcome::Fenced`]. A store that cannot fence
+    /// refuses with a permanent error (the default).
+    fn save_fenced<'a>(
+        &'a self,
+        label: &'a str,
+        id: EntryId,
+        expected: Option<EntryId>,
+        fence: FenceToken,
+    ) -> BoxFuture<'a, Result<SaveOutcome, StoreError>> {
+        let _ = (id, expected, fence);
+        Box::pin(async move {
+            Err(StoreError {
+                action: format!("save the offset of {label} under a lease"),
+                permanent: true,
+                source: "this offset store cannot check a fencing token".into(),
+            })
+        })
+    }
+}
+
+/// A fencing token: grows by one at every change of a lease's holder, so a
+/// larger token always belongs to a later holder.
+pub type FenceToken = u64;
+
+/// What a lease renewal found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Renewal {
+    /// Still ours; extended by the ttl, counted from when the renewal was
+    /// sent.
+    Renewed,
+    /// Ours, but an operator asked for it: stop gracefully (save, release)
+    /// and wait as a standby.
+    HandoverRequested,
+    /// Not ours any more (expired, taken over, or fenced out).
+    Lost,
+}
+
+/// A lease in the store that lets exactly one consumer of a label consume at
+/// a time; each acquisition gets a fresh, larger [`FenceToken`].
+pub trait ConsumerLease: Send + Sync {
+    /// Takes `label`'s lease for `ttl` if nobody holds it; `None` when held
+    /// (this process is then recorded as a standby, seen for a short while).
+    fn acquire<'a>(
+        &'a self,
+        label: &'a str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<Option<FenceToken>, StoreError>>;
+
+    /// Extends the lease held with `fence` by `ttl`.
+    fn renew<'a>(
+        &'a self,
+        label: &'a str,
+        fence: FenceToken,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<Renewal, StoreError>>;
+
+    /// Gives the lease up if `fence` still holds it, so that a standby takes
+    /// over at once.
+    fn release<'a>(
+        &'a self,
+        label: &'a str,
+        fence: FenceToken,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 /// What an offset save found in the store.
@@ -211,4 +278,7 @@ pub enum SaveOutcome {
     /// The stored offset (`None`: none) is behind what the saver expected,
     /// or the store may have lost acknowledged writes; nothing was written.
     Behind(Option<EntryId>),
+    /// The saver's fencing token is not the current lease holder's: another
+    /// process consumes now; nothing was written.
+    Fenced,
 }

@@ -4,8 +4,8 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use lifecycle_domain::{
-    decode_user_lifecycle_event, for_log, BoxFuture, EntryId, EventHandler, HandlerError,
-    RunOutcome, StreamOffsetStore, UserLifecycleConsumer, UserLifecycleEvent,
+    decode_user_lifecycle_event, for_log, BoxFuture, ConsumerLease, EntryId, EventHandler,
+    HandlerError, RunOutcome, StreamOffsetStore, UserLifecycleConsumer, UserLifecycleEvent,
 };
 use lifecycle_streams::{
     ConsumerConfig, ConsumerError, ConsumerStats, Decoded, EntryDecoder, StreamConsumer,
@@ -133,6 +133,17 @@ impl RedisUserLifecycleConsumer {
     pub fn with_tls(self, tls: TlsSettings) -> Self {
         Self {
             engine: self.engine.with_tls(tls),
+            ..self
+        }
+    }
+
+    /// Consumes only while holding `lease`, waiting as a standby otherwise
+    /// (see [`StreamConsumer::with_lease`]); the offset store must fence its
+    /// saves (as [`crate::RedisOffsetStore`] does).
+    #[must_use]
+    pub fn with_lease(self, lease: Arc<dyn ConsumerLease>) -> Self {
+        Self {
+            engine: self.engine.with_lease(lease),
             ..self
         }
     }

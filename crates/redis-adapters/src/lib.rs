@@ -9,9 +9,12 @@
 //!   ([`MIN_REDIS_VERSION`]), the check of a server's version, and telling a
 //!   server that is not Redis at all.
 //! - [`offsets`]: the stream-offset store on Redis (`<prefix>:stream_offsets:<label>`),
-//!   whose saves never move an offset backwards.
-//! - [`lobby`]: the lobby store on Redis; one user's cascade is one atomic
-//!   server-side script.
+//!   whose saves never move an offset backwards and, under a lease, are
+//!   fenced.
+//! - [`lease`]: the consumer lease (one consuming process per label), its
+//!   fencing tokens, standbys and operators' handover requests.
+//! - [`lobby`]: the lobby store on Redis; one user's cascade in bounded
+//!   script calls, atomic per game, the record written last.
 //! - [`memory`]: an in-memory offset store for unit tests.
 //! - [`consumer`]: the user-lifecycle consumer: the generic engine of
 //!   `lifecycle-streams` with the domain's decoder, behind the domain's
@@ -49,6 +52,7 @@ end
 
 pub mod connect;
 pub mod consumer;
+pub mod lease;
 pub mod lobby;
 pub mod memory;
 pub mod offsets;
@@ -58,6 +62,7 @@ pub use connect::{
     check_url, open_client, open_tls_client, redact_url, server_address, ConnectError,
 };
 pub use consumer::{RedisUserLifecycleConsumer, UserLifecycleDecoder};
+pub use lease::{Identity, LeaseStatus, RedisLease};
 pub use lobby::{CascadeRecord, RedisLobbyStore};
 pub use memory::MemoryOffsetStore;
 pub use offsets::{RedisOffsetStore, DEFAULT_KEY_PREFIX};

@@ -17,7 +17,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use lifecycle_domain::{BoxFuture, EntryId, SaveOutcome, StoreError, StreamOffsetStore};
+use lifecycle_domain::{
+    BoxFuture, EntryId, FenceToken, SaveOutcome, StoreError, StreamOffsetStore,
+};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
@@ -42,11 +44,13 @@ end
     };
 }
 
-/// Stores `ARGV[1]` at `KEYS[1]` unless the key holds a stream id at least as
-/// large (see `lua_id_less!`); unless, with `ARGV[2]` (the offset the saver
-/// expects), the stored offset is behind it or gone; and unless, with
-/// `ARGV[3]`, the server's `run_id` differs from it. Returns `{outcome,
-/// stored, run_id}` with outcome `saved`, `kept` or `behind`.
+/// Stores `ARGV[1]` at `KEYS[1]` unless, with `ARGV[4]` (the saver's
+/// fencing token), the lease at `KEYS[2]` is not held with that token;
+/// unless the key holds a stream id at least as large (see `lua_id_less!`);
+/// unless, with `ARGV[2]` (the offset the saver expects), the stored offset
+/// is behind it or gone; and unless, with `ARGV[3]`, the server's `run_id`
+/// differs from it. Returns `{outcome, stored, run_id}` with outcome
+/// `saved`, `kept`, `behind` or `fenced`.
 const SAVE_CHECKED: &str = concat!(
     lua_id_less!(),
     lua_run_id!(),
@@ -56,6 +60,9 @@ if not string.match(ARGV[1], '^%d+-%d+$') then
 end
 local current = redis.call('GET', KEYS[1])
 local server = run_id()
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[2], 'token') ~= ARGV[4] then
+  return { 'fenced', current or '', server }
+end
 if (ARGV[3] ~= '' and server ~= '' and ARGV[3] ~= server)
     or (ARGV[2] ~= '' and (not current or id_less(current, ARGV[2]))) then
   return { 'behind', current or '', server }
@@ -67,6 +74,22 @@ redis.call('SET', KEYS[1], ARGV[1])
 return { 'saved', ARGV[1], server }
 "
 );
+
+/// With the lease `KEYS[2]` held by token `ARGV[1]`: sets `KEYS[1]` to
+/// `ARGV[2]`, or deletes it when `ARGV[2]` is empty. Returns `{outcome,
+/// previous}`, outcome `done` or `fenced` (nothing written).
+const WRITE_FENCED: &str = r"
+local previous = redis.call('GET', KEYS[1]) or ''
+if redis.call('HGET', KEYS[2], 'token') ~= ARGV[1] then
+  return { 'fenced', previous }
+end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return { 'done', previous }
+";
 
 /// The offset at `KEYS[1]` (or an empty string) and the server's `run_id`,
 /// read at one instant.
@@ -84,6 +107,7 @@ pub struct RedisOffsetStore {
     prefix: String,
     save_script: Script,
     load_script: Script,
+    write_script: Script,
     /// Per label, the `run_id` of the server the last load or save spoke to
     /// (shared by clones, which speak for the same consumer).
     servers: Arc<Mutex<HashMap<String, String>>>,
@@ -110,6 +134,7 @@ impl RedisOffsetStore {
             prefix: prefix.to_owned(),
             save_script: Script::new(SAVE_CHECKED),
             load_script: Script::new(LOAD_WITH_RUN_ID),
+            write_script: Script::new(WRITE_FENCED),
             servers: Arc::default(),
         })
     }
@@ -207,17 +232,48 @@ impl RedisOffsetStore {
         id: EntryId,
         expected: Option<EntryId>,
     ) -> Result<SaveOutcome, StoreError> {
+        self.save_with(label, id, expected, None).await
+    }
+
+    /// [`save_checked`](Self::save_checked), writing only while `fence` is
+    /// the token of the current holder of `label`'s lease (see
+    /// [`crate::lease`]); [`SaveOutcome::Fenced`] otherwise.
+    ///
+    /// # Errors
+    ///
+    /// As [`save_checked`](Self::save_checked).
+    pub async fn save_fenced_checked(
+        &self,
+        label: &str,
+        id: EntryId,
+        expected: Option<EntryId>,
+        fence: FenceToken,
+    ) -> Result<SaveOutcome, StoreError> {
+        self.save_with(label, id, expected, Some(fence)).await
+    }
+
+    async fn save_with(
+        &self,
+        label: &str,
+        id: EntryId,
+        expected: Option<EntryId>,
+        fence: Option<FenceToken>,
+    ) -> Result<SaveOutcome, StoreError> {
         let key = self.key(label);
+        let lease_key = crate::lease::lease_key(&self.prefix, label);
         let expected_arg = expected.map(|id| id.to_string()).unwrap_or_default();
         let server_arg = self.server_of(label).unwrap_or_default();
+        let fence_arg = fence.map(|fence| fence.to_string()).unwrap_or_default();
         let action = || format!("save the offset {id} at {key}");
         let (outcome, stored, run_id): (String, Vec<u8>, String) = idempotent(|| {
             let mut conn = self.conn.clone();
             let mut invocation = self.save_script.key(&key);
             invocation
+                .key(&lease_key)
                 .arg(id.to_string())
                 .arg(&expected_arg)
-                .arg(&server_arg);
+                .arg(&server_arg)
+                .arg(&fence_arg);
             async move { invocation.invoke_async(&mut conn).await }
         })
         .await
@@ -228,6 +284,7 @@ impl RedisOffsetStore {
             ("saved", _) => Ok(SaveOutcome::Saved),
             ("kept", Some(stored)) => Ok(SaveOutcome::Kept(stored)),
             ("behind", stored) => Ok(SaveOutcome::Behind(stored)),
+            ("fenced", _) => Ok(SaveOutcome::Fenced),
             _ => Err(StoreError {
                 action: action(),
                 permanent: true,
@@ -249,6 +306,41 @@ impl RedisOffsetStore {
             .set::<_, _, ()>(&key, id.to_string())
             .await
             .map_err(|err| store_error(format!("set the offset at {key}"), err))
+    }
+
+    /// Overwrites (`Some`, even backwards) or deletes (`None`) `label`'s
+    /// offset while `fence` holds its lease: an operator's write, which the
+    /// worker that held the lease obeys. `Ok(Err(()))` when `fence` does not
+    /// hold it (nothing was written); otherwise the offset stored before.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when Redis fails or the key held something that is
+    /// not a stream id.
+    pub async fn write_fenced(
+        &self,
+        label: &str,
+        id: Option<EntryId>,
+        fence: FenceToken,
+    ) -> Result<Result<Option<EntryId>, ()>, StoreError> {
+        let key = self.key(label);
+        let lease_key = crate::lease::lease_key(&self.prefix, label);
+        let value = id.map(|id| id.to_string()).unwrap_or_default();
+        let (outcome, previous): (String, Vec<u8>) = {
+            let mut conn = self.conn.clone();
+            let mut invocation = self.write_script.key(&key);
+            invocation.key(&lease_key).arg(fence).arg(&value);
+            invocation.invoke_async(&mut conn).await
+        }
+        .map_err(|err| store_error(format!("write the offset at {key}"), err))?;
+        if outcome != "done" {
+            return Ok(Err(()));
+        }
+        // A previous value that is not an id is reported as none: it was
+        // just overwritten or deleted.
+        Ok(Ok(parse_stored(&key, "write the offset", &previous)
+            .ok()
+            .flatten()))
     }
 
     /// Deletes `label`'s offset; returns whether one was stored.
@@ -295,5 +387,15 @@ impl StreamOffsetStore for RedisOffsetStore {
         expected: Option<EntryId>,
     ) -> BoxFuture<'a, Result<SaveOutcome, StoreError>> {
         Box::pin(self.save_checked(label, id, expected))
+    }
+
+    fn save_fenced<'a>(
+        &'a self,
+        label: &'a str,
+        id: EntryId,
+        expected: Option<EntryId>,
+        fence: FenceToken,
+    ) -> BoxFuture<'a, Result<SaveOutcome, StoreError>> {
+        Box::pin(self.save_fenced_checked(label, id, expected, fence))
     }
 }

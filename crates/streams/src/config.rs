@@ -89,6 +89,11 @@ pub struct ConsumerConfig {
     /// waiting to be dead-lettered), counted as they cost once read, with the
     /// reply of the read in flight. Reading pauses at the cap.
     pub max_held_bytes: usize,
+    /// How long the consumer lease lasts without a renewal, when the consumer
+    /// runs under one ([`crate::StreamConsumer::with_lease`]): renewed every
+    /// third of it; a holder that cannot renew stops consuming before it can
+    /// have run out; a standby that sees it gone takes over.
+    pub lease_ttl: Duration,
 }
 
 /// The default of [`ConsumerConfig::concurrency`]: where the cascade's rate
@@ -99,6 +104,9 @@ pub const DEFAULT_CONCURRENCY: usize = 64;
 pub const DEFAULT_MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 /// The default of [`ConsumerConfig::max_held_bytes`].
 pub const DEFAULT_MAX_HELD_BYTES: usize = 16 * 1024 * 1024;
+
+/// The default of [`ConsumerConfig::lease_ttl`].
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
 impl ConsumerConfig {
     /// Defaults for reading `stream` under `label`; the dead-letter stream is
@@ -129,6 +137,7 @@ impl ConsumerConfig {
             concurrency: DEFAULT_CONCURRENCY,
             max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
             max_held_bytes: DEFAULT_MAX_HELD_BYTES,
+            lease_ttl: DEFAULT_LEASE_TTL,
         }
     }
 
@@ -171,6 +180,10 @@ impl ConsumerConfig {
                 "`max_held_bytes` must be at least twice `max_reply_bytes` ({} bytes), so that a whole reply fits beside what is held",
                 self.max_reply_bytes.saturating_mul(2)
             ));
+        }
+        if self.lease_ttl < Duration::from_millis(500) || self.lease_ttl > Duration::from_secs(3600)
+        {
+            return Err("`lease_ttl` must be between 500ms and 1h".into());
         }
         if self.shutdown_timeout < Duration::from_millis(100) {
             return Err("`shutdown_timeout` must be at least 100ms".into());

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use lifecycle_domain::{
-    EntryId, EventHandler, HandlerError, RunOutcome, SaveOutcome, StopReason, StoreError,
-    StreamOffsetStore,
+    ConsumerLease, EntryId, EventHandler, FenceToken, HandlerError, Renewal, RunOutcome,
+    SaveOutcome, StopReason, StoreError, StreamOffsetStore,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
@@ -36,6 +36,7 @@ use crate::dead_letter::{self, DeadLetterOutcome};
 use crate::decoder::{Decoded, EntryDecoder};
 use crate::error::ConsumerError;
 use crate::fault::{classify, classify_read, FaultClass};
+use crate::lease::{LeaseClock, LeaseGuard, LeaseStep, LeaseTiming};
 use crate::machine::{entry_cost, Action, Arrival, Completion, Job, Machine, Settings};
 use crate::read_conn::{ReadError, Received};
 use crate::reader::{ReadRequest, Reader, ReaderEvent, ReaderSettings};
@@ -55,6 +56,9 @@ pub struct StreamConsumer<D: EntryDecoder> {
     /// For a `rediss://` client: what the reader's own socket trusts and
     /// presents (`None`: the system's trust store).
     tls: Option<TlsSettings>,
+    /// The lease that lets one process consume the label at a time (`None`:
+    /// this process consumes regardless).
+    lease: Option<Arc<dyn ConsumerLease>>,
 }
 
 impl<D: EntryDecoder> StreamConsumer<D> {
@@ -78,7 +82,20 @@ impl<D: EntryDecoder> StreamConsumer<D> {
             config,
             stats: Arc::default(),
             tls: None,
+            lease: None,
         })
+    }
+
+    /// Consumes only while holding `lease` (for `lease_ttl`, renewed every
+    /// third of it), waiting as a standby otherwise; every offset save is
+    /// then fenced by the holder's token, and a refused one, or a renewal
+    /// that cannot be confirmed before the lease may have run out, makes
+    /// this process drop what it read, unsaved, and wait again. A graceful
+    /// stop releases the lease, so that a standby takes over at once.
+    #[must_use]
+    pub fn with_lease(mut self, lease: Arc<dyn ConsumerLease>) -> Self {
+        self.lease = Some(lease);
+        self
     }
 
     /// Uses `tls` for the reader's own connection to a `rediss://` server;
@@ -115,6 +132,200 @@ impl<D: EntryDecoder> StreamConsumer<D> {
     where
         H: EventHandler<D::Item> + ?Sized,
     {
+        match &self.lease {
+            None => match self.session(handler, cancel, None).await? {
+                SessionEnd::Done(outcome, _) => Ok(outcome),
+                // Only a fenced save ends a session so, and only under a
+                // lease.
+                SessionEnd::LeaseLost => Ok(RunOutcome {
+                    reason: StopReason::Cancelled,
+                    offset: None,
+                    offset_unsaved: true,
+                }),
+            },
+            Some(lease) => self.run_leased(lease.as_ref(), handler, cancel).await,
+        }
+    }
+
+    /// [`run`](Self::run) under a lease: standby, consuming while held,
+    /// standby again when it is lost. The one stop point is the standby's
+    /// wait (and the session's own, while consuming).
+    async fn run_leased<H>(
+        &self,
+        lease: &dyn ConsumerLease,
+        handler: &H,
+        cancel: &CancellationToken,
+    ) -> Result<RunOutcome, ConsumerError>
+    where
+        H: EventHandler<D::Item> + ?Sized,
+    {
+        let config = &self.config;
+        let timing = LeaseTiming::new(config.lease_ttl);
+        let label = config.label.as_str();
+        let span = tracing::info_span!("lease", stream = %config.stream, label = %label);
+        let mut backoff = Backoff::new(config.redis_retry);
+        let mut outage = OutageLog::default();
+        let mut standing_by = false;
+        let stopped = RunOutcome {
+            reason: StopReason::Cancelled,
+            offset: None,
+            offset_unsaved: false,
+        };
+        loop {
+            let sent_at = tokio::time::Instant::now();
+            let attempt = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Ok(stopped),
+                attempt = lease.acquire(label, timing.ttl).instrument(span.clone()) => attempt,
+            };
+            if attempt.is_ok() {
+                outage.recovered();
+                self.stats.lease_checked();
+            }
+            let token = match attempt {
+                Ok(Some(token)) => token,
+                Ok(None) => {
+                    backoff.reset();
+                    if !standing_by {
+                        standing_by = true;
+                        span.in_scope(|| {
+                            info!(
+                                poll_ms = millis(timing.standby_poll),
+                                "another process holds the lease; waiting as a standby"
+                            )
+                        });
+                    }
+                    if !sleep_unless_cancelled(cancel, timing.standby_poll).await {
+                        return Ok(stopped);
+                    }
+                    continue;
+                }
+                Err(err) if err.permanent => return Err(ConsumerError::Store(err)),
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    span.in_scope(|| outage.note(&self.stats, &err));
+                    if !sleep_unless_cancelled(cancel, delay).await {
+                        return Ok(stopped);
+                    }
+                    continue;
+                }
+            };
+            standing_by = false;
+            backoff.reset();
+            let clock = LeaseClock::acquired(timing, sent_at);
+            let guard = Arc::new(LeaseGuard::new(clock.valid_until()));
+            self.stats.lease_acquired(token);
+            span.in_scope(|| {
+                info!(
+                    fence_token = token,
+                    ttl_ms = millis(timing.ttl),
+                    "lease acquired; consuming"
+                )
+            });
+            let session_cancel = cancel.child_token();
+            let keeper_stop = CancellationToken::new();
+            let fence = Fence {
+                token,
+                guard: Arc::clone(&guard),
+            };
+            let mut session = std::pin::pin!(self.session(handler, &session_cancel, Some(fence)));
+            let mut keeper =
+                std::pin::pin!(keep_lease(lease, label, token, clock, &guard, &keeper_stop)
+                    .instrument(span.clone()));
+            let ended = tokio::select! {
+                ended = &mut session => Ok(ended),
+                kept = &mut keeper => Err(kept),
+            };
+            keeper_stop.cancel();
+            let ended = match ended {
+                Ok(ended) => ended,
+                Err(KeeperEnd::Lost(why)) => {
+                    // Stop at once: what was read is dropped, unsaved; the
+                    // handler calls in flight are abandoned (cascades are
+                    // idempotent: the next holder applies them again).
+                    guard.revoke();
+                    self.stats.lease_released(true);
+                    span.in_scope(|| warn!(fence_token = token, reason = why, "lease lost; stopped consuming, dropping what was read; waiting as a standby"));
+                    continue;
+                }
+                Err(KeeperEnd::Handover) => {
+                    span.in_scope(|| info!(fence_token = token, "an operator asked for the lease; stopping gracefully and handing it over"));
+                    session_cancel.cancel();
+                    let ended = session.await;
+                    self.release(
+                        lease,
+                        label,
+                        token,
+                        &span,
+                        tokio::time::Instant::now() + RELEASE_TIMEOUT,
+                    )
+                    .await;
+                    self.stats.lease_released(false);
+                    ended?;
+                    continue;
+                }
+                Err(KeeperEnd::Stopped) => continue,
+            };
+            match ended {
+                Ok(SessionEnd::LeaseLost) => {
+                    guard.revoke();
+                    self.stats.lease_released(true);
+                    span.in_scope(|| warn!(fence_token = token, "the offset save was refused: another process holds the lease now; stopped consuming, dropping what was read; waiting as a standby"));
+                }
+                Ok(SessionEnd::Done(outcome, shutdown)) => {
+                    // Within the stop's one deadline.
+                    let until = shutdown
+                        .0
+                        .min(tokio::time::Instant::now() + RELEASE_TIMEOUT);
+                    self.release(lease, label, token, &span, until).await;
+                    self.stats.lease_released(false);
+                    return Ok(outcome);
+                }
+                Err(err) => {
+                    self.release(
+                        lease,
+                        label,
+                        token,
+                        &span,
+                        tokio::time::Instant::now() + RELEASE_TIMEOUT,
+                    )
+                    .await;
+                    self.stats.lease_released(false);
+                    return Err(err);
+                }
+            }
+        }
+    }
+
+    /// Releases the lease held with `token`, once, by `until`: a failure
+    /// (or no time left) leaves it to expire.
+    async fn release(
+        &self,
+        lease: &dyn ConsumerLease,
+        label: &str,
+        token: FenceToken,
+        span: &tracing::Span,
+        until: tokio::time::Instant,
+    ) {
+        match tokio::time::timeout_at(until, lease.release(label, token)).await {
+            Ok(Ok(())) => span.in_scope(|| info!(fence_token = token, "lease released")),
+            Ok(Err(err)) => span.in_scope(|| warn!(fence_token = token, err = %err, "could not release the lease; a standby takes over when it expires")),
+            Err(_) => span.in_scope(|| warn!(fence_token = token, "releasing the lease timed out; a standby takes over when it expires")),
+        }
+    }
+
+    /// One session: consume from the stored offset until cancelled, drained,
+    /// a permanent fault, or (under a lease) a fenced save or an expired
+    /// lease, after which nothing is saved.
+    async fn session<H>(
+        &self,
+        handler: &H,
+        cancel: &CancellationToken,
+        fence: Option<Fence>,
+    ) -> Result<SessionEnd, ConsumerError>
+    where
+        H: EventHandler<D::Item> + ?Sized,
+    {
         let commands = ConnectionManager::new_lazy_with_config(
             self.client.clone(),
             ConnectionManagerConfig::new()
@@ -135,11 +346,17 @@ impl<D: EntryDecoder> StreamConsumer<D> {
             jobs: std::sync::Mutex::new(cancel.child_token()),
             hold: tokio::sync::watch::Sender::new(false),
             dependency_down: std::sync::atomic::AtomicBool::new(false),
+            fence,
         };
         let span = tracing::info_span!("consumer", stream = %self.config.stream, label = %self.config.label);
         async move {
             let mut driver = Driver::new(&ctx);
             let outcome = driver.consume().await;
+            if driver.lease_lost {
+                // Nothing more is saved or started: the driver, its reader
+                // and its jobs are dropped here.
+                return Ok(SessionEnd::LeaseLost);
+            }
             let shutdown = Deadline::after(self.config.shutdown_timeout);
             let unsaved = driver.shut_down(shutdown).await;
             let reason = outcome?;
@@ -148,14 +365,97 @@ impl<D: EntryDecoder> StreamConsumer<D> {
                 reason = reason.as_str(),
                 "consumer stopped"
             );
-            Ok(RunOutcome {
-                reason,
-                offset: driver.stored(),
-                offset_unsaved: unsaved,
-            })
+            Ok(SessionEnd::Done(
+                RunOutcome {
+                    reason,
+                    offset: driver.stored(),
+                    offset_unsaved: unsaved,
+                },
+                shutdown,
+            ))
         }
         .instrument(span)
         .await
+    }
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// Cancelled or drained (saved what it could), and the deadline its stop
+    /// had.
+    Done(RunOutcome, Deadline),
+    /// The lease ended under it (a save was refused, or it expired): nothing
+    /// was saved at the end.
+    LeaseLost,
+}
+
+/// The lease a session consumes under.
+struct Fence {
+    /// Its fencing token, sent with every offset save.
+    token: FenceToken,
+    /// Until when it lets this process consume.
+    guard: Arc<LeaseGuard>,
+}
+
+/// Why the lease keeper returned.
+#[derive(Debug)]
+enum KeeperEnd {
+    /// The lease is gone, or may be: the reason, for the log.
+    Lost(&'static str),
+    /// An operator asked for it.
+    Handover,
+    /// Its stop token fired.
+    Stopped,
+}
+
+/// Renews the lease held with `token` per `clock`, extending `guard` with
+/// each confirmed renewal, until it is lost, asked for, or `stop` fires.
+/// Performs I/O only: the timing is `clock`'s.
+async fn keep_lease(
+    lease: &dyn ConsumerLease,
+    label: &str,
+    token: FenceToken,
+    mut clock: LeaseClock,
+    guard: &LeaseGuard,
+    stop: &CancellationToken,
+) -> KeeperEnd {
+    let ttl = clock.ttl();
+    loop {
+        let answer_by = match clock.step(tokio::time::Instant::now()) {
+            LeaseStep::Expired => {
+                return KeeperEnd::Lost("not renewed before it could have expired")
+            }
+            LeaseStep::WaitUntil(at) => {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return KeeperEnd::Stopped,
+                    () = tokio::time::sleep_until(at) => continue,
+                }
+            }
+            LeaseStep::Renew { answer_by } => answer_by,
+        };
+        let sent_at = tokio::time::Instant::now();
+        match tokio::time::timeout_at(answer_by, lease.renew(label, token, ttl)).await {
+            Err(_) => {
+                return KeeperEnd::Lost(
+                    "the renewal was not confirmed before the lease could have expired",
+                )
+            }
+            Ok(Ok(Renewal::Renewed)) => {
+                clock.renewed(sent_at);
+                guard.extend(clock.valid_until());
+            }
+            Ok(Ok(Renewal::HandoverRequested)) => {
+                clock.renewed(sent_at);
+                guard.extend(clock.valid_until());
+                return KeeperEnd::Handover;
+            }
+            Ok(Ok(Renewal::Lost)) => return KeeperEnd::Lost("another process holds it now"),
+            Ok(Err(err)) => {
+                debug!(err = %err, "lease renewal failed; retrying while the lease lasts");
+                clock.renewal_failed(tokio::time::Instant::now());
+            }
+        }
     }
 }
 
@@ -175,6 +475,9 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Entries read without the deletion probe, at most, before the next read
 /// takes it along; bounds what the trim judgement keeps of those reads.
 const PROBE_EVERY_ENTRIES: usize = 1024;
+
+/// How long releasing the lease may take outside a stop's deadline.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A point in time after which the stop gives up.
 #[derive(Clone, Copy, Debug)]
@@ -221,14 +524,22 @@ type JobFuture<'a> = Pin<Box<dyn Future<Output = Done> + Send + 'a>>;
 type SaveFuture<'a> =
     Pin<Box<dyn Future<Output = (EntryId, Result<SaveOutcome, StoreError>)> + Send + 'a>>;
 
-/// Starts saving `offset`, expecting the store to hold `expected`.
+/// Starts saving `offset`, expecting the store to hold `expected`; fenced
+/// by `fence` under a lease.
 fn start_save<'a>(
     offsets: &'a Arc<dyn StreamOffsetStore>,
     label: &'a str,
     offset: EntryId,
     expected: Option<EntryId>,
+    fence: Option<FenceToken>,
 ) -> SaveFuture<'a> {
-    Box::pin(async move { (offset, offsets.save(label, offset, expected).await) })
+    Box::pin(async move {
+        let saved = match fence {
+            Some(fence) => offsets.save_fenced(label, offset, expected, fence).await,
+            None => offsets.save(label, offset, expected).await,
+        };
+        (offset, saved)
+    })
 }
 
 /// What every job shares: read-only for the whole session.
@@ -252,6 +563,8 @@ struct Ctx<'a, D: EntryDecoder, H: ?Sized> {
     /// followed by a success): the jobs failing on it log the episode
     /// once, not once each.
     dependency_down: std::sync::atomic::AtomicBool,
+    /// The lease this session consumes under, if any.
+    fence: Option<Fence>,
 }
 
 /// What to do after a failed handler call.
@@ -316,6 +629,16 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
         &self.consumer.stats
     }
 
+    /// Whether this session may still consume: always without a lease.
+    fn lease_valid(&self) -> bool {
+        self.fence.as_ref().is_none_or(|fence| fence.guard.valid())
+    }
+
+    /// The token to fence saves with, under a lease.
+    fn fence_token(&self) -> Option<FenceToken> {
+        self.fence.as_ref().map(|fence| fence.token)
+    }
+
     /// Waits while the store is being checked after a dependency failure
     /// (Redis may have restarted and lost writes); `false` when `stop` came
     /// first (a rewind or shutdown).
@@ -366,7 +689,7 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
         );
         let mut calls: u32 = 0;
         let (completion, fault) = loop {
-            if stop.is_cancelled() && calls == 0 {
+            if (stop.is_cancelled() && calls == 0) || !self.lease_valid() {
                 break (Completion::Interrupted, None);
             }
             calls = calls.saturating_add(1);
@@ -653,6 +976,9 @@ struct Driver<'a, D: EntryDecoder, H: ?Sized> {
     keys: std::hash::RandomState,
     /// When the last deletion probe was answered.
     probed_at: Option<tokio::time::Instant>,
+    /// The lease ended under this session (a save was refused, or it may
+    /// have expired): stop at once, saving nothing.
+    lease_lost: bool,
 }
 
 impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
@@ -684,6 +1010,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             fault: None,
             keys: std::hash::RandomState::new(),
             probed_at: None,
+            lease_lost: false,
         }
     }
 
@@ -739,6 +1066,9 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
         let cancel = self.ctx.cancel;
         loop {
             let read_requested = self.perform()?;
+            if self.lease_lost {
+                return Ok(StopReason::Cancelled);
+            }
             if let Some(fault) = self.fault.take() {
                 return Err(fault);
             }
@@ -824,6 +1154,12 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
         let ctx = self.ctx;
         let mut read_requested = false;
         while !read_requested {
+            // Checked before anything goes out: a process resumed after a
+            // pause past its lease starts, reads and saves nothing.
+            if !ctx.lease_valid() {
+                self.lease_lost = true;
+                break;
+            }
             let Some(action) = self.machine.as_mut().and_then(Machine::poll_action) else {
                 break;
             };
@@ -879,6 +1215,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                         &ctx.config().label,
                         offset,
                         expected,
+                        ctx.fence_token(),
                     ));
                 }
             }
@@ -933,6 +1270,11 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                 machine.rewind(to, stored);
                 self.ctx.stop_jobs();
                 self.trim.forget();
+            }
+            Ok(SaveOutcome::Fenced) => {
+                // Another process holds the lease: stop at once.
+                machine.save_failed();
+                self.lease_lost = true;
             }
             Err(err) if err.permanent => {
                 machine.save_failed();
@@ -1220,6 +1562,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                         &self.ctx.config().label,
                         offset,
                         machine.saved_offset(),
+                        self.ctx.fence_token(),
                     ));
                 }
             }
@@ -1239,6 +1582,14 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                         offset = %offset,
                         stored = stored.map(tracing::field::display),
                         "the stored offset is behind what this worker saved (Redis lost writes, or an operator rewound it); left as it is: the next start handles every entry after it again"
+                    );
+                    return false;
+                }
+                Ok((offset, Ok(SaveOutcome::Fenced))) => {
+                    machine.save_failed();
+                    warn!(
+                        offset = %offset,
+                        "the final offset save was refused: another process holds the lease now; it resumes from what is stored"
                     );
                     return false;
                 }
@@ -1453,6 +1804,7 @@ mod tests {
             jobs: std::sync::Mutex::new(cancel.child_token()),
             hold: tokio::sync::watch::Sender::new(released_after.is_some()),
             dependency_down: std::sync::atomic::AtomicBool::new(false),
+            fence: None,
         };
         let job = ctx.run_job(Box::new(Job {
             id: EntryId::new(1, 0),

@@ -23,6 +23,10 @@
 //!   larger than that is absorbed unread. Jobs own their decoded items, never
 //!   the reply they came in.
 //! - One deadline, `shutdown_timeout`, bounds the whole stop.
+//! - Under a lease ([`StreamConsumer::with_lease`]), one process consumes a
+//!   label at a time: the others wait as standbys; every offset save is
+//!   fenced by the holder's token; a holder that cannot renew in time, or
+//!   whose save is refused, drops what it read and waits again.
 //!
 //! # Public face
 //!
@@ -54,6 +58,8 @@
 //!
 //! - `engine`: the driver ([`StreamConsumer`]): the async loop that
 //!   performs what the state machine decides.
+//! - `lease`: the lease's timing decisions (when to renew, until when this
+//!   process may consume, how often a standby tries), without I/O.
 //! - `machine`: the state machine, with no I/O and no clock: what to read
 //!   next, what to start, which offset to save, when reading pauses; `trim`:
 //!   judging from reads and probes whether entries were deleted unread;
@@ -79,6 +85,7 @@ mod decoder;
 mod engine;
 mod error;
 mod fault;
+mod lease;
 mod machine;
 mod read_conn;
 mod reader;
@@ -91,14 +98,14 @@ mod window;
 
 pub use backoff::BackoffPolicy;
 pub use config::{
-    Checkpoint, ConsumerConfig, StartFrom, DEFAULT_CONCURRENCY, DEFAULT_MAX_HELD_BYTES,
-    DEFAULT_MAX_REPLY_BYTES,
+    Checkpoint, ConsumerConfig, StartFrom, DEFAULT_CONCURRENCY, DEFAULT_LEASE_TTL,
+    DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_REPLY_BYTES,
 };
 pub use decoder::{Decoded, EntryDecoder};
 pub use engine::StreamConsumer;
 pub use error::{BoxError, ConsumerError};
 pub use fault::{classify, not_redis, quote_answer, write_refusal, FaultClass, ANSWER_QUOTED};
-pub use lifecycle_domain::EventHandler;
+pub use lifecycle_domain::{ConsumerLease, EventHandler, FenceToken, Renewal};
 pub use lifecycle_domain::{RunOutcome, StopReason};
 pub use reply::{parse_range_reply, parse_xread_reply, ReplyError, StreamEntry};
 pub use stats::{now_ms, ConsumerStats, StatsSnapshot};

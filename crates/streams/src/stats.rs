@@ -23,6 +23,11 @@ pub struct ConsumerStats {
     held_entries: AtomicU64,
     last_read_ms: AtomicU64,
     last_fault_ms: AtomicU64,
+    lease_held: AtomicU64,
+    lease_acquisitions: AtomicU64,
+    lease_lost: AtomicU64,
+    lease_token: AtomicU64,
+    lease_checked_ms: AtomicU64,
 }
 
 /// A copy of [`ConsumerStats`] at one moment.
@@ -69,6 +74,22 @@ pub struct StatsSnapshot {
     /// When the last Redis failure was met (ms since the Unix epoch; 0:
     /// never). After `last_read_ms`: an outage is going on.
     pub last_fault_ms: u64,
+    /// Whether this process holds the consumer lease (0 or 1; always 0
+    /// without a lease).
+    pub lease_held: u64,
+    /// Times this process took the lease.
+    pub lease_acquisitions: u64,
+    /// Times this process lost the lease while consuming (it could not renew
+    /// in time, a renewal or a save was refused, or an operator took it),
+    /// not counting graceful releases.
+    pub lease_lost: u64,
+    /// The fencing token of the lease this process holds or last held (0:
+    /// never).
+    pub lease_token: u64,
+    /// When an attempt at the lease last got an answer from the store (ms
+    /// since the Unix epoch; 0: never): a standby that keeps getting answers
+    /// is healthy.
+    pub lease_checked_ms: u64,
 }
 
 impl StatsSnapshot {
@@ -140,6 +161,20 @@ impl ConsumerStats {
     pub(crate) fn trim_suspected(&self) {
         bump(&self.trims_suspected);
     }
+    pub(crate) fn lease_acquired(&self, token: u64) {
+        bump(&self.lease_acquisitions);
+        self.lease_token.store(token, Ordering::Relaxed);
+        self.lease_held.store(1, Ordering::Relaxed);
+    }
+    pub(crate) fn lease_checked(&self) {
+        self.lease_checked_ms.store(now_ms(), Ordering::Relaxed);
+    }
+    pub(crate) fn lease_released(&self, lost: bool) {
+        if lost {
+            bump(&self.lease_lost);
+        }
+        self.lease_held.store(0, Ordering::Relaxed);
+    }
     pub(crate) fn read_completed(&self) {
         self.last_read_ms.store(now_ms(), Ordering::Relaxed);
     }
@@ -165,6 +200,11 @@ impl ConsumerStats {
             held_entries: get(&self.held_entries),
             last_read_ms: get(&self.last_read_ms),
             last_fault_ms: get(&self.last_fault_ms),
+            lease_held: get(&self.lease_held),
+            lease_acquisitions: get(&self.lease_acquisitions),
+            lease_lost: get(&self.lease_lost),
+            lease_token: get(&self.lease_token),
+            lease_checked_ms: get(&self.lease_checked_ms),
         }
     }
 }

@@ -283,6 +283,21 @@ pub struct RunArgs {
     #[arg(long, alias = "shutdown-grace", env = "LOBBY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// How long the consumer lease lasts without a renewal: of the `run`
+    /// processes on one stream and label, the one holding it consumes, the
+    /// others wait. Shorter: a faster takeover after a crash; longer: fewer
+    /// needless takeovers when Redis or the network is slow. 500ms to 1h.
+    #[arg(long, env = "LOBBY_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+
+    /// Consume without the lease, whatever other processes do: every
+    /// process so started handles every event, and offset saves are not
+    /// fenced. For a Redis user whose ACL cannot write the lease keys
+    /// (`{<prefix>:stream_offsets:<label>}:*`). From the environment: 1/0,
+    /// true/false, yes/no, on/off.
+    #[arg(long, env = "LOBBY_NO_LEASE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_lease: bool,
+
     /// The most memory for entries read but not finished (queued, running,
     /// waiting to be dead-lettered), as they cost once read; reading pauses
     /// there. At least 8MiB (e.g. 16MiB, 64MiB).
@@ -484,18 +499,48 @@ pub enum OffsetsAction {
     Get,
     /// Overwrite it with exactly ID, even backwards (a deliberate rewind or
     /// skip); an ID past the stream's last generated id only with --force.
+    /// Takes the consumer lease for the write: a running worker hands it
+    /// over, then resumes after ID.
     Set {
         /// The entry id, `<ms>-<seq>`.
         #[arg(value_parser = parse_entry_id)]
         id: EntryId,
         /// Store an ID past the stream's last generated id (or on a stream
         /// that does not exist): every event added until the stream's ids
-        /// pass it would be skipped.
+        /// pass it would be skipped. Also takes the lease at once, like
+        /// `rewind --force`.
         #[arg(long)]
         force: bool,
+        /// How long to wait for a running worker to hand the lease over.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        wait: Duration,
     },
-    /// Delete it: the next `run` starts per --start-from.
-    Reset,
+    /// Move it back to ID (at or before the stored offset): every entry
+    /// after ID is handled again. Takes the consumer lease for the write: a
+    /// running worker hands it over, then resumes after ID.
+    Rewind {
+        /// The entry id to resume after, `<ms>-<seq>`.
+        #[arg(long, value_parser = parse_entry_id)]
+        to: EntryId,
+        /// Take the lease at once, fencing out the worker holding it (it
+        /// drops what it read, unsaved) rather than waiting for it to hand
+        /// the lease over.
+        #[arg(long)]
+        force: bool,
+        /// How long to wait for a running worker to hand the lease over.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        wait: Duration,
+    },
+    /// Delete it: the worker (a running one hands the lease over first)
+    /// starts again per --start-from.
+    Reset {
+        /// Take the lease at once, fencing out the worker holding it.
+        #[arg(long)]
+        force: bool,
+        /// How long to wait for a running worker to hand the lease over.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        wait: Duration,
+    },
 }
 
 /// `dead-letters`' settings.
@@ -744,6 +789,7 @@ const SETTING_FLAGS: &[(&str, &str)] = &[
     ("`max_held_bytes`", "--max-held-bytes"),
     ("`max_reply_bytes`", "a quarter of --max-held-bytes"),
     ("`shutdown_timeout`", "--shutdown-timeout"),
+    ("`lease_ttl`", "--lease-ttl"),
     ("`ca_file`", "--tls-ca-file"),
     ("`cert_file`", "--tls-cert-file"),
     ("`key_file`", "--tls-key-file"),

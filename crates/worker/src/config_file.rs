@@ -36,6 +36,8 @@ const KEYS: &[&str] = &[
     "dead_letter_after",
     "dead_letter_stream",
     "shutdown_timeout",
+    "lease_ttl",
+    "no_lease",
     "max_held_bytes",
     "drain",
     "concurrency",

@@ -13,6 +13,9 @@ use crate::outcome::{Failing, LastOutcome};
 pub enum Readiness {
     /// Connected to Redis and consuming.
     Ready,
+    /// Waiting as a standby while another process holds the consumer lease,
+    /// with Redis answering: healthy, ready to take over.
+    Standby,
     /// Not consuming, and why, in a few words.
     NotReady(String),
 }
@@ -20,7 +23,7 @@ pub enum Readiness {
 impl Readiness {
     /// Whether it is [`Readiness::Ready`].
     pub fn is_ready(&self) -> bool {
-        matches!(self, Readiness::Ready)
+        matches!(self, Readiness::Ready | Readiness::Standby)
     }
 }
 
@@ -34,6 +37,8 @@ pub struct Health {
     stale_after: Duration,
     /// When the worker started (ms since the Unix epoch).
     started_ms: u64,
+    /// Whether the worker consumes only while holding the consumer lease.
+    leased: bool,
 }
 
 impl Health {
@@ -53,7 +58,16 @@ impl Health {
             offset_saves,
             stale_after,
             started_ms: now_ms(),
+            leased: false,
         }
+    }
+
+    /// For a worker that consumes only while holding the consumer lease: a
+    /// standby whose attempts at the lease get answers is [`Readiness::Standby`].
+    #[must_use]
+    pub fn under_lease(mut self) -> Self {
+        self.leased = true;
+        self
     }
 
     /// How long a worker may go without a read reply or a handled event
@@ -66,6 +80,20 @@ impl Health {
     pub fn readiness(&self, now_ms: u64) -> Readiness {
         let stats = self.stats.snapshot();
         let ago = |at: u64| seconds(now_ms.saturating_sub(at));
+        if self.leased && stats.lease_held == 0 {
+            let checked = stats.lease_checked_ms;
+            let since = now_ms.saturating_sub(checked.max(self.started_ms));
+            return if checked > 0 && u128::from(since) <= self.stale_after.as_millis() {
+                Readiness::Standby
+            } else if checked == 0 && u128::from(since) <= self.stale_after.as_millis() {
+                Readiness::NotReady("starting: the lease not checked yet".to_owned())
+            } else {
+                Readiness::NotReady(format!(
+                    "standby: no answer from Redis about the lease for {}",
+                    seconds(since)
+                ))
+            };
+        }
         let writes = [
             ("offset save", self.offset_saves.failing()),
             ("cascade", self.handler.outcome().failing()),

@@ -84,6 +84,11 @@ async fn healthz_page() -> Response {
 async fn readyz_page(State(endpoints): State<Arc<Endpoints>>) -> Response {
     match endpoints.health.readiness(now_ms()) {
         Readiness::Ready => ([(header::CONTENT_TYPE, PLAIN_TEXT)], "ready\n").into_response(),
+        Readiness::Standby => (
+            [(header::CONTENT_TYPE, PLAIN_TEXT)],
+            "standby: another process holds the consumer lease\n",
+        )
+            .into_response(),
         Readiness::NotReady(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::CONTENT_TYPE, PLAIN_TEXT)],

@@ -231,6 +231,25 @@ impl Collector for StatsCollector {
         )?;
         gauge(
             &mut encoder,
+            "lease_held",
+            "1 while this process holds the consumer lease and consumes; 0 while it waits as a standby.",
+            None,
+            to_gauge(stats.lease_held),
+        )?;
+        counter(
+            &mut encoder,
+            "lease_acquisitions",
+            "Times this process took the consumer lease.",
+            stats.lease_acquisitions,
+        )?;
+        counter(
+            &mut encoder,
+            "lease_lost",
+            "Times this process lost the consumer lease while consuming (not renewed in time, a save or renewal refused, taken by an operator), graceful releases not counted.",
+            stats.lease_lost,
+        )?;
+        gauge(
+            &mut encoder,
             "held",
             "Memory charged for entries read but not finished (capped by --max-held-bytes).",
             Some(&Unit::Bytes),

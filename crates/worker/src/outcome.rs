@@ -7,7 +7,9 @@ use std::error::Error;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use lifecycle_domain::{BoxFuture, EntryId, SaveOutcome, StoreError, StreamOffsetStore};
+use lifecycle_domain::{
+    BoxFuture, EntryId, FenceToken, SaveOutcome, StoreError, StreamOffsetStore,
+};
 use lifecycle_streams::{now_ms, write_refusal};
 
 /// The outcome of the last attempt at one kind of work that writes to
@@ -96,6 +98,13 @@ impl<S> InstrumentedOffsets<S> {
     pub fn new(inner: S, saves: Arc<LastOutcome>) -> Self {
         Self { inner, saves }
     }
+
+    fn record(&self, result: &Result<SaveOutcome, StoreError>) {
+        match result {
+            Ok(_) => self.saves.succeeded(),
+            Err(err) => self.saves.failed(err),
+        }
+    }
 }
 
 impl<S: StreamOffsetStore> StreamOffsetStore for InstrumentedOffsets<S> {
@@ -111,10 +120,21 @@ impl<S: StreamOffsetStore> StreamOffsetStore for InstrumentedOffsets<S> {
     ) -> BoxFuture<'a, Result<SaveOutcome, StoreError>> {
         Box::pin(async move {
             let result = self.inner.save(label, id, expected).await;
-            match &result {
-                Ok(_) => self.saves.succeeded(),
-                Err(err) => self.saves.failed(err),
-            }
+            self.record(&result);
+            result
+        })
+    }
+
+    fn save_fenced<'a>(
+        &'a self,
+        label: &'a str,
+        id: EntryId,
+        expected: Option<EntryId>,
+        fence: FenceToken,
+    ) -> BoxFuture<'a, Result<SaveOutcome, StoreError>> {
+        Box::pin(async move {
+            let result = self.inner.save_fenced(label, id, expected, fence).await;
+            self.record(&result);
             result
         })
     }

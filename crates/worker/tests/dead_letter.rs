@@ -222,9 +222,12 @@ fn after_a_sigkill_between_the_dead_letter_and_the_save_two_racing_replays_add_n
         None,
         "the kill came after the offset save ({before_kill} of {healthy} cascades done): the window was missed"
     );
-    assert_eq!(crashing.count(DEAD_LETTERED), 1);
+    // The kill may land between the copy's write and its log line.
+    assert!(crashing.count(DEAD_LETTERED) <= 1, "{}", crashing.log());
 
-    let mut drain_args = vec!["--drain"];
+    // Without the lease, so that the two replays race as a former holder
+    // finishing its work and the new holder would.
+    let mut drain_args = vec!["--drain", "--no-lease"];
     drain_args.extend(args);
     let mut first = Running::start(&url, &drain_args);
     let mut second = Running::start(&url, &drain_args);

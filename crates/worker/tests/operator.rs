@@ -186,7 +186,7 @@ fn run_logs_a_summary_at_the_interval() {
         add_event(&server, "user.deleted", user, "1700000000000");
     }
     add_event(&server, "user.renamed", "u-4", "1700000000000");
-    let running = Running::start_with_env(
+    let mut running = Running::start_with_env(
         &url,
         &["--summary-interval", "1s", "--metrics-addr", "off"],
         &[("LOBBY_LOG_FORMAT", "json")],
@@ -215,6 +215,8 @@ fn run_logs_a_summary_at_the_interval() {
     }
     assert_eq!(summary["absorbed"], 1);
     assert_eq!(summary["failures"], 0);
+    // Stopped first: it holds the lease a drain would wait for.
+    running.terminate();
     // 0s turns it off; more than a day is a mistake.
     let output = worker(&url, &["run", "--drain", "--summary-interval", "0s"]);
     assert_success(&output);

@@ -244,6 +244,14 @@ fn status_of_a_missing_stream_is_empty() {
         "offset_past_end": false,
         "dead_letter_stream": "user:lifecycle_events:dead",
         "dead_letter_length": 0,
+        "lease": {
+            "holder": null,
+            "token": null,
+            "since_ms": null,
+            "remaining_ms": null,
+            "last_token": 0,
+            "standbys": [],
+        },
     });
     assert_eq!(status, expected);
     // An offset without a stream: nothing to do, but a stream that was
@@ -301,7 +309,7 @@ fn status_reports_the_backlog_behind_the_offset() {
     assert_success(&output);
     let text = stdout(&output);
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 11, "{text}");
+    assert_eq!(lines.len(), 13, "{text}");
     let column = lines[0].find(STREAM).unwrap();
     for line in &lines {
         let (key, _) = line.split_once(':').unwrap();
@@ -319,6 +327,10 @@ fn status_reports_the_backlog_behind_the_offset() {
     assert!(text.contains("lag_ms:              3000\n"), "{text}");
     assert!(text.contains("trimmed_past_offset: no\n"), "{text}");
     assert!(text.contains("offset_past_end:     no\n"), "{text}");
+    assert!(
+        text.contains("lease_holder:        none (last token 0): no worker consumes now\n"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -447,7 +447,7 @@ fn summarize(entry: &StreamEntry) -> Summary {
     Summary {
         id: entry.id.to_string(),
         dead_lettered_at_ms: entry.id.ms,
-        dead_lettered_at: utc(entry.id.ms),
+        dead_lettered_at: crate::commands::utc(entry.id.ms),
         entry_id: parts.meta(ENTRY_ID_FIELD),
         stream: parts.meta(STREAM_FIELD),
         user_id: last(parts.original, "user_id"),
@@ -475,29 +475,6 @@ fn safe(text: &str) -> Cow<'_, str> {
 /// An optional value for a text line: quoted and escaped, or `-`.
 fn quoted(value: Option<&str>) -> String {
     value.map_or_else(|| "-".to_owned(), |value| format!("{value:?}"))
-}
-
-/// Milliseconds since the Unix epoch as UTC, `2023-11-14T22:13:20.000Z`.
-fn utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's civil_from_days: days since 1970-01-01 to a date.
-    let z = i64::try_from(days).unwrap_or(0) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
 }
 
 /// One line of `list` and the line of `show` before the fields.
@@ -1056,14 +1033,6 @@ mod tests {
             .iter()
             .map(|(name, value)| (name.as_bytes().to_vec(), value.as_bytes().to_vec()))
             .collect()
-    }
-
-    #[test]
-    fn times_print_as_utc() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(utc(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
-        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(utc(4_102_444_799_999), "2099-12-31T23:59:59.999Z");
     }
 
     #[test]

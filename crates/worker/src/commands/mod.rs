@@ -53,6 +53,42 @@ pub fn man_page() -> anyhow::Result<()> {
     write_stdout(&page)
 }
 
+/// Milliseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`, for
+/// years 1970 to 9999.
+pub fn utc_time(ms: i64) -> Option<String> {
+    if !(0..253_402_300_800_000).contains(&ms) {
+        return None;
+    }
+    let days = ms.div_euclid(86_400_000);
+    let in_day = ms.rem_euclid(86_400_000);
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    Some(format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        in_day / 3_600_000,
+        in_day / 60_000 % 60,
+        in_day / 1000 % 60,
+        in_day % 1000
+    ))
+}
+
+/// Milliseconds since the Unix epoch as UTC, as [`utc_time`] writes them, or
+/// the bare count outside the years it covers.
+pub fn utc(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(utc_time)
+        .unwrap_or_else(|| format!("{ms} ms since 1970"))
+}
+
 /// Writes `bytes` to stdout and flushes.
 fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
@@ -110,5 +146,39 @@ pub async fn shutdown_signal() {
             }
         }
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_times_match_known_dates() {
+        assert_eq!(utc_time(0).unwrap(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            utc_time(1_700_000_000_123).unwrap(),
+            "2023-11-14T22:13:20.123Z"
+        );
+        assert_eq!(
+            utc_time(951_782_400_000).unwrap(),
+            "2000-02-29T00:00:00.000Z"
+        );
+        assert_eq!(
+            utc_time(253_402_300_799_999).unwrap(),
+            "9999-12-31T23:59:59.999Z"
+        );
+        assert_eq!(utc_time(-1), None);
+        assert_eq!(utc_time(253_402_300_800_000), None);
+        assert_eq!(utc_time(i64::MAX), None);
+    }
+    #[test]
+    fn times_print_as_utc() {
+        assert_eq!(utc(u64::MAX), "18446744073709551615 ms since 1970");
+        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(utc(4_102_444_799_999), "2099-12-31T23:59:59.999Z");
     }
 }

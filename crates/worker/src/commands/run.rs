@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lifecycle_domain::{CascadeHandler, StopReason, UserLifecycleConsumer};
-use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore, VersionError};
+use lifecycle_redis::{
+    redact_url, Identity, RedisLease, RedisLobbyStore, RedisOffsetStore, VersionError,
+};
 use lifecycle_streams::{
     BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerStats, StartFrom, DEFAULT_MAX_REPLY_BYTES,
 };
@@ -67,6 +69,7 @@ pub fn consumer_config(args: &RunArgs) -> ConsumerConfig {
     config.max_reply_bytes = (args.max_held_bytes / 4).min(DEFAULT_MAX_REPLY_BYTES);
     config.drain = args.drain;
     config.concurrency = args.concurrency as usize;
+    config.lease_ttl = args.lease_ttl;
     config
 }
 
@@ -90,7 +93,17 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         print_config(&args, &config, logging)?;
         return Ok(());
     }
-    match lifecycle_redis::verify_server(&client).await {
+    // Listening for SIGINT/SIGTERM from here on: a stop asked while Redis
+    // is slow to answer the version check ends the run at once, with 0.
+    let mut stop_signal = std::pin::pin!(crate::commands::shutdown_signal());
+    let checked = tokio::select! {
+        checked = lifecycle_redis::verify_server(&client) => checked,
+        () = &mut stop_signal => {
+            info!("shutdown requested before consuming began");
+            return Ok(());
+        }
+    };
+    match checked {
         Ok(Some(version)) => info!(redis_version = %version, "Redis version checked"),
         // INFO refused or unreadable: not held against the server.
         Ok(None) => {}
@@ -108,6 +121,17 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     let lobby = RedisLobbyStore::new(client.clone(), &args.redis.key_prefix)
         .context("cannot set up the lobby store")?;
     let offset_saves = Arc::new(LastOutcome::default());
+    let identity = Identity::of_this_process();
+    // A standby is listed by `status` for a few of its attempts.
+    let standby_ttl =
+        (config.lease_ttl / 5).clamp(Duration::from_millis(50), Duration::from_secs(1)) * 3;
+    let lease = RedisLease::new(
+        client.clone(),
+        &args.redis.key_prefix,
+        identity.clone(),
+        standby_ttl,
+    )
+    .context("cannot set up the lease")?;
     let consumer = target.consumer(
         Arc::new(InstrumentedOffsets::new(
             offsets.clone(),
@@ -115,6 +139,14 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         )),
         config.clone(),
     )?;
+    let consumer = if args.no_lease {
+        warn!(
+            "running without the lease (--no-lease): every process so started handles every event"
+        );
+        consumer
+    } else {
+        consumer.with_lease(Arc::new(lease))
+    };
     let handler_metrics = Arc::new(HandlerMetrics::default());
     consumer.on_event(Arc::new(InstrumentedHandler::new(
         CascadeHandler::new(lobby),
@@ -131,6 +163,7 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
             offset_saves,
             block_timeout: config.block_timeout,
             lag: Arc::clone(&lag_gauges),
+            leased: !args.no_lease,
         },
         &http_stop,
     )
@@ -164,6 +197,8 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         dead_letter_after = config.dead_letter_after,
         drain = config.drain,
         concurrency = config.concurrency,
+        lease_ttl_ms = config.lease_ttl.as_millis() as u64,
+        holder_id = %identity.holder_id(),
         metrics_addr = %endpoints.as_ref().map_or_else(|| "off".to_owned(), |served| served.addr.to_string()),
         "lobby-worker starting"
     );
@@ -173,7 +208,7 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     let mut stop_requested = None;
     let outcome = tokio::select! {
         outcome = &mut running => outcome,
-        () = crate::commands::shutdown_signal() => {
+        () = &mut stop_signal => {
             info!("shutdown requested; finishing the entry in flight");
             stop_requested = Some(tokio::time::Instant::now());
             consumer.shutdown();
@@ -234,6 +269,8 @@ struct Endpoints {
     offset_saves: Arc<LastOutcome>,
     block_timeout: Duration,
     lag: Arc<LagGauges>,
+    /// Whether the worker consumes only while holding the lease.
+    leased: bool,
 }
 
 /// The running HTTP server.
@@ -293,13 +330,15 @@ async fn start_endpoints(
         offset_saves,
         block_timeout,
         lag,
+        leased,
     } = endpoints;
-    let health = Arc::new(Health::new(
+    let health = Health::new(
         Arc::clone(&stats),
         Arc::clone(&handler),
         offset_saves,
         Health::stale_after(block_timeout),
-    ));
+    );
+    let health = Arc::new(if leased { health.under_lease() } else { health });
     let metrics = Metrics::new(stats, handler, Arc::clone(&health), lag);
     let server = tokio::spawn(crate::http::serve(listener, metrics, health, stop.clone()));
     info!(%addr, "serving /metrics, /healthz and /readyz");
@@ -393,6 +432,8 @@ fn print_config(
         ),
         ("dead_letter_stream", config.dead_letter_stream.clone()),
         ("shutdown_timeout", format_duration(config.shutdown_timeout)),
+        ("lease_ttl", format_duration(config.lease_ttl)),
+        ("no_lease", args.no_lease.to_string()),
         ("max_held_bytes", config.max_held_bytes.to_string()),
         ("drain", config.drain.to_string()),
         ("concurrency", config.concurrency.to_string()),

@@ -2,7 +2,10 @@
 
 use anyhow::{anyhow, Context};
 use lifecycle_domain::EntryId;
-use lifecycle_redis::RedisOffsetStore;
+use std::time::Duration;
+
+use lifecycle_redis::lease::read_status;
+use lifecycle_redis::{Identity, LeaseStatus, RedisOffsetStore};
 use serde::Serialize;
 
 use crate::cli::StatusArgs;
@@ -24,6 +27,57 @@ struct Status {
     offset_past_end: bool,
     dead_letter_stream: String,
     dead_letter_length: u64,
+    lease: LeaseView,
+}
+
+/// The consumer lease as `status` shows it.
+#[derive(Debug, Serialize)]
+struct LeaseView {
+    /// Who consumes now (`null`: nobody holds the lease).
+    holder: Option<ProcessView>,
+    /// The holder's fencing token.
+    token: Option<u64>,
+    /// When the holder took the lease (ms since the Unix epoch).
+    since_ms: Option<u64>,
+    /// How long the lease lasts without a renewal.
+    remaining_ms: Option<u64>,
+    /// The last fencing token handed out (0: never).
+    last_token: u64,
+    /// Processes seen waiting recently.
+    standbys: Vec<ProcessView>,
+}
+
+/// One worker process.
+#[derive(Debug, Serialize)]
+struct ProcessView {
+    host: String,
+    pid: u32,
+}
+
+impl From<LeaseStatus> for LeaseView {
+    fn from(status: LeaseStatus) -> Self {
+        let process = |identity: &Identity| ProcessView {
+            host: identity.host.clone(),
+            pid: identity.pid,
+        };
+        Self {
+            holder: status
+                .holder
+                .as_ref()
+                .map(|holder| process(&holder.identity)),
+            token: status.holder.as_ref().map(|holder| holder.token),
+            since_ms: status.holder.as_ref().map(|holder| holder.since_ms),
+            remaining_ms: status
+                .remaining
+                .map(|left| u64::try_from(left.as_millis()).unwrap_or(u64::MAX)),
+            last_token: status.last_token,
+            standbys: status
+                .standbys
+                .iter()
+                .map(|(identity, _)| process(identity))
+                .collect(),
+        }
+    }
 }
 
 /// Turns a probe failure into one line saying what to fix.
@@ -63,6 +117,13 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let lease_conn =
+        lifecycle_redis::connect::lazy_manager(target.client()?, Duration::from_secs(10))
+            .map_err(|err| explain(url, "connect", &err))?;
+    let lease = with_url(
+        read_status(&lease_conn, &args.redis.key_prefix, &args.label).await,
+        url,
+    )?;
     let dead_letter_length = stream_length(&mut conn, &dead_letter_stream)
         .await
         .map_err(|err| {
@@ -82,6 +143,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         offset_past_end: offset.is_some_and(|offset| state.ends_before(offset)),
         dead_letter_stream,
         dead_letter_length,
+        lease: LeaseView::from(lease),
     };
     if args.json {
         let line = serde_json::to_string(&status).context("cannot encode the status as JSON")?;
@@ -139,5 +201,39 @@ fn human(status: &Status, label: &str) -> Vec<(&'static str, String)> {
         ),
         ("dead_letter_stream", status.dead_letter_stream.clone()),
         ("dead_letter_length", status.dead_letter_length.to_string()),
+        (
+            "lease_holder",
+            match (
+                &status.lease.holder,
+                status.lease.token,
+                status.lease.since_ms,
+            ) {
+                (Some(holder), Some(token), Some(since_ms)) => format!(
+                    "{} pid {} (token {token}, since {}, {} ms left)",
+                    holder.host,
+                    holder.pid,
+                    crate::commands::utc(since_ms),
+                    status.lease.remaining_ms.unwrap_or(0)
+                ),
+                _ => format!(
+                    "none (last token {}): no worker consumes now",
+                    status.lease.last_token
+                ),
+            },
+        ),
+        (
+            "lease_standbys",
+            if status.lease.standbys.is_empty() {
+                "none seen recently".to_owned()
+            } else {
+                status
+                    .lease
+                    .standbys
+                    .iter()
+                    .map(|standby| format!("{} pid {}", standby.host, standby.pid))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
     ]
 }

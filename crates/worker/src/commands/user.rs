@@ -702,37 +702,14 @@ fn with_time(name: &str, value: &str) -> String {
     if !name.ends_with("_ms") {
         return value.to_owned();
     }
-    match value.parse::<i64>().ok().and_then(utc_time) {
+    match value
+        .parse::<i64>()
+        .ok()
+        .and_then(crate::commands::utc_time)
+    {
         Some(time) => format!("{value} ({time})"),
         None => value.to_owned(),
     }
-}
-
-/// Milliseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`, for
-/// years 1970 to 9999.
-fn utc_time(ms: i64) -> Option<String> {
-    if !(0..253_402_300_800_000).contains(&ms) {
-        return None;
-    }
-    let days = ms.div_euclid(86_400_000);
-    let in_day = ms.rem_euclid(86_400_000);
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    Some(format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        in_day / 3_600_000,
-        in_day / 60_000 % 60,
-        in_day / 1000 % 60,
-        in_day % 1000
-    ))
 }
 
 /// `text` as it may be printed: escaped when it holds a control character.
@@ -779,26 +756,6 @@ fn text(value: Value) -> Option<String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utc_times_match_known_dates() {
-        assert_eq!(utc_time(0).unwrap(), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            utc_time(1_700_000_000_123).unwrap(),
-            "2023-11-14T22:13:20.123Z"
-        );
-        assert_eq!(
-            utc_time(951_782_400_000).unwrap(),
-            "2000-02-29T00:00:00.000Z"
-        );
-        assert_eq!(
-            utc_time(253_402_300_799_999).unwrap(),
-            "9999-12-31T23:59:59.999Z"
-        );
-        assert_eq!(utc_time(-1), None);
-        assert_eq!(utc_time(253_402_300_800_000), None);
-        assert_eq!(utc_time(i64::MAX), None);
-    }
 
     #[test]
     fn millisecond_fields_get_a_time_and_others_do_not() {
