@@ -408,10 +408,7 @@ fn three_workers_and_five_killed_holders_lose_nothing_and_never_overlap() {
     let ids = publisher.finish();
     wait_offset(&mut conn, ids.last().unwrap());
 
-    let handled: BTreeSet<String> = workers
-        .iter()
-        .flat_map(processed)
-        .collect();
+    let handled: BTreeSet<String> = workers.iter().flat_map(processed).collect();
     let missing: Vec<&String> = ids.iter().filter(|id| !handled.contains(*id)).collect();
     assert!(
         missing.is_empty(),
