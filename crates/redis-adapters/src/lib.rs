@@ -8,6 +8,8 @@
 //! - [`server_version`]: the oldest Redis the worker runs against
 //!   ([`MIN_REDIS_VERSION`]), the check of a server's version, and telling a
 //!   server that is not Redis at all.
+//! - [`eviction`]: whether the server's `maxmemory-policy` may evict the
+//!   worker's keys.
 //! - [`offsets`]: the stream-offset store on Redis (`<prefix>:stream_offsets:<label>`),
 //!   whose saves never move an offset backwards and, under a lease, are
 //!   fenced.
@@ -52,6 +54,7 @@ end
 
 pub mod connect;
 pub mod consumer;
+pub mod eviction;
 pub mod lease;
 pub mod lobby;
 pub mod memory;
@@ -62,6 +65,7 @@ pub use connect::{
     check_url, open_client, open_tls_client, redact_url, server_address, ConnectError,
 };
 pub use consumer::{RedisUserLifecycleConsumer, UserLifecycleDecoder};
+pub use eviction::{evicting_policy, read_evicting_policy, NO_EVICTION};
 pub use lease::{Identity, LeaseStatus, RedisLease};
 pub use lobby::{CascadeRecord, RedisLobbyStore};
 pub use memory::MemoryOffsetStore;

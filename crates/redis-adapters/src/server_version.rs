@@ -8,7 +8,7 @@
 //! missing and the checks would quietly see nothing. Nothing else it sends
 //! is newer: `XREAD`, `XRANGE`/`XREVRANGE`, `XADD`, `XINFO STREAM` itself,
 //! `EVAL`/`EVALSHA` with `redis.pcall`, `UNLINK`, `HSET` with several
-//! fields, `SCAN ... MATCH`, `INFO server`.
+//! fields, `SCAN ... MATCH`, `INFO server`, `INFO memory`.
 
 use std::fmt;
 use std::time::Duration;
@@ -27,7 +27,7 @@ pub const MIN_REDIS_VERSION: &str = "7.0";
 const MIN_VERSION: (u32, u32) = (7, 0);
 
 /// How long the check may take to connect, and to get an answer.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A server's version, from `INFO server`.
 #[derive(Clone, Debug, PartialEq, Eq)]
