@@ -139,6 +139,12 @@ pub struct BenchArgs {
     #[arg(long, default_value = "180s", value_parser = parse_duration)]
     pub memory_case_timeout: Duration,
 
+    /// How many times the lease's holder is SIGKILLed while three workers
+    /// serve a steady stream (`takeover_gap_*`, at the default --lease-ttl);
+    /// 0 skips the takeover case.
+    #[arg(long, default_value_t = 5)]
+    pub takeover_kills: u32,
+
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -104,6 +104,13 @@ struct Report {
     max_script_ms_100k_games: Option<f64>,
     /// How long that cascade took, in seconds.
     cascade_100k_games_secs: f64,
+    /// Three workers on a steady stream under the lease (default ttl): from
+    /// a SIGKILL of the holder to the offset's next move, the median and the
+    /// longest over `takeover_kills`, and from a SIGTERM of the holder.
+    takeover_kills: u32,
+    takeover_gap_kill_ms_p50: Option<f64>,
+    takeover_gap_kill_ms_max: Option<f64>,
+    takeover_gap_graceful_ms: Option<f64>,
     memory_events: u64,
     /// The same as `memory_small_1m_c1_peak_rss_mib` (its earlier name).
     drain_peak_rss_mib: Option<f64>,
@@ -461,6 +468,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report.cascade_100k_games_secs,
     ) = script_bound_case(&target, &mut conn, &client, prefix).await?;
 
+    if args.takeover_kills > 0 {
+        say(format!(
+            "takeover: three workers under the lease, the holder SIGKILLed {} times, then SIGTERMed",
+            args.takeover_kills
+        ));
+        let prefix = format!("{prefix}-takeover");
+        let measured =
+            super::takeover::measure(&url, &args.tls, &mut conn, &prefix, args.takeover_kills)
+                .await?;
+        let mut kills: Vec<Duration> = measured.after_kill.clone();
+        kills.sort();
+        report.takeover_kills = args.takeover_kills;
+        report.takeover_gap_kill_ms_p50 = Some(percentile(&kills, 0.50));
+        report.takeover_gap_kill_ms_max = kills.last().map(|max| max.as_secs_f64() * 1e3);
+        report.takeover_gap_graceful_ms = Some(measured.after_sigterm.as_secs_f64() * 1e3);
+    }
+
     for spec in &cases {
         say(format!(
             "memory {}: run --drain --concurrency {} over {} entries of {} fields, about {} bytes each",
@@ -549,6 +573,20 @@ fn print_table(report: &Report) {
             .max_script_ms_100k_games
             .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.3}")),
         report.cascade_100k_games_secs
+    );
+    let optional_ms =
+        |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.0}"));
+    println!(
+        "{:<40} {:>14} (median over {} SIGKILLs of the holder, max {} ms; default --lease-ttl 10s)",
+        "takeover_gap_kill_ms_p50",
+        optional_ms(report.takeover_gap_kill_ms_p50),
+        report.takeover_kills,
+        optional_ms(report.takeover_gap_kill_ms_max)
+    );
+    println!(
+        "{:<40} {:>14} (a SIGTERM of the holder)",
+        "takeover_gap_graceful_ms",
+        optional_ms(report.takeover_gap_graceful_ms)
     );
     let sweep: Vec<String> = report
         .cascade_sweep
@@ -650,7 +688,13 @@ fn percentile(sorted: &[Duration], quantile: f64) -> f64 {
 
 /// Deletes every key under `prefix:` and `prefix-`.
 async fn clear(conn: &mut MultiplexedConnection, url: &str, prefix: &str) -> anyhow::Result<()> {
-    for pattern in [format!("{prefix}:*"), format!("{prefix}-*")] {
+    // With the hash-tagged keys of the lease and the dead-letter markers.
+    for pattern in [
+        format!("{prefix}:*"),
+        format!("{prefix}-*"),
+        format!("{{{prefix}:*"),
+        format!("{{{prefix}-*"),
+    ] {
         delete_matching(conn, url, &pattern, "clear the benchmark's keys").await?;
     }
     Ok(())

@@ -8,6 +8,7 @@ pub mod publish;
 pub mod run;
 pub mod status;
 pub mod tail;
+pub mod takeover;
 pub mod user;
 
 use clap::CommandFactory;
