@@ -40,7 +40,7 @@ use crate::store_error;
 /// call under a millisecond or so, with room for a busy machine below the
 /// few milliseconds allowed; and a user with this many games or fewer (the
 /// common case is a handful) is handled in one call.
-pub const DEFAULT_PAGE_GAMES: usize = 50;
+pub const DEFAULT_PAGE_GAMES: usize = 25;
 
 /// Handled games removed from a user's index per `SREM` once a walk is
 /// done: a plain command, cheap per member, bounded like the pages.

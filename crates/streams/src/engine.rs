@@ -252,15 +252,7 @@ impl<D: EntryDecoder> StreamConsumer<D> {
                     span.in_scope(|| info!(fence_token = token, "an operator asked for the lease; stopping gracefully and handing it over"));
                     session_cancel.cancel();
                     let ended = session.await;
-                    self.release(
-                        lease,
-                        label,
-                        token,
-                        &span,
-                        tokio::time::Instant::now() + RELEASE_TIMEOUT,
-                    )
-                    .await;
-                    self.stats.lease_released(false);
+                    self.release(lease, label, token, &span, None).await;
                     ended?;
                     continue;
                 }
@@ -274,39 +266,34 @@ impl<D: EntryDecoder> StreamConsumer<D> {
                 }
                 Ok(SessionEnd::Done(outcome, shutdown)) => {
                     // Within the stop's one deadline.
-                    let until = shutdown
-                        .0
-                        .min(tokio::time::Instant::now() + RELEASE_TIMEOUT);
-                    self.release(lease, label, token, &span, until).await;
-                    self.stats.lease_released(false);
+                    self.release(lease, label, token, &span, Some(shutdown))
+                        .await;
                     return Ok(outcome);
                 }
                 Err(err) => {
-                    self.release(
-                        lease,
-                        label,
-                        token,
-                        &span,
-                        tokio::time::Instant::now() + RELEASE_TIMEOUT,
-                    )
-                    .await;
-                    self.stats.lease_released(false);
+                    self.release(lease, label, token, &span, None).await;
                     return Err(err);
                 }
             }
         }
     }
 
-    /// Releases the lease held with `token`, once, by `until`: a failure
-    /// (or no time left) leaves it to expire.
+    /// Releases the lease held with `token`, once, within
+    /// [`RELEASE_TIMEOUT`] and by the stop's `deadline` if there is one: a
+    /// failure (or no time left) leaves it to expire.
     async fn release(
         &self,
         lease: &dyn ConsumerLease,
         label: &str,
         token: FenceToken,
         span: &tracing::Span,
-        until: tokio::time::Instant,
+        deadline: Option<Deadline>,
     ) {
+        self.stats.lease_released(false);
+        let mut until = tokio::time::Instant::now() + RELEASE_TIMEOUT;
+        if let Some(deadline) = deadline {
+            until = until.min(deadline.0);
+        }
         match tokio::time::timeout_at(until, lease.release(label, token)).await {
             Ok(Ok(())) => span.in_scope(|| info!(fence_token = token, "lease released")),
             Ok(Err(err)) => span.in_scope(|| warn!(fence_token = token, err = %err, "could not release the lease; a standby takes over when it expires")),

@@ -136,7 +136,7 @@ pub struct BenchArgs {
 
     /// How long one memory case's `run --drain` may take; after that it is
     /// stopped and reported unfinished, with the peak memory reached so far.
-    #[arg(long, default_value = "180s", value_parser = parse_duration)]
+    #[arg(long, default_value = "400s", value_parser = parse_duration)]
     pub memory_case_timeout: Duration,
 
     /// How many times the lease's holder is SIGKILLed while three workers
@@ -224,6 +224,21 @@ pub struct TlsArgs {
     /// The PEM private key of --tls-cert-file.
     #[arg(long, global = true, env = "LOBBY_TLS_KEY_FILE")]
     pub tls_key_file: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The flags that give these files to another `lobby-worker` process.
+    pub fn as_flags(&self) -> Vec<std::ffi::OsString> {
+        [
+            ("--tls-ca-file", &self.tls_ca_file),
+            ("--tls-cert-file", &self.tls_cert_file),
+            ("--tls-key-file", &self.tls_key_file),
+        ]
+        .into_iter()
+        .filter_map(|(flag, file)| file.as_ref().map(|file| [flag.into(), file.into()]))
+        .flatten()
+        .collect()
+    }
 }
 
 /// When offsets are saved.

@@ -194,8 +194,8 @@ pub async fn watch(
                     failures = summary.failures,
                     redis_faults = summary.redis_faults,
                     per_second = summary.per_second,
-                    lag_entries = last.lag.entries,
-                    lag_entries_more_than = last.lag.more_than,
+                    lag_entries = last.entries_counted.then_some(last.lag.entries),
+                    lag_entries_more_than = last.entries_counted.then_some(last.lag.more_than),
                     lag_seconds = last.lag.ms / 1000,
                     "summary"
                 );

@@ -1501,15 +1501,7 @@ async fn drain_child(
         "--metrics-addr",
         "off",
     ]);
-    for (flag, file) in [
-        ("--tls-ca-file", &tls.tls_ca_file),
-        ("--tls-cert-file", &tls.tls_cert_file),
-        ("--tls-key-file", &tls.tls_key_file),
-    ] {
-        if let Some(file) = file {
-            command.arg(flag).arg(file);
-        }
-    }
+    command.args(tls.as_flags());
     let concurrency = concurrency.to_string();
     let mut child = command
         .args(["--stream", stream, "--key-prefix", prefix])

@@ -184,6 +184,7 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         &http_stop,
     )
     .await?;
+    let progress = config.drain && std::io::stderr().is_terminal();
     let probe = LagProbe {
         conn: lifecycle_redis::connect::lazy_manager(client, Duration::from_secs(5))
             .context("cannot set up the lag probe's connection")?,
@@ -191,6 +192,8 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         stream: config.stream.clone(),
         label: config.label.clone(),
         start_from: config.start_from,
+        // Only where the count is shown: /metrics, or the progress bar.
+        count_entries: endpoints.is_some() || progress,
         gauges: lag_gauges,
     };
     let watching = tokio::spawn(watch(
@@ -198,7 +201,7 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         consumer.stats(),
         WatchSettings {
             summary_every: Some(args.summary_interval).filter(|every| !every.is_zero()),
-            progress: config.drain && std::io::stderr().is_terminal(),
+            progress,
         },
         http_stop.clone(),
     ));

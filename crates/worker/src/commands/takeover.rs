@@ -47,15 +47,7 @@ fn start(url: &str, tls: &TlsArgs, stream: &str, prefix: &str) -> anyhow::Result
     let exe = std::env::current_exe().context("cannot find this program's path")?;
     let mut command = Command::new(exe);
     command.args(["run", "--metrics-addr", "off", "--log-level", "error"]);
-    for (flag, file) in [
-        ("--tls-ca-file", &tls.tls_ca_file),
-        ("--tls-cert-file", &tls.tls_cert_file),
-        ("--tls-key-file", &tls.tls_key_file),
-    ] {
-        if let Some(file) = file {
-            command.arg(flag).arg(file);
-        }
-    }
+    command.args(tls.as_flags());
     let child = command
         .args(["--stream", stream, "--key-prefix", prefix])
         .env("REDIS_URL", url)
