@@ -56,6 +56,10 @@ pub struct StreamConsumer<D: EntryDecoder> {
     /// For a `rediss://` client: what the reader's own socket trusts and
     /// presents (`None`: the system's trust store).
     tls: Option<TlsSettings>,
+    /// The read size the last session ended with (0: none yet): a session
+    /// after a lost lease starts from it rather than from a whole batch,
+    /// whose reply of huge entries could hold Redis past the lease again.
+    learned_batch_size: std::sync::atomic::AtomicUsize,
     /// The lease that lets one process consume the label at a time (`None`:
     /// this process consumes regardless).
     lease: Option<Arc<dyn ConsumerLease>>,
@@ -82,6 +86,7 @@ impl<D: EntryDecoder> StreamConsumer<D> {
             config,
             stats: Arc::default(),
             tls: None,
+            learned_batch_size: std::sync::atomic::AtomicUsize::new(0),
             lease: None,
         })
     }
@@ -339,6 +344,10 @@ impl<D: EntryDecoder> StreamConsumer<D> {
         async move {
             let mut driver = Driver::new(&ctx);
             let outcome = driver.consume().await;
+            if let Some(machine) = driver.machine.as_ref() {
+                self.learned_batch_size
+                    .store(machine.batch_size(), Ordering::Relaxed);
+            }
             if driver.lease_lost {
                 // Nothing more is saved or started: the driver, its reader
                 // and its jobs are dropped here.
@@ -1040,7 +1049,12 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             redis_retry: config.redis_retry,
             defer_saves_when_caught_up: !config.checkpoint_delay.is_zero(),
         };
-        self.machine = Some(Machine::new(settings, start, saved, persist, drain_target));
+        let mut machine = Machine::new(settings, start, saved, persist, drain_target);
+        let learned = self.ctx.consumer.learned_batch_size.load(Ordering::Relaxed);
+        if learned > 0 {
+            machine.start_with_batch_size(learned);
+        }
+        self.machine = Some(machine);
         info!(
             start_after = %start,
             block_timeout_ms = millis(config.block_timeout),

@@ -748,6 +748,19 @@ impl<T> Machine<T> {
         self.finished
     }
 
+    /// How many entries a read asks for now (lowered after replies that
+    /// were too large, doubling back as they allow).
+    pub(crate) fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// Starts reading `count` entries at a time (at most the configured
+    /// batch): what an earlier session of the same consumer learned, so that
+    /// a stream of huge entries is not asked for a whole batch again.
+    pub(crate) fn start_with_batch_size(&mut self, count: usize) {
+        self.batch_size = count.clamp(1, self.settings.batch_size.max(1));
+    }
+
     /// The offset known to be stored.
     pub(crate) fn saved_offset(&self) -> Option<EntryId> {
         self.saved
@@ -1324,6 +1337,17 @@ mod tests {
         assert!(reads(&drain(&mut machine)).is_empty());
         machine.retry_read();
         assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 4)]);
+    }
+
+    #[test]
+    fn a_learned_read_size_carries_over_within_the_configured_batch() {
+        let mut machine: Machine<()> = Machine::new(settings(8), id(0), Some(id(0)), false, None);
+        machine.start_with_batch_size(3);
+        assert_eq!(machine.batch_size(), 3);
+        machine.start_with_batch_size(100);
+        assert_eq!(machine.batch_size(), 4, "never above the configured batch");
+        machine.start_with_batch_size(0);
+        assert_eq!(machine.batch_size(), 1);
     }
 
     #[test]
