@@ -265,7 +265,7 @@ pub async fn stream_length<C: ConnectionLike + Send>(
 }
 
 /// The name/value pairs of a RESP2 flat array or a RESP3 map.
-fn pairs(reply: Value) -> Vec<(Value, Value)> {
+pub fn pairs(reply: Value) -> Vec<(Value, Value)> {
     match reply {
         Value::Map(pairs) => pairs,
         Value::Array(items) => {

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::cli::UserArgs;
 use crate::redis_conn::{connect, explain, with_url, RedisTarget};
-use crate::stream_status::successor;
+use crate::stream_status::{pairs, successor};
 
 /// Game ids of the user's index shown at most (with their status and role).
 pub const GAMES_SHOWN: usize = 20;
@@ -724,22 +724,6 @@ fn shown(text: &str) -> String {
 /// Raw key bytes as they may be printed.
 fn shown_bytes(raw: &[u8]) -> String {
     shown(&String::from_utf8_lossy(raw))
-}
-
-/// The name/value pairs of a RESP2 flat array or a RESP3 map.
-fn pairs(reply: Value) -> Vec<(Value, Value)> {
-    match reply {
-        Value::Map(pairs) => pairs,
-        Value::Array(items) => {
-            let mut pairs = Vec::with_capacity(items.len() / 2);
-            let mut items = items.into_iter();
-            while let (Some(name), Some(value)) = (items.next(), items.next()) {
-                pairs.push((name, value));
-            }
-            pairs
-        }
-        _ => Vec::new(),
-    }
 }
 
 /// A reply value as text (lossily decoded); `None` for nil and the like.
