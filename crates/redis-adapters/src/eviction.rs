@@ -7,10 +7,6 @@
 
 use lifecycle_streams::quote_answer;
 use redis::aio::ConnectionLike;
-use redis::AsyncConnectionConfig;
-
-use crate::connect::server_address;
-use crate::server_version::CHECK_TIMEOUT;
 
 /// The `maxmemory-policy` under which Redis never evicts a key.
 pub const NO_EVICTION: &str = "noeviction";
@@ -71,33 +67,18 @@ pub async fn read_evicting_policy<C: ConnectionLike + Send>(
     policy_evicts(&policy).then_some(policy)
 }
 
-/// Connects to `client`'s server once (the timeouts of
-/// [`verify_server`](crate::verify_server)) and runs
-/// [`read_evicting_policy`] on that connection; for a start-up check.
-/// `None` when it cannot connect (logged at debug level).
-pub async fn evicting_policy(client: &redis::Client) -> Option<String> {
-    let at = server_address(client);
-    let settings = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(CHECK_TIMEOUT))
-        .set_response_timeout(Some(CHECK_TIMEOUT));
-    match client
-        .get_multiplexed_async_connection_with_config(&settings)
-        .await
-    {
-        Ok(mut conn) => read_evicting_policy(&mut conn, &at).await,
-        Err(err) => {
-            tracing::debug!(at, err = %err, "cannot connect; maxmemory-policy not checked");
-            None
-        }
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     use lifecycle_test_support::{RedisServer, RedisServerOptions};
+
+    /// [`read_evicting_policy`] on a fresh connection; `None` when none.
+    async fn evicting_policy(client: &redis::Client) -> Option<String> {
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        read_evicting_policy(&mut conn, "test").await
+    }
 
     fn memory(lines: &[&str]) -> String {
         let mut text = String::from("# Memory\r\nused_memory:1024\r\n");

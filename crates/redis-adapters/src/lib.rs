@@ -65,14 +65,14 @@ pub use connect::{
     check_url, open_client, open_tls_client, redact_url, server_address, ConnectError,
 };
 pub use consumer::{RedisUserLifecycleConsumer, UserLifecycleDecoder};
-pub use eviction::{evicting_policy, read_evicting_policy, NO_EVICTION};
+pub use eviction::{read_evicting_policy, NO_EVICTION};
 pub use lease::{Identity, LeaseStatus, RedisLease};
 pub use lobby::{CascadeRecord, RedisLobbyStore};
 pub use memory::MemoryOffsetStore;
 pub use offsets::{RedisOffsetStore, DEFAULT_KEY_PREFIX};
 pub use server_version::{
-    check_server_version, foreign_answer, judge_info, verify_server, ServerVersion, VersionError,
-    VersionVerdict, MIN_REDIS_VERSION,
+    check_server_version, foreign_answer, judge_info, verify_server, ServerCheck, ServerVersion,
+    VersionError, VersionVerdict, MIN_REDIS_VERSION,
 };
 
 use lifecycle_domain::StoreError;

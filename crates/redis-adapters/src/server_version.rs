@@ -27,7 +27,7 @@ pub const MIN_REDIS_VERSION: &str = "7.0";
 const MIN_VERSION: (u32, u32) = (7, 0);
 
 /// How long the check may take to connect, and to get an answer.
-pub(crate) const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A server's version, from `INFO server`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,15 +218,26 @@ pub async fn check_server_version<C: ConnectionLike + Send>(
     }
 }
 
-/// Connects to `client`'s server once and runs [`check_server_version`]
-/// on that connection; for a start-up check.
+/// What the start-up check found of a server that answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerCheck {
+    /// Its version (`None`: `INFO` refused or unreadable).
+    pub version: Option<ServerVersion>,
+    /// Its `maxmemory-policy` when that may evict keys (see
+    /// [`read_evicting_policy`](crate::read_evicting_policy)).
+    pub evicting_policy: Option<String>,
+}
+
+/// Connects to `client`'s server once and, on that one connection, runs
+/// [`check_server_version`] and reads whether its memory policy may evict
+/// keys; for a start-up check.
 ///
 /// # Errors
 ///
 /// As [`check_server_version`]; [`VersionError::NotRedis`] quotes the
 /// start of what the server answered when it can be read (see
 /// [`foreign_answer`]).
-pub async fn verify_server(client: &redis::Client) -> Result<Option<ServerVersion>, VersionError> {
+pub async fn verify_server(client: &redis::Client) -> Result<ServerCheck, VersionError> {
     let at = server_address(client);
     let settings = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CHECK_TIMEOUT))
@@ -235,7 +246,13 @@ pub async fn verify_server(client: &redis::Client) -> Result<Option<ServerVersio
         .get_multiplexed_async_connection_with_config(&settings)
         .await
     {
-        Ok(mut conn) => check_server_version(&mut conn, &at).await,
+        Ok(mut conn) => match check_server_version(&mut conn, &at).await {
+            Ok(version) => Ok(ServerCheck {
+                version,
+                evicting_policy: crate::read_evicting_policy(&mut conn, &at).await,
+            }),
+            Err(err) => Err(err),
+        },
         Err(err) if not_redis(&err) => Err(VersionError::NotRedis {
             at: at.clone(),
             answered: None,
@@ -443,7 +460,7 @@ mod tests {
     async fn a_real_redis_passes_with_its_version() {
         let server = RedisServer::start();
         let client = crate::open_client(&server.url()).unwrap();
-        let found = verify_server(&client).await.unwrap().unwrap();
+        let found = verify_server(&client).await.unwrap().version.unwrap();
         assert!((found.redis.0, found.redis.1) >= MIN_VERSION, "{found}");
     }
 

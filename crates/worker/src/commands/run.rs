@@ -103,11 +103,17 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let answered = checked.is_ok();
     match checked {
-        Ok(Some(version)) => info!(redis_version = %version, "Redis version checked"),
-        // INFO refused or unreadable: not held against the server.
-        Ok(None) => {}
+        Ok(check) => {
+            if let Some(version) = check.version {
+                info!(redis_version = %version, "Redis version checked");
+            }
+            // INFO refused or unreadable: not held against the server.
+            if let Some(policy) = check.evicting_policy {
+                // An evicted offset loses the worker's place.
+                warn!(maxmemory_policy = %policy, "Redis may evict keys under memory pressure (maxmemory-policy is not noeviction): an evicted offset or stream loses the worker's place; set maxmemory-policy noeviction on this Redis");
+            }
+        }
         // Too old, or not Redis at all: nothing a retry mends.
         Err(err @ (VersionError::TooOld { .. } | VersionError::NotRedis { .. })) => {
             return Err(err.into())
@@ -116,21 +122,6 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         // a refused password or handshake, which the engine reports with
         // its advice.
         Err(err) => debug!(err = %err, "Redis version not checked"),
-    }
-    // Asked only of a Redis that answered; an evicted offset loses our place.
-    let evicting = if answered {
-        tokio::select! {
-            policy = lifecycle_redis::evicting_policy(&client) => policy,
-            () = &mut stop_signal => {
-                info!("shutdown requested before consuming began");
-                return Ok(());
-            }
-        }
-    } else {
-        None
-    };
-    if let Some(policy) = evicting {
-        warn!(maxmemory_policy = %policy, "Redis may evict keys under memory pressure (maxmemory-policy is not noeviction): an evicted offset or stream loses the worker's place; set maxmemory-policy noeviction on this Redis");
     }
     let offsets = RedisOffsetStore::new(client.clone(), &args.redis.key_prefix)
         .context("cannot set up the offset store")?;
