@@ -364,8 +364,8 @@ impl RedisLease {
 /// # Errors
 ///
 /// [`StoreError`] when Redis fails or the keys hold something else.
-pub async fn read_status(
-    conn: &ConnectionManager,
+pub async fn read_status<C: redis::aio::ConnectionLike + Clone + Send>(
+    conn: &C,
     prefix: &str,
     label: &str,
 ) -> Result<LeaseStatus, StoreError> {

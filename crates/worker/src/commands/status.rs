@@ -2,8 +2,6 @@
 
 use anyhow::{anyhow, Context};
 use lifecycle_domain::EntryId;
-use std::time::Duration;
-
 use lifecycle_redis::lease::read_status;
 use lifecycle_redis::{Identity, LeaseStatus, RedisOffsetStore};
 use serde::Serialize;
@@ -117,11 +115,8 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let lease_conn =
-        lifecycle_redis::connect::lazy_manager(target.client()?, Duration::from_secs(10))
-            .map_err(|err| explain(url, "connect", &err))?;
     let lease = with_url(
-        read_status(&lease_conn, &args.redis.key_prefix, &args.label).await,
+        read_status(&conn, &args.redis.key_prefix, &args.label).await,
         url,
     )?;
     let dead_letter_length = stream_length(&mut conn, &dead_letter_stream)
