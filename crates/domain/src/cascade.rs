@@ -304,6 +304,18 @@ mod tests {
     }
 
     #[test]
+    fn stored_names_round_trip() {
+        for name in ["open", "running", "finished", "cancelled", "paused"] {
+            assert_eq!(GameStatus::parse(name).as_str(), name);
+        }
+        // Adapters pass these names to their executors (the Lua cascade
+        // reads them): they are part of the stored contract.
+        assert_eq!(MemberChange::Keep.as_str(), "keep");
+        assert_eq!(MemberChange::Remove.as_str(), "remove");
+        assert_eq!(MemberChange::MoveToDropped.as_str(), "drop");
+    }
+
+    #[test]
     fn an_owner_leaving_an_open_game_cancels_it() {
         let mut g = game("open", "u", &["u", "m"]);
         g.apply_cascade("u", "user.deleted");

@@ -444,6 +444,12 @@ mod tests {
         let err = occurred_at(&long).unwrap_err();
         assert!(!err.contains('\n') && !err.contains('\u{1b}'), "{err}");
         assert!(err.len() < 200, "{}", err.len());
+        // The start of the value is quoted, cut to its first characters.
+        let err = occurred_at("12ab").unwrap_err();
+        assert!(err.contains("\"12ab\""), "{err}");
+        let err = occurred_at(&"7".repeat(100)).unwrap_err();
+        let quoted = "7".repeat(QUOTED_CHARS);
+        assert!(err.contains(&format!("\"{quoted}\"")), "{err}");
     }
 
     #[test]
@@ -451,6 +457,21 @@ mod tests {
         let big = "x".repeat(MAX_ENTRY_BYTES - 200);
         let event = decode_user_lifecycle_event(ID, &with("trace_id", &big)).unwrap();
         assert_eq!(event.trace_id.len(), big.len());
+        // An entry of exactly the limit decodes; one byte more does not.
+        let mut at_limit = with("trace_id", "");
+        let others: usize = at_limit.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if let Some((_, value)) = at_limit.iter_mut().find(|(k, _)| k == "trace_id") {
+            *value = "x".repeat(MAX_ENTRY_BYTES - others);
+        }
+        assert!(decode_user_lifecycle_event(ID, &at_limit).is_ok());
+        if let Some((_, value)) = at_limit.iter_mut().find(|(k, _)| k == "trace_id") {
+            value.push('x');
+        }
+        let err = decode_user_lifecycle_event(ID, &at_limit).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::EntryTooLarge { bytes, limit } if bytes == MAX_ENTRY_BYTES + 1 && limit == MAX_ENTRY_BYTES),
+            "{err}"
+        );
         let too_big = "x".repeat(MAX_ENTRY_BYTES);
         let err = decode_user_lifecycle_event(ID, &with("trace_id", &too_big)).unwrap_err();
         assert!(err.to_string().starts_with("entry too large"), "{err}");

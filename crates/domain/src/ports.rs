@@ -282,3 +282,27 @@ pub enum SaveOutcome {
     /// process consumes now; nothing was written.
     Fenced,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handler_error_keeps_its_cause_for_whoever_walks_the_chain() {
+        let cause = StoreError {
+            action: "apply the cascade".into(),
+            permanent: true,
+            source: "refused".into(),
+        };
+        let err = HandlerError::with_source("apply the lobby cascade", cause);
+        let source = err.source().and_then(|s| s.downcast_ref::<StoreError>());
+        assert!(source.is_some_and(|s| s.permanent), "{err:?}");
+        assert!(HandlerError::msg("own fault").source().is_none());
+    }
+
+    #[test]
+    fn stop_reasons_are_named_for_logs() {
+        assert_eq!(StopReason::Cancelled.as_str(), "cancelled");
+        assert_eq!(StopReason::Drained.as_str(), "drained");
+    }
+}

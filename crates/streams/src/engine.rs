@@ -35,7 +35,7 @@ use crate::config::{ConsumerConfig, StartFrom};
 use crate::dead_letter::{self, DeadLetterOutcome};
 use crate::decoder::{Decoded, EntryDecoder};
 use crate::error::ConsumerError;
-use crate::fault::{classify, classify_read, FaultClass};
+use crate::fault::{advice, advice_in, advice_read, classify, classify_read, FaultClass};
 use crate::lease::{LeaseClock, LeaseGuard, LeaseStep, LeaseTiming};
 use crate::machine::{entry_cost, Action, Arrival, Completion, Job, Machine, Settings};
 use crate::read_conn::{ReadError, Received};
@@ -327,6 +327,7 @@ impl<D: EntryDecoder> StreamConsumer<D> {
         )
         .map_err(|source| ConsumerError::Redis {
             action: "set up a command connection",
+            advice: advice(&source),
             source: Box::new(source),
         })?;
         let ctx = Ctx {
@@ -866,7 +867,7 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
             self.stats().redis_fault();
             let delay = backoff.next_delay();
             if backoff.attempts() == 1 {
-                warn!(action, err = %err, "Redis unavailable; retrying with back-off");
+                warn!(action, err = %err, advice = advice(&err), "Redis unavailable; retrying with back-off");
             }
             if !sleep_unless_cancelled(self.cancel, delay).await {
                 return Ok(None);
@@ -874,6 +875,13 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
         }
     }
 }
+
+/// What the operator is told of a fault that is not Redis's own.
+const RETRY_ADVICE: &str = "the worker retries with back-off and keeps its place";
+
+/// What the operator is told when the reader task is gone: never expected.
+const READER_STOPPED_ADVICE: &str =
+    "a fault of the worker itself: report it with the log; restarting the worker resumes from its offset";
 
 /// The error to end the session with, when `err` is permanent.
 fn permanent_redis(action: &'static str, key: &str, err: &RedisError) -> Result<(), ConsumerError> {
@@ -893,6 +901,7 @@ fn permanent_redis(action: &'static str, key: &str, err: &RedisError) -> Result<
         FaultClass::Permanent => Err(ConsumerError::Redis {
             action,
             source: Box::new(err.clone()),
+            advice: advice(err),
         }),
     }
 }
@@ -918,7 +927,7 @@ struct OutageLog {
 }
 
 impl OutageLog {
-    fn note(&mut self, stats: &ConsumerStats, cause: &dyn std::fmt::Display) {
+    fn note(&mut self, stats: &ConsumerStats, cause: &(dyn std::error::Error + 'static)) {
         stats.redis_fault();
         match &mut self.started {
             Some((_, retries)) => {
@@ -926,7 +935,8 @@ impl OutageLog {
                 debug!(err = %cause, retries = *retries, "Redis still unavailable");
             }
             None => {
-                warn!(err = %cause, "Redis unavailable; retrying with back-off, keeping our place");
+                let advice = advice_in(cause).unwrap_or(RETRY_ADVICE);
+                warn!(err = %cause, advice, "Redis unavailable; retrying with back-off, keeping our place");
                 self.started = Some((Instant::now(), 1));
             }
         }
@@ -1119,6 +1129,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                     None => return Err(ConsumerError::Redis {
                         action: "read the stream",
                         source: "the stream reader stopped unexpectedly".into(),
+                        advice: READER_STOPPED_ADVICE,
                     }),
                 },
                 () = sleep_until(read_retry) => {
@@ -1190,6 +1201,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                         return Err(ConsumerError::Redis {
                             action: "read the stream",
                             source: "the stream reader stopped unexpectedly".into(),
+                            advice: READER_STOPPED_ADVICE,
                         });
                     }
                     self.stats().read();
@@ -1407,6 +1419,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                         "a reply larger than {limit} bytes arrived before its first entry's id"
                     )
                     .into(),
+                    advice: "raise `max_reply_bytes`",
                 });
             };
             warn!(
@@ -1442,6 +1455,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             FaultClass::Permanent => {
                 return Err(ConsumerError::Redis {
                     action,
+                    advice: advice_read(&err),
                     source: Box::new(err),
                 })
             }

@@ -43,13 +43,15 @@ pub enum ConsumerError {
         source: BoxError,
     },
     /// Redis rejected a command in a way retrying cannot change.
-    #[error("Redis rejected the attempt to {action}: {source}")]
+    #[error("Redis rejected the attempt to {action}: {source}; {advice}")]
     Redis {
         /// What was being done.
         action: &'static str,
         /// The server's answer.
         #[source]
         source: BoxError,
+        /// What the operator should check or fix.
+        advice: &'static str,
     },
     /// The offset store failed permanently.
     #[error(transparent)]

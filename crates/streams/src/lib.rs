@@ -104,7 +104,10 @@ pub use config::{
 pub use decoder::{Decoded, EntryDecoder};
 pub use engine::StreamConsumer;
 pub use error::{BoxError, ConsumerError};
-pub use fault::{classify, not_redis, quote_answer, write_refusal, FaultClass, ANSWER_QUOTED};
+pub use fault::{
+    advice, advice_read, classify, not_redis, quote_answer, write_refusal, FaultClass,
+    ANSWER_QUOTED,
+};
 pub use lifecycle_domain::{ConsumerLease, EventHandler, FenceToken, Renewal};
 pub use lifecycle_domain::{RunOutcome, StopReason};
 pub use reply::{parse_range_reply, parse_xread_reply, ReplyError, StreamEntry};
