@@ -161,10 +161,9 @@ pub(crate) fn connection_lost(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(err);
     while let Some(err) = current {
         if let Some(redis) = err.downcast_ref::<RedisError>() {
-            return redis.is_io_error()
-                || redis.is_connection_dropped()
-                || redis.is_connection_refusal()
-                || redis.code() == Some("LOADING");
+            // `is_io_error` covers a dropped or refused connection too
+            // (pinned by `the_finer_socket_predicates_imply_the_io_kind`).
+            return redis.is_io_error() || redis.code() == Some("LOADING");
         }
         current = err.source();
     }

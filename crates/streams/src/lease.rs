@@ -246,6 +246,7 @@ mod tests {
     fn a_paused_process_finds_its_lease_expired_on_waking() {
         let t0 = Instant::now();
         let clock = LeaseClock::acquired(LeaseTiming::new(TTL), t0);
+        assert_eq!(clock.ttl(), TTL, "what each renewal asks for");
         // SIGSTOP for longer than the ttl, then SIGCONT: no renewal is
         // attempted, the lease is given up.
         assert_eq!(clock.step(t0 + TTL * 2), LeaseStep::Expired);
@@ -262,5 +263,7 @@ mod tests {
         assert!(!guard.valid());
         let expired = LeaseGuard::new(now);
         assert!(!expired.valid());
+        expired.extend(now + Duration::from_secs(60));
+        assert!(expired.valid(), "extended forwards");
     }
 }
