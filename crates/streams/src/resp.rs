@@ -715,6 +715,63 @@ mod tests {
     }
 
     #[test]
+    fn sizes_and_costs_are_what_memory_accounting_adds_up() {
+        let bytes = reply(&[
+            ("1-0", &[b"event_type", b"user.deleted", b"user_id", b"u-1"]),
+            ("2-0", &[b"k", b"vvvvv"]),
+            ("3-0", &[]),
+        ]);
+        let (_, batch) = parse_all(&bytes);
+        assert_eq!(batch.reply_bytes(), bytes.len());
+        let views: Vec<_> = batch.iter().collect();
+        let sizes: Vec<_> = views.iter().map(EntryView::size).collect();
+        assert_eq!(sizes, vec![10 + 12 + 7 + 3, 1 + 5, 0]);
+        let fields: Vec<_> = views.iter().map(EntryView::field_count).collect();
+        assert_eq!(fields, vec![2, 1, 0]);
+        // Three entries, six strings among their fields.
+        assert_eq!(
+            batch.parsed_bytes(),
+            bytes.len() + 3 * SLOT_BYTES + 6 * SPAN_BYTES
+        );
+        let cost = crate::machine::entry_cost(32, 2);
+        assert_eq!(
+            cost,
+            32 + 2 * 2 * SPAN_BYTES + crate::machine::ENTRY_OVERHEAD
+        );
+        // What the entries cost once held never exceeds the parsed reply
+        // plus the per-entry overhead (the bound the machine relies on).
+        let held: usize = views
+            .iter()
+            .map(|view| crate::machine::entry_cost(view.size(), view.field_count()))
+            .sum();
+        assert!(held <= batch.parsed_bytes() + 3 * crate::machine::ENTRY_OVERHEAD);
+    }
+
+    #[test]
+    fn a_reset_parser_forgets_the_reply_it_was_in() {
+        let first = reply(&[("1-0", &[b"k", b"v"]), ("2-0", &[b"k", b"v"])]);
+        let mut parser = XreadParser::new();
+        let cut = first.len() - 3;
+        assert!(matches!(
+            parser.parse(&first[..cut]).unwrap(),
+            Parsed::Incomplete
+        ));
+        assert_eq!(parser.entries_parsed(), 1);
+        parser.reset();
+        assert_eq!(parser.entries_parsed(), 0);
+        assert_eq!(parser.partial_entry_id(), None);
+        assert_eq!(parser.held_bytes(0), 0);
+        let second = reply(&[("9-0", &[b"a", b"b"])]);
+        match parser.parse(&second).unwrap() {
+            Parsed::Complete(len) => assert_eq!(len, second.len()),
+            other => panic!("{other:?}"),
+        }
+        let batch = parser.take_batch(Bytes::from(second));
+        let ids: Vec<_> = batch.iter().map(|view| view.id()).collect();
+        assert_eq!(ids, vec![EntryId::new(9, 0)]);
+    }
+
+    #[test]
     fn a_timed_out_block_is_an_empty_batch() {
         let (len, batch) = parse_all(b"*-1\r\nextra");
         assert_eq!(len, 5);
