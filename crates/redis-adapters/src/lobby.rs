@@ -786,4 +786,17 @@ mod tests {
         // open, running, finished, cancelled, other; each not owner, owner.
         assert_eq!(rule_codes(), "R0R1D0D0K0K0R0R0K0K0");
     }
+
+    #[tokio::test]
+    async fn debug_shows_the_settings_and_a_page_holds_a_game_at_least() {
+        let client = redis::Client::open("redis://127.0.0.1:1/").unwrap();
+        let store = RedisLobbyStore::new(client, "lobby").unwrap();
+        let shown = format!("{:?}", store.with_page_size(7));
+        assert!(shown.starts_with("RedisLobbyStore {"), "{shown}");
+        assert!(shown.contains(r#"prefix: "lobby""#), "{shown}");
+        assert!(shown.contains("page_games: 7"), "{shown}");
+        let client = redis::Client::open("redis://127.0.0.1:1/").unwrap();
+        let store = RedisLobbyStore::new(client, "lobby").unwrap();
+        assert_eq!(store.with_page_size(0).page_games, 1);
+    }
 }
