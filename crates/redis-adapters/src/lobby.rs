@@ -787,6 +787,52 @@ mod tests {
         assert_eq!(rule_codes(), "R0R1D0D0K0K0R0R0K0K0");
     }
 
+    #[test]
+    fn script_replies_are_read_by_their_shape() {
+        let applied = Value::Array(vec![
+            Value::Int(1),
+            Value::Int(3),
+            Value::BulkString(b"g-1".to_vec()),
+            Value::SimpleString("g-2".into()),
+            Value::Int(7),
+            Value::Nil,
+        ]);
+        match Step::read(&applied, false) {
+            Some(Step::Applied {
+                games,
+                unknown_status,
+            }) => {
+                assert_eq!(games, 3);
+                assert_eq!(unknown_status, ["g-1", "g-2", "7"]);
+            }
+            _ => panic!("not read as applied"),
+        }
+        let recorded = Value::Array(vec![Value::Int(0), Value::BulkString(b"5-1".to_vec())]);
+        assert!(matches!(
+            Step::read(&recorded, true),
+            Some(Step::Recorded(id)) if id == EntryId::new(5, 1)
+        ));
+        let too_many = Value::Array(vec![Value::Int(2), Value::Int(40)]);
+        assert!(matches!(
+            Step::read(&too_many, true),
+            Some(Step::TooMany(40))
+        ));
+        // Only the finishing script declines a user with too many games.
+        assert!(Step::read(&too_many, false).is_none());
+        for junk in [
+            Value::Nil,
+            Value::Int(1),
+            Value::Array(vec![]),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::BulkString(b"not an id".to_vec()),
+            ]),
+            Value::Array(vec![Value::Int(9), Value::Int(1)]),
+        ] {
+            assert!(Step::read(&junk, true).is_none(), "{junk:?}");
+        }
+    }
+
     #[tokio::test]
     async fn debug_shows_the_settings_and_a_page_holds_a_game_at_least() {
         let client = redis::Client::open("redis://127.0.0.1:1/").unwrap();
