@@ -399,3 +399,18 @@ impl StreamOffsetStore for RedisOffsetStore {
         Box::pin(self.save_fenced_checked(label, id, expected, fence))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn debug_shows_the_prefix_and_no_connection() {
+        let client = redis::Client::open("redis://:secret@127.0.0.1:1/").unwrap();
+        let shown = format!("{:?}", RedisOffsetStore::new(client, "lobby").unwrap());
+        assert!(shown.starts_with("RedisOffsetStore {"), "{shown}");
+        assert!(shown.contains(r#"prefix: "lobby""#), "{shown}");
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+}
