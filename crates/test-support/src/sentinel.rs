@@ -25,6 +25,8 @@ const POLL: Duration = Duration::from_millis(50);
 #[derive(Debug)]
 pub struct SentinelGroup {
     name: String,
+    /// The sentinels' password, for asking them.
+    sentinel_password: Option<String>,
     /// The two data servers; which is the master changes with failovers.
     servers: Vec<RedisServer>,
     sentinels: Vec<PrivateRedis>,
@@ -37,36 +39,62 @@ impl SentinelGroup {
     /// failover could happen: the replica in sync, each sentinel knowing the
     /// replica and the two other sentinels.
     pub fn start(name: &str) -> SentinelGroup {
-        let master = RedisServer::start();
-        let replica = RedisServer::start_with(RedisServerOptions {
-            extra_args: vec![
-                "--replicaof".into(),
-                "127.0.0.1".into(),
-                master.port().to_string(),
-            ],
+        Self::start_with_passwords(name, None, None)
+    }
+
+    /// [`SentinelGroup::start`] with `data_password` required by the master
+    /// and the replica, and `sentinel_password` by the sentinels.
+    pub fn start_with_passwords(
+        name: &str,
+        data_password: Option<&str>,
+        sentinel_password: Option<&str>,
+    ) -> SentinelGroup {
+        let data_options = |extra_args: Vec<String>| RedisServerOptions {
+            requirepass: data_password.map(str::to_owned),
+            extra_args,
             ..RedisServerOptions::default()
-        });
+        };
+        // A replica that becomes master again after a failover needs the
+        // password to follow the new one.
+        let auth = data_password
+            .map(|password| vec!["--masterauth".to_owned(), password.to_owned()])
+            .unwrap_or_default();
+        let master = RedisServer::start_with(data_options(auth.clone()));
+        let mut replica_args = vec![
+            "--replicaof".to_owned(),
+            "127.0.0.1".to_owned(),
+            master.port().to_string(),
+        ];
+        replica_args.extend(auth);
+        let replica = RedisServer::start_with(data_options(replica_args));
         let configs =
             tempfile::tempdir().expect("test-support: cannot create a temporary directory");
         let mut sentinels = Vec::new();
         for index in 0..3 {
             let path = configs.path().join(format!("sentinel-{index}.conf"));
-            fs::write(
-                &path,
-                format!(
-                    "sentinel monitor {name} 127.0.0.1 {port} 2\n\
-                     sentinel down-after-milliseconds {name} {down}\n\
-                     sentinel failover-timeout {name} {failover}\n\
-                     sentinel parallel-syncs {name} 1\n",
-                    port = master.port(),
-                    down = DOWN_AFTER.as_millis(),
-                    failover = FAILOVER_TIMEOUT.as_millis(),
-                ),
-            )
-            .expect("test-support: cannot write a sentinel's configuration");
+            let mut config = format!(
+                "sentinel monitor {name} 127.0.0.1 {port} 2\n\
+                 sentinel down-after-milliseconds {name} {down}\n\
+                 sentinel failover-timeout {name} {failover}\n\
+                 sentinel parallel-syncs {name} 1\n",
+                port = master.port(),
+                down = DOWN_AFTER.as_millis(),
+                failover = FAILOVER_TIMEOUT.as_millis(),
+            );
+            if let Some(password) = data_password {
+                config.push_str(&format!("sentinel auth-pass {name} {password}\n"));
+            }
+            if let Some(password) = sentinel_password {
+                // The sentinels' own password, which they also use with
+                // each other.
+                config.push_str(&format!("sentinel sentinel-pass {password}\n"));
+            }
+            fs::write(&path, config)
+                .expect("test-support: cannot write a sentinel's configuration");
             let sentinel = PrivateRedis::start_with(Options {
                 config_file: Some(path),
                 args: vec!["--sentinel".into()],
+                password: sentinel_password.map(str::to_owned),
                 ..Options::default()
             })
             .unwrap_or_else(|err| panic!("test-support: a sentinel did not start: {err}"));
@@ -74,6 +102,7 @@ impl SentinelGroup {
         }
         let group = SentinelGroup {
             name: name.to_owned(),
+            sentinel_password: sentinel_password.map(str::to_owned),
             servers: vec![master, replica],
             sentinels,
             _configs: configs,
@@ -98,7 +127,7 @@ impl SentinelGroup {
             if !sentinel.is_running() {
                 continue;
             }
-            let answer = cli(
+            let answer = self.sentinel_cli(
                 sentinel.port(),
                 &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.name],
             );
@@ -155,6 +184,30 @@ impl SentinelGroup {
         }
     }
 
+    /// Asks the sentinels for a failover now (`SENTINEL FAILOVER`): the
+    /// master is demoted to a replica, not stopped. Returns the new
+    /// master's port once it answers as one.
+    pub fn failover(&self, timeout: Duration) -> u16 {
+        let old = self.master_port();
+        let sentinel = self.sentinels.first().expect("a sentinel");
+        let answer = self.sentinel_cli(sentinel.port(), &["SENTINEL", "FAILOVER", &self.name]);
+        assert_eq!(
+            answer, "OK",
+            "test-support: SENTINEL FAILOVER answered {answer}"
+        );
+        self.wait_for_failover(old, timeout)
+    }
+
+    /// `redis-cli` against the sentinel on `port`, with their password.
+    fn sentinel_cli(&self, port: u16, args: &[&str]) -> String {
+        let mut full: Vec<&str> = Vec::new();
+        if let Some(password) = &self.sentinel_password {
+            full.extend(["-a", password.as_str(), "--no-auth-warning"]);
+        }
+        full.extend_from_slice(args);
+        cli(port, &full)
+    }
+
     fn wait_ready(&self) {
         let deadline = Instant::now() + READY_TIMEOUT;
         let master = self.servers.first().expect("the master");
@@ -164,8 +217,10 @@ impl SentinelGroup {
                 .cli(&["INFO", "replication"])
                 .contains("master_link_status:up");
             let sentinels_ready = self.sentinels.iter().all(|sentinel| {
-                let replicas = cli(sentinel.port(), &["SENTINEL", "REPLICAS", &self.name]);
-                let others = cli(sentinel.port(), &["SENTINEL", "SENTINELS", &self.name]);
+                let replicas =
+                    self.sentinel_cli(sentinel.port(), &["SENTINEL", "REPLICAS", &self.name]);
+                let others =
+                    self.sentinel_cli(sentinel.port(), &["SENTINEL", "SENTINELS", &self.name]);
                 replicas.contains(&replica.port().to_string())
                     && others.matches("127.0.0.1").count() >= 2
             });

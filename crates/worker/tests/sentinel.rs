@@ -126,8 +126,29 @@ fn stream_ids(conn: &mut redis::Connection) -> Vec<String> {
     entries.into_iter().map(|(id, _)| id).collect()
 }
 
+/// How the master is replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failover {
+    /// SIGKILLed: the sentinels find it down and promote the replica.
+    Kill,
+    /// `SENTINEL FAILOVER`: demoted to a replica, still running.
+    Manual,
+}
+
 #[test]
-fn run_follows_a_sentinel_failover_and_handles_every_entry_the_new_master_holds() {
+fn run_follows_a_failover_after_the_master_is_killed() {
+    follows_a_failover(Failover::Kill);
+}
+
+#[test]
+fn run_follows_a_manual_failover_that_demotes_the_master() {
+    follows_a_failover(Failover::Manual);
+}
+
+/// The worker in a backlog with live events when the master is replaced
+/// `how`: it carries on against the promoted replica without a restart,
+/// and every entry the new master holds gets its cascade there.
+fn follows_a_failover(how: Failover) {
     let mut group = SentinelGroup::start("lobby");
     let old_master = group.master_port();
     let mut conn = connect(&group.master().url());
@@ -152,11 +173,16 @@ fn run_follows_a_sentinel_failover_and_handles_every_entry_the_new_master_holds(
                 .is_some_and(|offset| parse_id(&offset) >= parse_id(&backlog[BACKLOG / 10]))
         },
     );
-    let killed_at = Instant::now();
-    let killed = group.kill_master();
-    assert_eq!(killed, old_master);
-    let new_master = group.wait_for_failover(killed, Duration::from_secs(60));
-    let failover = killed_at.elapsed();
+    let replaced_at = Instant::now();
+    let new_master = match how {
+        Failover::Kill => {
+            let killed = group.kill_master();
+            assert_eq!(killed, old_master);
+            group.wait_for_failover(killed, Duration::from_secs(60))
+        }
+        Failover::Manual => group.failover(Duration::from_secs(60)),
+    };
+    let failover = replaced_at.elapsed();
     // New events go on arriving at the promoted master for a while.
     let mut promoted = connect(&group.server(new_master).url());
     let live_before = stream_ids(&mut promoted).len();
@@ -222,12 +248,14 @@ fn run_follows_a_sentinel_failover_and_handles_every_entry_the_new_master_holds(
         .filter(|id| !held.contains(id))
         .count();
     println!(
-        "sentinel failover: {} entries on the new master all handled; {lost} acknowledged entries lost by the old master before replication; failover took {:.1} s from the SIGKILL; caught up {:.1} s after the producer stopped",
+        "sentinel failover ({how:?}): {} entries on the new master all handled; {lost} acknowledged entries lost by the old master before replication; the new master answered {:.1} s after the old one was killed or demoted; caught up {:.1} s after the producer stopped",
         entries.len(),
         failover.as_secs_f64(),
         catching_up.as_secs_f64()
     );
-    assert!(worker.count("Redis unavailable") >= 1, "{}", worker.log());
+    if how == Failover::Kill {
+        assert!(worker.count("Redis unavailable") >= 1, "{}", worker.log());
+    }
     worker.terminate();
     let status = worker.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status:?}\n{}", worker.log());
@@ -269,6 +297,54 @@ fn every_command_finds_the_master_through_the_sentinels() {
     assert_eq!(common::stdout(&offset).trim(), id);
     let status = common::status_json(&url, &[]);
     assert_eq!(status["offset"], id.as_str(), "{status}");
+}
+
+#[test]
+fn the_master_and_the_sentinels_each_take_their_own_password() {
+    let group = SentinelGroup::start_with_passwords("lobby", Some("m4ster"), Some("s3ntinel"));
+    let url = group
+        .url()
+        .replace("redis+sentinel://", "redis+sentinel://:m4ster@");
+    let env = [("LOBBY_SENTINEL_PASSWORD", "s3ntinel")];
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        std::process::Command::new(common::BIN)
+            .args(args)
+            .env("REDIS_URL", &url)
+            .env_remove("LOBBY_METRICS_ADDR")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let published = run(
+        &[
+            "publish",
+            "--event-type",
+            "user.deleted",
+            "--user-id",
+            "u-1",
+        ],
+        &env,
+    );
+    common::assert_success(&published);
+    let id = common::stdout(&published).trim().to_owned();
+    let drained = run(&["run", "--drain", "--metrics-addr", "off"], &env);
+    common::assert_success(&drained);
+    let mut master = connect(&group.master().url());
+    assert_eq!(stored_offset(&mut master).as_deref(), Some(id.as_str()));
+    // Without it, the sentinels refuse the master's password: one line,
+    // neither password in it.
+    let refused = run(&["status"], &[]);
+    assert_eq!(
+        refused.status.code(),
+        Some(1),
+        "{}",
+        common::stderr(&refused)
+    );
+    let line = common::assert_one_error_line(&refused);
+    assert!(
+        !line.contains("m4ster") && !line.contains("s3ntinel"),
+        "{line}"
+    );
 }
 
 #[test]
