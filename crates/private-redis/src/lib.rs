@@ -150,6 +150,9 @@ pub struct Options {
     pub port_flags: Vec<String>,
     /// Arguments appended after the launcher's own; a setting given twice takes the later value.
     pub args: Vec<OsString>,
+    /// A configuration file, passed first (where `redis-server` takes one); a sentinel needs
+    /// one it can rewrite (with `--sentinel` among `args`).
+    pub config_file: Option<PathBuf>,
     /// How long a spawned server may take to answer `PING` before it is killed.
     pub ready_timeout: Duration,
 }
@@ -161,6 +164,7 @@ impl Default for Options {
             password: None,
             port_flags: Vec::new(),
             args: Vec::new(),
+            config_file: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
         }
     }
@@ -391,6 +395,9 @@ fn spawn(options: &Options, port: u16, extra_ports: &[u16], dir: &Path) -> Resul
     let output = File::create(dir.join(OUTPUT_FILE)).map_err(Error::TempDir)?;
     let errors = output.try_clone().map_err(Error::TempDir)?;
     let mut command = Command::new(&options.program);
+    if let Some(config_file) = &options.config_file {
+        command.arg(config_file);
+    }
     command
         .arg("--port")
         .arg(port.to_string())

@@ -21,7 +21,11 @@
 use std::time::Duration;
 
 use lifecycle_streams::TlsSettings;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use lifecycle_streams::{ConnectionTimeouts, RedisConnection, RedisEndpoint};
+
+use crate::sentinel::{
+    is_sentinel_url, open_sentinel_master, parse_sentinel_url, SENTINEL_SCHEMES,
+};
 use redis::ConnectionAddr;
 
 /// Schemes of a server over TCP (with TLS for the `s` forms).
@@ -55,7 +59,7 @@ pub struct ConnectError {
 }
 
 impl ConnectError {
-    fn new(url: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(url: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             reason: reason.into(),
@@ -69,6 +73,34 @@ fn leading_space(text: &str) -> String {
     } else {
         format!(" {text}")
     }
+}
+
+/// How long finding a Sentinel-managed master may take.
+pub const SENTINEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where `url` points: one server (`redis://`, `rediss://`, a Unix socket),
+/// or the master of a Sentinel-managed group (`redis+sentinel://`,
+/// `rediss+sentinel://`), whose sentinels take `sentinel_password` when
+/// given and the URL's otherwise. `tls` holds the certificate files, for
+/// the TLS schemes only. Nothing is connected yet.
+///
+/// # Errors
+///
+/// [`ConnectError`] as [`open_client`], [`open_tls_client`] and
+/// [`open_sentinel_master`] say.
+pub fn open_endpoint(
+    url: &str,
+    tls: Option<&TlsSettings>,
+    sentinel_password: Option<&str>,
+) -> Result<RedisEndpoint, ConnectError> {
+    if is_sentinel_url(url) {
+        return open_sentinel_master(url, tls, sentinel_password, SENTINEL_TIMEOUT).map(Into::into);
+    }
+    match tls {
+        Some(tls) => open_tls_client(url, tls),
+        None => open_client(url),
+    }
+    .map(Into::into)
 }
 
 /// Parses `url` into a client; nothing is connected yet.
@@ -137,11 +169,14 @@ pub fn check_url(url: &str) -> Result<(), ConnectError> {
         ));
     }
     let lower = scheme.to_ascii_lowercase();
+    if SENTINEL_SCHEMES.contains(&lower.as_str()) {
+        return parse_sentinel_url(url).map(drop);
+    }
     let unix = UNIX_SCHEMES.contains(&lower.as_str());
     if !unix && !TCP_SCHEMES.contains(&lower.as_str()) {
         return Err(ConnectError::new(
             format!("{scheme}://..."),
-            format!("the scheme {scheme}:// is not Redis's; use redis://, rediss:// (TLS) or redis+unix:// (a Unix socket)"),
+            format!("the scheme {scheme}:// is not Redis's; use redis://, rediss:// (TLS), redis+sentinel:// (a Sentinel-managed master) or redis+unix:// (a Unix socket)"),
         ));
     }
     if !unix {
@@ -325,18 +360,17 @@ fn refuse_insecure(url: &str, client: &redis::Client) -> Result<(), ConnectError
     }
 }
 
-/// A connection that reconnects in the background after a fault; the call
-/// that met the fault still fails, and the caller decides when to retry.
+/// A connection that reconnects after a fault (to a Sentinel-managed
+/// master: to the one the sentinels name then); the call that met the fault
+/// still fails, and the caller decides when to retry.
 pub fn lazy_manager(
-    client: redis::Client,
+    endpoint: impl Into<RedisEndpoint>,
     response_timeout: Duration,
-) -> Result<ConnectionManager, redis::RedisError> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(response_timeout))
-        .set_number_of_retries(1)
-        .set_min_delay(Duration::from_millis(50));
-    ConnectionManager::new_lazy_with_config(client, config)
+) -> Result<RedisConnection, redis::RedisError> {
+    endpoint.into().connection(ConnectionTimeouts {
+        connect: Duration::from_secs(5),
+        response: response_timeout,
+    })
 }
 
 /// Where `client` connects, without credentials: `host:port`, or the

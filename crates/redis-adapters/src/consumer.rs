@@ -8,8 +8,8 @@ use lifecycle_domain::{
     HandlerError, RunOutcome, StreamOffsetStore, UserLifecycleConsumer, UserLifecycleEvent,
 };
 use lifecycle_streams::{
-    ConsumerConfig, ConsumerError, ConsumerStats, Decoded, EntryDecoder, StreamConsumer,
-    TlsSettings,
+    ConsumerConfig, ConsumerError, ConsumerStats, Decoded, EntryDecoder, RedisEndpoint,
+    StreamConsumer, TlsSettings,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Span};
@@ -108,19 +108,20 @@ pub struct RedisUserLifecycleConsumer {
 }
 
 impl RedisUserLifecycleConsumer {
-    /// A consumer reading with `client` per `config`, keeping its offset in
+    /// A consumer reading from `endpoint` (a `redis::Client`, or a
+    /// Sentinel-managed master) per `config`, keeping its offset in
     /// `offsets`.
     ///
     /// # Errors
     ///
     /// [`ConsumerError::Config`] when the settings are inconsistent.
     pub fn new(
-        client: redis::Client,
+        endpoint: impl Into<RedisEndpoint>,
         offsets: Arc<dyn StreamOffsetStore>,
         config: ConsumerConfig,
     ) -> Result<Self, ConsumerError> {
         Ok(Self {
-            engine: StreamConsumer::new(client, UserLifecycleDecoder, offsets, config)?,
+            engine: StreamConsumer::new(endpoint, UserLifecycleDecoder, offsets, config)?,
             handler: Mutex::new(None),
             cancel: CancellationToken::new(),
         })

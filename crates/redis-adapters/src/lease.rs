@@ -19,7 +19,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use lifecycle_domain::{BoxFuture, ConsumerLease, FenceToken, Renewal, StoreError};
-use redis::aio::ConnectionManager;
+use lifecycle_streams::{RedisConnection, RedisEndpoint};
 use redis::Script;
 
 use crate::connect::lazy_manager;
@@ -209,7 +209,7 @@ pub struct Holder {
 /// The lease on Redis, for one process (see the module doc).
 #[derive(Clone)]
 pub struct RedisLease {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
     identity: Identity,
     standby_ttl: Duration,
@@ -247,13 +247,13 @@ impl RedisLease {
     ///
     /// When the client's settings cannot make a connection manager.
     pub fn new(
-        client: redis::Client,
+        endpoint: impl Into<RedisEndpoint>,
         prefix: &str,
         identity: Identity,
         standby_ttl: Duration,
     ) -> Result<Self, redis::RedisError> {
         Ok(Self {
-            conn: lazy_manager(client, Duration::from_secs(5))?,
+            conn: lazy_manager(endpoint, Duration::from_secs(5))?,
             prefix: prefix.to_owned(),
             identity,
             standby_ttl,

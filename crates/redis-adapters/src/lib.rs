@@ -59,10 +59,12 @@ pub mod lease;
 pub mod lobby;
 pub mod memory;
 pub mod offsets;
+pub mod sentinel;
 pub mod server_version;
 
 pub use connect::{
-    check_url, open_client, open_tls_client, redact_url, server_address, ConnectError,
+    check_url, open_client, open_endpoint, open_tls_client, redact_url, server_address,
+    ConnectError,
 };
 pub use consumer::{RedisUserLifecycleConsumer, UserLifecycleDecoder};
 pub use eviction::{read_evicting_policy, NO_EVICTION};
@@ -70,6 +72,7 @@ pub use lease::{Identity, LeaseStatus, RedisLease};
 pub use lobby::{CascadeRecord, RedisLobbyStore};
 pub use memory::MemoryOffsetStore;
 pub use offsets::{RedisOffsetStore, DEFAULT_KEY_PREFIX};
+pub use sentinel::{is_sentinel_url, open_sentinel_master, parse_sentinel_url, SentinelUrl};
 pub use server_version::{
     check_server_version, foreign_answer, judge_info, verify_server, ServerCheck, ServerVersion,
     VersionError, VersionVerdict, MIN_REDIS_VERSION,

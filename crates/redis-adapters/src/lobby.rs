@@ -27,7 +27,7 @@ use lifecycle_domain::{
     for_log, game_action, BoxFuture, CascadeOutcome, EntryId, Game, GameStatus, LobbyStore,
     MemberChange, StoreError, UserCascade,
 };
-use redis::aio::ConnectionManager;
+use lifecycle_streams::{RedisConnection, RedisEndpoint};
 use redis::{AsyncCommands, Script, Value};
 use tracing::{debug, warn};
 
@@ -276,7 +276,7 @@ pub struct CascadeRecord {
 /// The lobby on Redis.
 #[derive(Clone)]
 pub struct RedisLobbyStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
     /// [`FINISH_CASCADE`]: the whole cascade of a small index, the last
     /// step of a large one.
@@ -409,9 +409,12 @@ impl RedisLobbyStore {
     /// # Errors
     ///
     /// When the client's settings cannot make a connection manager.
-    pub fn new(client: redis::Client, prefix: &str) -> Result<Self, redis::RedisError> {
+    pub fn new(
+        endpoint: impl Into<RedisEndpoint>,
+        prefix: &str,
+    ) -> Result<Self, redis::RedisError> {
         Ok(Self {
-            conn: lazy_manager(client, Duration::from_secs(5))?,
+            conn: lazy_manager(endpoint, Duration::from_secs(5))?,
             prefix: prefix.to_owned(),
             finish: Script::new(FINISH_CASCADE),
             page: Script::new(CASCADE_PAGE),

@@ -20,7 +20,7 @@ use std::time::Duration;
 use lifecycle_domain::{
     BoxFuture, EntryId, FenceToken, SaveOutcome, StoreError, StreamOffsetStore,
 };
-use redis::aio::ConnectionManager;
+use lifecycle_streams::{RedisConnection, RedisEndpoint};
 use redis::{AsyncCommands, Script};
 
 use crate::connect::lazy_manager;
@@ -103,7 +103,7 @@ return { redis.call('GET', KEYS[1]) or '', run_id() }
 /// Offsets on Redis.
 #[derive(Clone)]
 pub struct RedisOffsetStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
     save_script: Script,
     load_script: Script,
@@ -128,9 +128,12 @@ impl RedisOffsetStore {
     /// # Errors
     ///
     /// When the client's settings cannot make a connection manager.
-    pub fn new(client: redis::Client, prefix: &str) -> Result<Self, redis::RedisError> {
+    pub fn new(
+        endpoint: impl Into<RedisEndpoint>,
+        prefix: &str,
+    ) -> Result<Self, redis::RedisError> {
         Ok(Self {
-            conn: lazy_manager(client, Duration::from_secs(5))?,
+            conn: lazy_manager(endpoint, Duration::from_secs(5))?,
             prefix: prefix.to_owned(),
             save_script: Script::new(SAVE_CHECKED),
             load_script: Script::new(LOAD_WITH_RUN_ID),

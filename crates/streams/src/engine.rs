@@ -25,7 +25,6 @@ use lifecycle_domain::{
     ConsumerLease, EntryId, EventHandler, FenceToken, HandlerError, Renewal, RunOutcome,
     SaveOutcome, StopReason, StoreError, StreamOffsetStore,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
@@ -34,6 +33,7 @@ use crate::backoff::{Backoff, BackoffPolicy};
 use crate::config::{ConsumerConfig, StartFrom};
 use crate::dead_letter::{self, DeadLetterOutcome};
 use crate::decoder::{Decoded, EntryDecoder};
+use crate::endpoint::{ConnectionTimeouts, RedisConnection, RedisEndpoint};
 use crate::error::ConsumerError;
 use crate::fault::{advice, advice_in, advice_read, classify, classify_read, FaultClass};
 use crate::lease::{LeaseClock, LeaseGuard, LeaseStep, LeaseTiming};
@@ -48,7 +48,7 @@ use crate::window::KeyHash;
 
 /// A reliable consumer of one stream, generic over how its entries decode.
 pub struct StreamConsumer<D: EntryDecoder> {
-    client: redis::Client,
+    endpoint: RedisEndpoint,
     decoder: D,
     offsets: Arc<dyn StreamOffsetStore>,
     config: ConsumerConfig,
@@ -66,21 +66,22 @@ pub struct StreamConsumer<D: EntryDecoder> {
 }
 
 impl<D: EntryDecoder> StreamConsumer<D> {
-    /// A consumer reading with `client`, decoding with `decoder` and keeping
-    /// its offset in `offsets`.
+    /// A consumer reading from `endpoint` (a `redis::Client`, or a
+    /// Sentinel-managed master), decoding with `decoder` and keeping its
+    /// offset in `offsets`.
     ///
     /// # Errors
     ///
     /// [`ConsumerError::Config`] when the settings are inconsistent.
     pub fn new(
-        client: redis::Client,
+        endpoint: impl Into<RedisEndpoint>,
         decoder: D,
         offsets: Arc<dyn StreamOffsetStore>,
         config: ConsumerConfig,
     ) -> Result<Self, ConsumerError> {
         config.validate().map_err(ConsumerError::Config)?;
         Ok(Self {
-            client,
+            endpoint: endpoint.into(),
             decoder,
             offsets,
             config,
@@ -318,18 +319,17 @@ impl<D: EntryDecoder> StreamConsumer<D> {
     where
         H: EventHandler<D::Item> + ?Sized,
     {
-        let commands = ConnectionManager::new_lazy_with_config(
-            self.client.clone(),
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(self.config.connect_timeout))
-                .set_response_timeout(Some(Duration::from_secs(10)))
-                .set_number_of_retries(1),
-        )
-        .map_err(|source| ConsumerError::Redis {
-            action: "set up a command connection",
-            advice: advice(&source),
-            source: Box::new(source),
-        })?;
+        let commands = self
+            .endpoint
+            .connection(ConnectionTimeouts {
+                connect: self.config.connect_timeout,
+                response: Duration::from_secs(10),
+            })
+            .map_err(|source| ConsumerError::Redis {
+                action: "set up a command connection",
+                advice: advice(&source),
+                source: Box::new(source),
+            })?;
         let ctx = Ctx {
             consumer: self,
             handler,
@@ -545,7 +545,7 @@ struct Ctx<'a, D: EntryDecoder, H: ?Sized> {
     handler: &'a H,
     cancel: &'a CancellationToken,
     /// For the stream's last id and dead letters; reconnects by itself.
-    commands: ConnectionManager,
+    commands: RedisConnection,
     /// Told when a handler call failed on its dependency: Redis may have
     /// restarted and lost writes, so the driver has the store checked
     /// before the call is retried.
@@ -849,7 +849,7 @@ impl<D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Ctx<'_, D, H> {
         mut attempt: F,
     ) -> Result<Option<T>, ConsumerError>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(RedisConnection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let mut backoff = Backoff::new(self.config().redis_retry);
@@ -991,7 +991,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
     fn new(ctx: &'a Ctx<'a, D, H>) -> Self {
         let config = ctx.config();
         let settings = ReaderSettings {
-            info: ctx.consumer.client.get_connection_info().clone(),
+            endpoint: ctx.consumer.endpoint.clone(),
             tls: ctx.consumer.tls.clone(),
             stream: config.stream.clone(),
             block: (!config.drain).then_some(config.block_timeout),
@@ -1807,9 +1807,12 @@ mod tests {
         config.handler_retry = policy(100);
         let consumer =
             StreamConsumer::new(client.clone(), Names, Arc::new(NoOffsets), config).unwrap();
-        let commands =
-            ConnectionManager::new_lazy_with_config(client, ConnectionManagerConfig::new())
-                .unwrap();
+        let commands = RedisEndpoint::from(client)
+            .connection(ConnectionTimeouts {
+                connect: Duration::from_secs(1),
+                response: Duration::from_secs(1),
+            })
+            .unwrap();
         let ctx = Ctx {
             consumer: &consumer,
             handler,

@@ -179,6 +179,7 @@ pub fn classify_read(err: &ReadError) -> FaultClass {
         | ReadError::Protocol(_)
         | ReadError::ReplyTooLarge { .. } => FaultClass::Transient,
         ReadError::Server(reply) => classify_code(&reply.code),
+        ReadError::Locate(err) => classify(err),
         // As for the client's connections (see `classify`); told by the
         // first answer of a fresh connection only, so that a reply our own
         // parser cannot read on a connection that spoke RESP stays
@@ -231,6 +232,7 @@ pub fn advice_read(err: &ReadError) -> &'static str {
         ReadError::Protocol(_) => RECONNECT_ADVICE,
         ReadError::ReplyTooLarge { .. } => REPLY_TOO_LARGE_ADVICE,
         ReadError::Server(reply) => code_advice(&reply.code),
+        ReadError::Locate(err) => advice(err),
         ReadError::Unsupported(_) => CLIENT_ADVICE,
         ReadError::NotRedis { .. } => NOT_REDIS_ADVICE,
     }

@@ -82,6 +82,7 @@ mod backoff;
 mod config;
 pub mod dead_letter;
 mod decoder;
+mod endpoint;
 mod engine;
 mod error;
 mod fault;
@@ -102,6 +103,10 @@ pub use config::{
     DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_REPLY_BYTES,
 };
 pub use decoder::{Decoded, EntryDecoder};
+pub use endpoint::{
+    master_moved, ConnectionTimeouts, FollowedMaster, RedisConnection, RedisEndpoint,
+    SentinelMaster,
+};
 pub use engine::StreamConsumer;
 pub use error::{BoxError, ConsumerError};
 pub use fault::{

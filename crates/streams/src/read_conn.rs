@@ -52,6 +52,10 @@ pub enum ReadError {
         /// The start of its answer, printable characters only.
         answered: String,
     },
+    /// The sentinels could not name a reachable master (a failover under
+    /// way, or no sentinel answers).
+    #[error("cannot find the master: {0}")]
+    Locate(redis::RedisError),
     /// The reply grew past the limit before it was complete; the connection
     /// must be dropped.
     #[error("an XREAD reply exceeded {limit} bytes after {entries} complete entries")]

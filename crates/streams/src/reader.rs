@@ -22,8 +22,8 @@
 
 use std::time::Duration;
 
+use crate::endpoint::RedisEndpoint;
 use lifecycle_domain::EntryId;
-use redis::ConnectionInfo;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -93,8 +93,9 @@ pub(crate) enum ReaderEvent {
 /// How the reader connects and reads.
 #[derive(Clone, Debug)]
 pub(crate) struct ReaderSettings {
-    /// Where Redis is.
-    pub info: ConnectionInfo,
+    /// Where Redis is: asked again at every new connection, so that a
+    /// Sentinel-managed master is followed across failovers.
+    pub endpoint: RedisEndpoint,
     /// For `rediss://`: what to trust and present.
     pub tls: Option<TlsSettings>,
     /// The stream key.
@@ -305,14 +306,21 @@ async fn read_once(
     let connected = conn.is_none();
     let reader = match conn {
         Some(reader) => reader,
-        None => conn.insert(
-            ReadConnection::connect(
-                &settings.info,
-                settings.tls.as_ref(),
-                settings.connect_timeout,
+        None => {
+            let client = settings
+                .endpoint
+                .client()
+                .await
+                .map_err(ReadError::Locate)?;
+            conn.insert(
+                ReadConnection::connect(
+                    client.get_connection_info(),
+                    settings.tls.as_ref(),
+                    settings.connect_timeout,
+                )
+                .await?,
             )
-            .await?,
-        ),
+        }
     };
     send(settings, reader, request, settings.block).await?;
     let received = receive(settings, reader, request).await?;

@@ -36,6 +36,8 @@ use lifecycle_private_redis::{Error, Options, PrivateRedis};
 
 pub mod proxy;
 pub use proxy::TcpProxy;
+pub mod sentinel;
+pub use sentinel::SentinelGroup;
 
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -172,8 +172,9 @@ pub struct DemoArgs {
 /// Where Redis is and which keys to use.
 #[derive(Debug, Args, Clone)]
 pub struct RedisArgs {
-    /// Redis URL: redis://[user:password@]host:port[/db]. Passwords are
-    /// never printed.
+    /// Redis URL: redis://[user:password@]host:port[/db] (rediss:// for
+    /// TLS), or redis+sentinel://[user:password@]host:port[,host:port...]/MASTER[/db]
+    /// for a Sentinel-managed master. Passwords are never printed.
     #[arg(
         long,
         global = true,
@@ -206,6 +207,18 @@ pub struct RedisArgs {
     /// Certificate files for rediss://.
     #[command(flatten)]
     pub tls: TlsArgs,
+
+    /// For redis+sentinel:// URLs: the sentinels' password, when it is not
+    /// the URL's (which is the master's). Never printed; prefer the
+    /// environment variable or the configuration file to the flag, which
+    /// other users of the host can see.
+    #[arg(
+        long,
+        global = true,
+        env = "LOBBY_SENTINEL_PASSWORD",
+        hide_env_values = true
+    )]
+    pub sentinel_password: Option<String>,
 }
 
 /// Certificate files for `rediss://` URLs.

@@ -26,6 +26,7 @@ const KEYS: &[&str] = &[
     "tls_ca_file",
     "tls_cert_file",
     "tls_key_file",
+    "sentinel_password",
     "block_timeout",
     "batch_size",
     "start_from",

@@ -300,7 +300,7 @@ fn implied_offset(start_from: StartFrom) -> Option<EntryId> {
 /// What the lag probe needs.
 pub struct LagProbe {
     /// Its own connection; reconnects by itself.
-    pub conn: redis::aio::ConnectionManager,
+    pub conn: lifecycle_streams::RedisConnection,
     /// Where the offset is read.
     pub offsets: RedisOffsetStore,
     /// The stream.

@@ -6,10 +6,12 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use lifecycle_domain::StreamOffsetStore;
 use lifecycle_redis::{
-    check_server_version, foreign_answer, open_client, open_tls_client, redact_url, server_address,
-    ConnectError, RedisUserLifecycleConsumer, VersionError,
+    check_server_version, foreign_answer, open_endpoint, redact_url, server_address, ConnectError,
+    RedisUserLifecycleConsumer, VersionError,
 };
-use lifecycle_streams::{classify, not_redis, ConsumerConfig, FaultClass, TlsFiles, TlsSettings};
+use lifecycle_streams::{
+    classify, not_redis, ConsumerConfig, FaultClass, RedisEndpoint, TlsFiles, TlsSettings,
+};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError};
 
@@ -24,6 +26,9 @@ pub struct RedisTarget {
     /// TLS settings from `--tls-*` files (`None`: none given; `rediss://`
     /// then trusts the system's store).
     pub tls: Option<TlsSettings>,
+    /// For `redis+sentinel://`: the sentinels' own password, when it is not
+    /// the URL's.
+    pub sentinel_password: Option<String>,
 }
 
 impl std::fmt::Debug for RedisTarget {
@@ -31,6 +36,10 @@ impl std::fmt::Debug for RedisTarget {
         f.debug_struct("RedisTarget")
             .field("url", &redact_url(&self.url))
             .field("tls", &self.tls)
+            .field(
+                "sentinel_password",
+                &self.sentinel_password.as_ref().map(|_| "***"),
+            )
             .finish()
     }
 }
@@ -38,7 +47,16 @@ impl std::fmt::Debug for RedisTarget {
 impl RedisTarget {
     /// The target the common flags describe, its certificate files loaded.
     pub fn from_args(args: &RedisArgs) -> anyhow::Result<Self> {
-        Self::new(&args.redis_url, &args.tls)
+        let mut target = Self::new(&args.redis_url, &args.tls)?;
+        target.sentinel_password = args.sentinel_password.clone();
+        if target.sentinel_password.is_some() && !lifecycle_redis::is_sentinel_url(&target.url) {
+            return Err(InputError(
+                "--sentinel-password (LOBBY_SENTINEL_PASSWORD) is for redis+sentinel:// URLs only"
+                    .into(),
+            )
+            .into());
+        }
+        Ok(target)
     }
 
     /// `url` with the certificate files of `tls` loaded. A URL the client
@@ -62,6 +80,7 @@ impl RedisTarget {
         let target = Self {
             url: url.to_owned(),
             tls,
+            sentinel_password: None,
         };
         // A malformed URL, or certificate files with redis://, fail here.
         target.open().map_err(|err| InputError(err.to_string()))?;
@@ -75,23 +94,35 @@ impl RedisTarget {
         offsets: Arc<dyn StreamOffsetStore>,
         config: ConsumerConfig,
     ) -> anyhow::Result<RedisUserLifecycleConsumer> {
-        let consumer = RedisUserLifecycleConsumer::new(self.client()?, offsets, config)?;
+        let consumer = RedisUserLifecycleConsumer::new(self.endpoint()?, offsets, config)?;
         Ok(match &self.tls {
             Some(tls) => consumer.with_tls(tls.clone()),
             None => consumer,
         })
     }
 
-    /// A client for the target; nothing is connected yet.
-    pub fn client(&self) -> anyhow::Result<redis::Client> {
+    /// Where the target is: one server, or a Sentinel-managed master;
+    /// nothing is connected yet.
+    pub fn endpoint(&self) -> anyhow::Result<RedisEndpoint> {
         Ok(self.open()?)
     }
 
-    fn open(&self) -> Result<redis::Client, ConnectError> {
-        match &self.tls {
-            Some(tls) => open_tls_client(&self.url, tls),
-            None => open_client(&self.url),
-        }
+    /// A client for the server to use now: the URL's, or the master the
+    /// sentinels name (asking them).
+    pub async fn client(&self) -> anyhow::Result<redis::Client> {
+        let endpoint = self.endpoint()?;
+        endpoint
+            .client()
+            .await
+            .map_err(|err| explain(&self.url, "find the master", &err))
+    }
+
+    fn open(&self) -> Result<RedisEndpoint, ConnectError> {
+        open_endpoint(
+            &self.url,
+            self.tls.as_ref(),
+            self.sentinel_password.as_deref(),
+        )
     }
 }
 
@@ -100,7 +131,7 @@ impl RedisTarget {
 /// that says what to do.
 pub async fn connect(target: &RedisTarget) -> anyhow::Result<MultiplexedConnection> {
     let url = target.url.as_str();
-    let client = target.client()?;
+    let client = target.client().await?;
     let settings = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(10)));

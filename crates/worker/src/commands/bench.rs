@@ -321,7 +321,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     fill(&mut conn, &url, &main_stream, args.events).await?;
 
     say("raw: bare XREAD reader".into());
-    let client = target.client()?;
+    let client = target.endpoint()?;
     report.raw_eps = raw_read(&target, &main_stream, batch_size, args.events).await?;
 
     say("default: default settings, no-op handler".into());
@@ -824,7 +824,7 @@ const BOUND_SLOWLOG_MICROS: u64 = 100;
 async fn script_bound_case(
     target: &RedisTarget,
     conn: &mut MultiplexedConnection,
-    client: &redis::Client,
+    client: &lifecycle_streams::RedisEndpoint,
     prefix: &str,
 ) -> anyhow::Result<(Option<f64>, f64)> {
     let url = target.url.as_str();
@@ -981,7 +981,7 @@ async fn raw_read(
     batch: usize,
     expected: u64,
 ) -> anyhow::Result<f64> {
-    let client = target.client()?;
+    let client = target.client().await?;
     let mut reader = ReadConnection::connect(
         client.get_connection_info(),
         target.tls.as_ref(),
@@ -1019,7 +1019,7 @@ async fn drain(
     expected: u64,
 ) -> anyhow::Result<(f64, u64)> {
     config.drain = true;
-    let offsets = RedisOffsetStore::new(target.client()?, prefix)
+    let offsets = RedisOffsetStore::new(target.endpoint()?, prefix)
         .context("cannot set up the offset store")?;
     let consumer = target.consumer(Arc::new(offsets), config)?;
     consumer.on_event(handler);
@@ -1048,7 +1048,7 @@ async fn latency(
     let mut config = ConsumerConfig::new(stream, "latency");
     config.block_timeout = Duration::from_secs(1);
     let url = target.url.as_str();
-    let offsets = RedisOffsetStore::new(target.client()?, stream)
+    let offsets = RedisOffsetStore::new(target.endpoint()?, stream)
         .context("cannot set up the offset store")?;
     let consumer = Arc::new(target.consumer(Arc::new(offsets), config)?);
     let handler = Arc::new(LatencyHandler {

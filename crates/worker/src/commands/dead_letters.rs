@@ -733,7 +733,7 @@ async fn redrive(
         }
         return Ok(());
     }
-    let store = RedisLobbyStore::new(target.client()?, &redis_args.key_prefix)
+    let store = RedisLobbyStore::new(target.endpoint()?, &redis_args.key_prefix)
         .context("cannot set up the lobby store")?;
     let last = Arc::new(Mutex::new(None));
     let handler = CascadeHandler::new(Observed {

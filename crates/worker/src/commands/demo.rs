@@ -236,7 +236,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         )
         .await?;
     }
-    let client = target.client()?;
+    let client = target.endpoint()?;
     let lobby =
         RedisLobbyStore::new(client.clone(), prefix).context("cannot set up the lobby store")?;
     let games = demo_lobby();

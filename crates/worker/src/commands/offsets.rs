@@ -134,10 +134,10 @@ async fn write_under_lease(
 ) -> anyhow::Result<Option<EntryId>> {
     let url = &target.url;
     let label = &args.label;
-    let store = RedisOffsetStore::new(target.client()?, &args.redis.key_prefix)
+    let store = RedisOffsetStore::new(target.endpoint()?, &args.redis.key_prefix)
         .context("cannot set up the offset store")?;
     let lease = RedisLease::new(
-        target.client()?,
+        target.endpoint()?,
         &args.redis.key_prefix,
         Identity::of_this_process(),
         Duration::from_secs(1),
@@ -160,7 +160,7 @@ pub async fn run(args: OffsetsArgs) -> anyhow::Result<()> {
     let url = &target.url;
     // Fails fast, with advice, when Redis is unreachable.
     let mut conn = connect(&target).await?;
-    let store = RedisOffsetStore::new(target.client()?, &args.redis.key_prefix)
+    let store = RedisOffsetStore::new(target.endpoint()?, &args.redis.key_prefix)
         .context("cannot set up the offset store")?;
     let label = &args.label;
     let key = store.key(label);

@@ -28,6 +28,22 @@ use crate::outcome::LastOutcome;
 use crate::redis_conn::RedisTarget;
 use crate::watch::{watch, WatchSettings};
 
+/// Runs [`lifecycle_redis::verify_server`] on the server `endpoint` names
+/// now (for a Sentinel-managed master, the sentinels are asked first; a
+/// master not found yet is an outage, which the engine rides out).
+async fn verify_endpoint(
+    endpoint: &lifecycle_streams::RedisEndpoint,
+) -> Result<lifecycle_redis::ServerCheck, VersionError> {
+    let client = endpoint
+        .client()
+        .await
+        .map_err(|source| VersionError::Redis {
+            at: endpoint.describe(),
+            source,
+        })?;
+    lifecycle_redis::verify_server(&client).await
+}
+
 /// The longest `--summary-interval`.
 const MAX_SUMMARY_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
@@ -88,7 +104,7 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         .into());
     }
     let target = RedisTarget::from_args(&args.redis)?;
-    let client = target.client()?;
+    let client = target.endpoint()?;
     if args.print_config {
         print_config(&args, &config, logging)?;
         return Ok(());
@@ -97,7 +113,7 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     // is slow to answer the version check ends the run at once, with 0.
     let mut stop_signal = std::pin::pin!(crate::commands::shutdown_signal());
     let checked = tokio::select! {
-        checked = lifecycle_redis::verify_server(&client) => checked,
+        checked = verify_endpoint(&client) => checked,
         () = &mut stop_signal => {
             info!("shutdown requested before consuming began");
             return Ok(());
@@ -382,6 +398,15 @@ fn print_config(
             ),
         ),
         ("redis_url", redact_url(&args.redis.redis_url)),
+        (
+            "sentinel_password",
+            optional(
+                args.redis
+                    .sentinel_password
+                    .as_ref()
+                    .map(|_| "***".to_owned()),
+            ),
+        ),
         ("stream", config.stream.clone()),
         ("key_prefix", args.redis.key_prefix.clone()),
         (

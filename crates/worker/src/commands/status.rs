@@ -99,7 +99,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         .dead_letter_stream
         .clone()
         .unwrap_or_else(|| format!("{stream}:dead"));
-    let store = RedisOffsetStore::new(target.client()?, &args.redis.key_prefix)
+    let store = RedisOffsetStore::new(target.endpoint()?, &args.redis.key_prefix)
         .context("cannot set up the offset store")?;
     // The offset before the stream: a running worker's save cannot then
     // look like an offset past the stream's end.

@@ -146,7 +146,7 @@ pub async fn run(args: UserArgs) -> anyhow::Result<()> {
     let cascade = read_cascade(&mut conn, url, &cascade_key).await?;
     let games = read_games(&mut conn, url, prefix, &user).await?;
     let dead_letters = read_dead_letters(&mut conn, url, &dead_letter_stream, &user).await?;
-    let store = RedisOffsetStore::new(target.client()?, prefix)
+    let store = RedisOffsetStore::new(target.endpoint()?, prefix)
         .context("cannot set up the offset store")?;
     let offset = with_url(store.get(&args.label).await, url)?;
     let waiting = read_waiting(&mut conn, url, stream, &args.label, offset, &user).await?;

@@ -1,0 +1,362 @@
+//! Where the worker's Redis is: one address, or the master that Redis
+//! Sentinel names, found again after every failover by each connection the
+//! worker holds.
+//!
+//! A [`RedisConnection`] to a Sentinel-managed master asks the sentinels for
+//! the master when it first connects, and again after a call fails in a way
+//! that says the master moved or went away: the socket failed, or the server
+//! answered `READONLY` (it was demoted to a replica), `MASTERDOWN` or
+//! `LOADING`. The call that met the fault still fails, as a standalone
+//! connection's would: the caller's back-off decides when to retry, and the
+//! retry goes to the master the sentinels name by then.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::sentinel::SentinelClient;
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use tokio::sync::Mutex;
+
+/// Where Redis is.
+// Made a handful of times per process: the size of the direct variant
+// costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub enum RedisEndpoint {
+    /// One server at a fixed address (`redis://`, `rediss://`, a Unix socket).
+    Direct(redis::Client),
+    /// The master of a Sentinel-managed group (`redis+sentinel://`).
+    Sentinel(Arc<SentinelMaster>),
+}
+
+impl std::fmt::Debug for RedisEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl From<redis::Client> for RedisEndpoint {
+    fn from(client: redis::Client) -> Self {
+        Self::Direct(client)
+    }
+}
+
+impl From<SentinelMaster> for RedisEndpoint {
+    fn from(master: SentinelMaster) -> Self {
+        Self::Sentinel(Arc::new(master))
+    }
+}
+
+/// The master a group of sentinels names: how to ask them, and what to call
+/// it in messages.
+pub struct SentinelMaster {
+    /// Asks the sentinels; one question at a time (it keeps their
+    /// connections).
+    sentinels: Mutex<SentinelClient>,
+    /// The master's name (`MASTER_NAME` in the URL).
+    name: String,
+    /// The sentinels' addresses, for messages.
+    addresses: String,
+    /// The database selected on the master.
+    db: i64,
+    /// How long finding the master may take.
+    timeout: Duration,
+}
+
+impl SentinelMaster {
+    /// The master named `name` that `sentinels` (reachable at `addresses`,
+    /// as shown in messages) know, its connections selecting `db`; finding
+    /// it may take `timeout` at most.
+    pub fn new(
+        sentinels: SentinelClient,
+        name: impl Into<String>,
+        addresses: impl Into<String>,
+        db: i64,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            sentinels: Mutex::new(sentinels),
+            name: name.into(),
+            addresses: addresses.into(),
+            db,
+            timeout,
+        }
+    }
+
+    /// A client for the master the sentinels name now (checked to be a
+    /// master by asking it its role).
+    pub async fn client(&self) -> RedisResult<redis::Client> {
+        let mut sentinels = self.sentinels.lock().await;
+        match tokio::time::timeout(self.timeout, sentinels.async_get_client()).await {
+            Ok(found) => found,
+            Err(_) => Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the sentinels at {} did not name the master {:?} within {:?}",
+                    self.addresses, self.name, self.timeout
+                ),
+            ))),
+        }
+    }
+
+    /// The master's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// How long a connection may take to open, and a command to answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionTimeouts {
+    /// Opening a connection (and, through Sentinel, finding the master).
+    pub connect: Duration,
+    /// A command's answer.
+    pub response: Duration,
+}
+
+impl RedisEndpoint {
+    /// A client for the server to use now: the fixed one, or the master the
+    /// sentinels name.
+    pub async fn client(&self) -> RedisResult<redis::Client> {
+        match self {
+            Self::Direct(client) => Ok(client.clone()),
+            Self::Sentinel(master) => master.client().await,
+        }
+    }
+
+    /// Where it is, without credentials: `host:port`, a socket's path, or
+    /// `master NAME via sentinels host:port,...`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Direct(client) => client.get_connection_info().addr().to_string(),
+            Self::Sentinel(master) => format!(
+                "master {:?} via the sentinels at {}",
+                master.name, master.addresses
+            ),
+        }
+    }
+
+    /// A connection that connects at its first command and again after a
+    /// fault; the call that met the fault still fails.
+    pub fn connection(&self, timeouts: ConnectionTimeouts) -> RedisResult<RedisConnection> {
+        match self {
+            Self::Direct(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeouts.connect))
+                    .set_response_timeout(Some(timeouts.response))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(50));
+                Ok(RedisConnection::Direct(
+                    ConnectionManager::new_lazy_with_config(client.clone(), config)?,
+                ))
+            }
+            Self::Sentinel(master) => Ok(RedisConnection::Sentinel(Arc::new(FollowedMaster {
+                master: Arc::clone(master),
+                config: AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(timeouts.connect))
+                    .set_response_timeout(Some(timeouts.response)),
+                current: Mutex::new(Current::None),
+                connections: AtomicU64::new(0),
+            }))),
+        }
+    }
+}
+
+/// A connection to the endpoint's server; clones share it.
+#[derive(Clone)]
+pub enum RedisConnection {
+    /// To the fixed server, reconnecting in the background after a fault.
+    Direct(ConnectionManager),
+    /// To the master the sentinels name, found again after a fault.
+    Sentinel(Arc<FollowedMaster>),
+}
+
+impl std::fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Direct(_) => f.write_str("RedisConnection::Direct"),
+            Self::Sentinel(followed) => {
+                write!(f, "RedisConnection::Sentinel({:?})", followed.master.name)
+            }
+        }
+    }
+}
+
+/// The connection of a [`RedisConnection::Sentinel`].
+pub struct FollowedMaster {
+    master: Arc<SentinelMaster>,
+    config: AsyncConnectionConfig,
+    current: Mutex<Current>,
+    /// How many connections were opened.
+    connections: AtomicU64,
+}
+
+/// What a [`FollowedMaster`] holds.
+enum Current {
+    /// Nothing: the next command asks the sentinels.
+    None,
+    /// The connection in use, and its number.
+    Connected(u64, MultiplexedConnection),
+    /// Finding or reaching the master failed at this instant: commands
+    /// waiting behind that attempt fail with its error at once rather than
+    /// each trying again in turn (the callers' back-off retries).
+    Failed(Instant, RedisError),
+}
+
+/// How long a failed attempt to reach the master answers for the commands
+/// waiting behind it.
+const FAILURE_SHARED_FOR: Duration = Duration::from_millis(250);
+
+impl FollowedMaster {
+    /// The connection in use, opened to the master the sentinels name if
+    /// there is none.
+    async fn get(&self) -> RedisResult<(u64, MultiplexedConnection)> {
+        let mut current = self.current.lock().await;
+        match &*current {
+            Current::Connected(number, conn) => return Ok((*number, conn.clone())),
+            Current::Failed(at, err) if at.elapsed() < FAILURE_SHARED_FOR => {
+                return Err(err.clone())
+            }
+            Current::Failed(..) | Current::None => {}
+        }
+        let opened = tokio::time::timeout(self.master.timeout, async {
+            let client = self.master.client().await?;
+            client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the master {:?} named by the sentinels at {} could not be reached within {:?}",
+                    self.master.name, self.master.addresses, self.master.timeout
+                ),
+            )))
+        });
+        match opened {
+            Ok(conn) => {
+                let number = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
+                *current = Current::Connected(number, conn.clone());
+                Ok((number, conn))
+            }
+            Err(err) => {
+                *current = Current::Failed(Instant::now(), err.clone());
+                Err(err)
+            }
+        }
+    }
+
+    /// After connection `number` failed with `err`: drops it when the fault
+    /// says the master moved or went away, so that the next command asks
+    /// the sentinels again.
+    async fn failed(&self, number: u64, err: &RedisError) {
+        if !master_moved(err) {
+            return;
+        }
+        let mut current = self.current.lock().await;
+        if matches!(&*current, Current::Connected(held, _) if *held == number) {
+            *current = Current::None;
+        }
+    }
+}
+
+/// Whether `err` says that the connection no longer reaches the master: the
+/// socket failed, or the server is a replica now, or lost its master, or is
+/// loading (a restarted former master).
+pub fn master_moved(err: &RedisError) -> bool {
+    if err.is_io_error() || err.is_unrecoverable_error() {
+        return true;
+    }
+    const MOVED: &[&str] = &["READONLY", "MASTERDOWN", "LOADING"];
+    if err.code().is_some_and(|code| MOVED.contains(&code)) {
+        return true;
+    }
+    err.clone().into_server_errors().is_some_and(|errors| {
+        errors
+            .iter()
+            .any(|(_, error)| MOVED.contains(&error.code()))
+    })
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Direct(conn) => conn.req_packed_command(cmd),
+            Self::Sentinel(followed) => Box::pin(async move {
+                let (number, mut conn) = followed.get().await?;
+                let result = conn.req_packed_command(cmd).await;
+                if let Err(err) = &result {
+                    followed.failed(number, err).await;
+                }
+                result
+            }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Direct(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Sentinel(followed) => Box::pin(async move {
+                let (number, mut conn) = followed.get().await?;
+                let result = conn.req_packed_commands(pipeline, offset, count).await;
+                if let Err(err) = &result {
+                    followed.failed(number, err).await;
+                }
+                result
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Direct(conn) => conn.get_db(),
+            Self::Sentinel(followed) => followed.master.db,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply_error(line: &str) -> RedisError {
+        match redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+            .and_then(Value::extract_error)
+        {
+            Err(err) => err,
+            Ok(value) => panic!("{line:?} parsed as {value:?}"),
+        }
+    }
+
+    #[test]
+    fn a_connection_is_dropped_when_the_master_moved_and_kept_otherwise() {
+        for moved in [
+            RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+            reply_error("READONLY You can't write against a read only replica."),
+            reply_error("MASTERDOWN Link with MASTER is down"),
+            reply_error("LOADING Redis is loading the dataset in memory"),
+        ] {
+            assert!(master_moved(&moved), "{moved:?}");
+        }
+        for kept in [
+            reply_error("OOM command not allowed when used memory > 'maxmemory'."),
+            reply_error("WRONGTYPE Operation against a key holding the wrong kind of value"),
+            reply_error("NOSCRIPT No matching script."),
+            reply_error("ERR unknown command"),
+        ] {
+            assert!(!master_moved(&kept), "{kept:?}");
+        }
+    }
+}
