@@ -776,6 +776,43 @@ mod tests {
         let (len, batch) = parse_all(b"*-1\r\nextra");
         assert_eq!(len, 5);
         assert!(batch.is_empty());
+        let (_, batch) = parse_all(&reply(&[("1-0", &[b"k", b"v"])]));
+        assert!(!batch.is_empty());
+    }
+
+    #[test]
+    fn bulk_strings_up_to_redis_ceiling_are_awaited_and_longer_refused() {
+        let header = |len: usize| {
+            format!("*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*2\r\n$1\r\nk\r\n${len}\r\n")
+        };
+        let mut parser = XreadParser::new();
+        assert!(matches!(
+            parser.parse(header(MAX_BULK_LEN).as_bytes()).unwrap(),
+            Parsed::Incomplete
+        ));
+        let mut parser = XreadParser::new();
+        let err = parser
+            .parse(header(MAX_BULK_LEN + 1).as_bytes())
+            .unwrap_err();
+        assert!(err.0.contains("bulk string of"), "{err:?}");
+        assert_eq!(MAX_BULK_LEN, 536_870_912, "proto-max-bulk-len's ceiling");
+    }
+
+    #[test]
+    fn simple_strings_and_integers_read_as_their_text() {
+        // Redis sends bulk strings; a proxy or another server may not.
+        let bytes = b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*4\r\n+name\r\n:42\r\n+other\r\n$5\r\nvalue\r\n";
+        let (len, batch) = parse_all(bytes);
+        assert_eq!(len, bytes.len());
+        let views: Vec<_> = batch.iter().collect();
+        assert_eq!(
+            pairs(&views[0]),
+            vec![
+                (b"name".to_vec(), b"42".to_vec()),
+                (b"other".to_vec(), b"value".to_vec())
+            ]
+        );
+        assert_eq!(views[0].size(), 4 + 2 + 5 + 5);
     }
 
     #[test]
