@@ -176,3 +176,44 @@ async fn a_handover_request_stops_the_holder_and_keeps_standbys_out() {
     operator.give_up(LABEL, taken).await.unwrap();
     assert_eq!(standby.acquire(LABEL, TTL).await.unwrap(), Some(token + 2));
 }
+
+#[tokio::test]
+async fn an_operators_write_goes_through_with_the_lease_and_only_with_it() {
+    let server = RedisServer::start();
+    let store = offsets(&server);
+    let holder = lease(&server, "operator");
+    let token = holder
+        .acquire(LABEL, TTL)
+        .await
+        .unwrap()
+        .expect("free: taken");
+    store.set(LABEL, id("5-0")).await.unwrap();
+    // Overwritten, even backwards: the offset before is reported.
+    assert_eq!(
+        store
+            .write_fenced(LABEL, Some(id("2-0")), token)
+            .await
+            .unwrap(),
+        Ok(Some(id("5-0")))
+    );
+    assert_eq!(store.load(LABEL).await.unwrap(), Some(id("2-0")));
+    // Another token writes nothing.
+    assert_eq!(
+        store
+            .write_fenced(LABEL, Some(id("9-0")), token + 1)
+            .await
+            .unwrap(),
+        Err(())
+    );
+    assert_eq!(store.load(LABEL).await.unwrap(), Some(id("2-0")));
+    // None deletes.
+    assert_eq!(
+        store.write_fenced(LABEL, None, token).await.unwrap(),
+        Ok(Some(id("2-0")))
+    );
+    assert_eq!(store.load(LABEL).await.unwrap(), None);
+    assert_eq!(
+        store.write_fenced(LABEL, None, token).await.unwrap(),
+        Ok(None)
+    );
+}
