@@ -369,6 +369,58 @@ mod tests {
     }
 
     #[test]
+    fn entries_arriving_between_the_probe_and_its_read_count_as_received() {
+        let mut watch = TrimWatch::new();
+        // The probe saw 5 entries ending at 5; 6 arrived before the read.
+        assert_eq!(
+            watch.observe(read(4, &[id(5), id(6)], None, Some(probe(1, 5, 5, 5)))),
+            None
+        );
+        // 7 and 8 arrived, 7 was trimmed: one loss, not two.
+        assert_eq!(
+            watch.observe(read(6, &[id(8)], None, Some(probe(8, 8, 8, 1)))),
+            Some(Finding::Lost {
+                read_from: id(6),
+                evidence: id(8),
+                count: Some(1)
+            })
+        );
+    }
+
+    #[test]
+    fn a_probe_whose_last_entry_was_deleted_anchors_nothing() {
+        // The stream's last entry (5) was deleted by XDEL: its counters no
+        // longer say which entries are still to come.
+        let mut last_deleted = probe(1, 5, 5, 4);
+        last_deleted.max_deleted_entry_id = Some(id(5));
+        let mut watch = TrimWatch::new();
+        assert_eq!(watch.observe(read(5, &[], None, Some(last_deleted))), None);
+        let mut later = probe(8, 8, 8, 1);
+        later.max_deleted_entry_id = Some(id(5));
+        // Only a possible trim, not a counted loss.
+        assert_eq!(
+            watch.observe(read(5, &[id(8)], None, Some(later))),
+            Some(Finding::PossiblyTrimmed {
+                read_from: id(5),
+                first: id(8)
+            })
+        );
+        // Nor does an empty stream.
+        let mut watch = TrimWatch::new();
+        assert_eq!(
+            watch.observe(read(5, &[], None, Some(probe(1, 5, 5, 0)))),
+            None
+        );
+        assert_eq!(
+            watch.observe(read(5, &[id(8)], None, Some(probe(8, 8, 8, 1)))),
+            Some(Finding::PossiblyTrimmed {
+                read_from: id(5),
+                first: id(8)
+            })
+        );
+    }
+
+    #[test]
     fn an_anchor_entry_gone_past_the_position_is_a_loss() {
         let mut watch = TrimWatch::new();
         // A backlog: the stream ends at 100 while we read 1..=2.
