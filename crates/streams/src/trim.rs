@@ -388,6 +388,29 @@ mod tests {
     }
 
     #[test]
+    fn reads_without_a_probe_count_what_they_received_after_the_anchor() {
+        let mut watch = TrimWatch::new();
+        assert_eq!(
+            watch.observe(read(3, &[id(4)], None, Some(probe(1, 5, 5, 5)))),
+            None
+        );
+        // No probe: 5 is the anchor itself, 6 and 7 came after it.
+        assert_eq!(
+            watch.observe(read(4, &[id(5), id(6), id(7)], None, None)),
+            None
+        );
+        // 8 to 10 arrived, 8 and 9 were trimmed unread.
+        assert_eq!(
+            watch.observe(read(7, &[id(10)], None, Some(probe(10, 10, 10, 1)))),
+            Some(Finding::Lost {
+                read_from: id(7),
+                evidence: id(10),
+                count: Some(2)
+            })
+        );
+    }
+
+    #[test]
     fn a_probe_whose_last_entry_was_deleted_anchors_nothing() {
         // The stream's last entry (5) was deleted by XDEL: its counters no
         // longer say which entries are still to come.
