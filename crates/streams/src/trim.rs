@@ -186,7 +186,8 @@ impl TrimWatch {
         }
         let probe = seen.probe?;
         match probe.last_generated_id {
-            Some(last) if read_from > EntryId::ZERO && last < read_from => {
+            // (Never below the zero id: a fresh start is never behind.)
+            Some(last) if last < read_from => {
                 return Some(Finding::BehindPosition {
                     read_from,
                     last_generated: last,
@@ -407,6 +408,23 @@ mod tests {
                 evidence: id(10),
                 count: Some(2)
             })
+        );
+    }
+
+    #[test]
+    fn what_lies_at_or_behind_the_position_is_no_evidence() {
+        // A look-ahead entry the position has reached (handled since) is
+        // not expected again.
+        let mut watch = TrimWatch::new();
+        assert_eq!(watch.observe(read(0, &[id(1)], Some(3), None)), None);
+        assert_eq!(watch.observe(read(3, &[id(7)], None, None)), None);
+        // An entry deleted behind the position was read already.
+        let mut deleted_behind = probe(1, 7, 7, 6);
+        deleted_behind.max_deleted_entry_id = Some(id(3));
+        let mut watch = TrimWatch::new();
+        assert_eq!(
+            watch.observe(read(5, &[id(6), id(7)], None, Some(deleted_behind))),
+            None
         );
     }
 
