@@ -172,6 +172,32 @@ mod tests {
     }
 
     #[test]
+    fn the_oldest_ready_job_comes_first_whichever_way_it_became_ready() {
+        let mut ready = ReadyJobs::default();
+        ready.admit(EntryId::new(1, 0), "admitted 1");
+        ready.release(EntryId::new(5, 0), "released 5");
+        ready.admit(EntryId::new(7, 0), "admitted 7");
+        ready.release(EntryId::new(3, 0), "released 3");
+        let order: Vec<_> = std::iter::from_fn(|| ready.pop_oldest()).collect();
+        assert_eq!(
+            order,
+            ["admitted 1", "released 3", "released 5", "admitted 7"]
+        );
+        assert!(ready.is_empty());
+    }
+
+    #[test]
+    fn the_prehashed_hasher_folds_stray_bytes_in() {
+        let mut hasher = Prehashed::default();
+        hasher.write_u64(0xFF << 56);
+        // Rotated, the high byte meets the written one: they cancel.
+        hasher.write(&[0xFF]);
+        assert_eq!(hasher.finish(), 0);
+        hasher.write(&[0x12, 0x34]);
+        assert_eq!(hasher.finish(), 0x1234);
+    }
+
+    #[test]
     fn a_key_runs_one_job_at_a_time_in_order() {
         let mut queues = KeyQueues::new();
         assert_eq!(queues.offer(key(1), 1), Some(1));
