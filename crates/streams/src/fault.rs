@@ -93,11 +93,10 @@ pub fn classify(err: &RedisError) -> FaultClass {
         return FaultClass::Permanent;
     }
     match err.clone().into_server_errors() {
-        Some(errors) => errors
-            .iter()
-            .map(|(_, error)| classify_code(error.code()))
-            .find(|class| *class != FaultClass::Transient)
-            .unwrap_or(FaultClass::Transient),
+        Some(errors) => {
+            let codes: Vec<&str> = errors.iter().map(|(_, error)| error.code()).collect();
+            deciding_code(&codes).map_or(FaultClass::Transient, classify_code)
+        }
         // Neither I/O nor a server reply: a client-side state. Those the
         // client would retry (a parse failure, a sentinel without the
         // master yet) a fresh connection fixes; the others are settings or
@@ -122,6 +121,17 @@ pub fn not_redis(err: &RedisError) -> bool {
         && err
             .detail()
             .is_some_and(|detail| detail.starts_with("Parse error at"))
+}
+
+/// Of the codes of the errors a pipeline or transaction failed with, the
+/// one that decides its class and advice: the first that is not transient,
+/// else the first.
+fn deciding_code<'a>(codes: &[&'a str]) -> Option<&'a str> {
+    codes
+        .iter()
+        .copied()
+        .find(|code| classify_code(code) != FaultClass::Transient)
+        .or_else(|| codes.first().copied())
 }
 
 /// Classifies a server error by its code (the first word of the reply).
@@ -208,12 +218,7 @@ pub fn advice(err: &RedisError) -> &'static str {
         // The error that decides the class (see `classify`) gives the advice.
         Some(errors) => {
             let codes: Vec<&str> = errors.iter().map(|(_, error)| error.code()).collect();
-            let deciding = codes
-                .iter()
-                .copied()
-                .find(|code| classify_code(code) != FaultClass::Transient)
-                .or_else(|| codes.first().copied());
-            deciding.map_or(UNKNOWN_REPLY_ADVICE, code_advice)
+            deciding_code(&codes).map_or(UNKNOWN_REPLY_ADVICE, code_advice)
         }
         None => match err.retry_method() {
             RetryMethod::NoRetry => CLIENT_ADVICE,
@@ -528,6 +533,17 @@ mod tests {
             Fault::Reply(line) => Some((line.split(' ').next().unwrap_or(line), *line)),
             _ => None,
         })
+    }
+
+    #[test]
+    fn a_transaction_is_decided_by_its_first_error_that_does_not_pass() {
+        assert_eq!(
+            deciding_code(&["OOM", "WRONGTYPE", "NOAUTH"]),
+            Some("WRONGTYPE")
+        );
+        assert_eq!(deciding_code(&["OOM", "READONLY"]), Some("OOM"));
+        assert_eq!(deciding_code(&["ERR"]), Some("ERR"));
+        assert_eq!(deciding_code(&[]), None);
     }
 
     #[test]
