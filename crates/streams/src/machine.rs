@@ -1367,6 +1367,250 @@ mod tests {
         assert_eq!(reads(&drain(&mut machine)), vec![(id(2), 2)], "grows back");
     }
 
+    /// A batch of `from..=to`, every entry absorbed at once (so that none
+    /// is held and reading goes on), in a reply of `bytes_each` per entry.
+    fn absorbed_batch(machine: &mut Machine<u64>, from: u64, to: u64, bytes_each: usize) {
+        let arrivals: Vec<_> = (from..=to).map(absorbed).collect();
+        let bytes = arrivals.len() * bytes_each;
+        machine.batch_received(arrivals, Some(id(to)), bytes);
+    }
+
+    #[test]
+    fn a_backlog_of_large_entries_is_read_a_few_at_a_time_and_the_count_doubles_back() {
+        let mut config = settings(1);
+        config.batch_size = 16;
+        let mut machine = Machine::new(config, id(0), Some(id(0)), false, None);
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 16)]);
+        // 1000 bytes an entry: a quarter of the reply limit (4096) holds 4.
+        absorbed_batch(&mut machine, 1, 16, 1000);
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(16), 4)]);
+        // Small entries, but a short reply: nothing says a larger read
+        // would come back full.
+        absorbed_batch(&mut machine, 17, 18, 100);
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(18), 4)]);
+        // Full replies of small entries: the count doubles, one reply at a
+        // time, up to the configured batch.
+        absorbed_batch(&mut machine, 19, 22, 100);
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(22), 8)]);
+        absorbed_batch(&mut machine, 23, 30, 100);
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(30), 16)]);
+        absorbed_batch(&mut machine, 31, 46, 100);
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(46), 16)]);
+        // Entries of 1500 bytes: 4096 / 1500 leaves room for 2.
+        absorbed_batch(&mut machine, 47, 62, 1500);
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(62), 2)]);
+    }
+
+    #[test]
+    fn an_entry_too_large_for_a_read_of_one_is_absorbed_though_the_batch_is_larger() {
+        let mut config = settings(1);
+        // Room for one reply of one entry: reads ask for 1 of the batch's 4.
+        config.max_held_bytes = config.max_reply_bytes + ENTRY_OVERHEAD;
+        let mut machine = Machine::<u64>::new(config, id(0), Some(id(0)), false, None);
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 1)]);
+        assert_eq!(machine.batch_size(), 4);
+        assert!(
+            machine.reply_too_large(0),
+            "the read of one entry was too large: that entry alone is"
+        );
+    }
+
+    #[test]
+    fn a_reply_too_large_with_entries_complete_reads_that_many_and_absorbs_nothing() {
+        let mut config = settings(1);
+        config.batch_size = 16;
+        let mut machine = Machine::<u64>::new(config, id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        assert!(!machine.reply_too_large(5));
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 5)]);
+        assert!(!machine.reply_too_large(4), "at most half the read");
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 2)]);
+        assert!(!machine.reply_too_large(1));
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 1)]);
+        // A read of one whose entry was complete: no entry to absorb.
+        assert!(!machine.reply_too_large(1));
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 1)]);
+    }
+
+    #[test]
+    fn an_oversized_entry_is_absorbed_and_a_drain_ends_when_it_is_the_target() {
+        let mut machine = Machine::<u64>::new(settings(1), id(0), Some(id(0)), false, Some(id(1)));
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 4)]);
+        assert!(
+            !machine.reply_too_large(0),
+            "no entry complete in a read of 4: read 1"
+        );
+        assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 1)]);
+        assert!(machine.reply_too_large(0));
+        machine.absorb_oversized(id(1));
+        assert_eq!(machine.read_after(), id(1));
+        assert_eq!(machine.finished(), id(1));
+        let actions = drain(&mut machine);
+        assert_eq!(saves(&actions), vec![id(1)]);
+        assert!(reads(&actions).is_empty(), "the target was reached");
+        machine.saved(id(1));
+        assert_eq!(machine.saved_offset(), Some(id(1)));
+        assert!(machine.drained());
+    }
+
+    #[test]
+    fn a_watermark_moved_within_a_batch_is_neither_saved_nor_left_to_the_timer() {
+        let mut config = settings(1);
+        config.defer_saves_when_caught_up = true;
+        let mut machine = Machine::new(config, id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(
+            vec![job(1, "a"), job(2, "b"), job(3, "c")],
+            Some(id(3)),
+            100,
+        );
+        drain(&mut machine);
+        machine.completed(id(1), key("a"), Completion::Finished);
+        assert_eq!(machine.finished(), id(1));
+        assert_eq!(machine.saved_offset(), Some(id(0)));
+        assert!(machine.dirty());
+        assert!(
+            !machine.save_wanted(),
+            "the batch is not finished: its end is saved, not each entry"
+        );
+        assert!(saves(&drain(&mut machine)).is_empty());
+    }
+
+    #[test]
+    fn the_retry_timer_runs_only_between_a_read_fault_and_its_retry() {
+        let mut machine = Machine::<u64>::new(settings(1), id(0), Some(id(0)), false, None);
+        assert!(!machine.waiting_to_retry());
+        drain(&mut machine);
+        assert!(!machine.waiting_to_retry(), "a read in flight");
+        machine.read_failed();
+        assert!(machine.waiting_to_retry());
+        machine.retry_read();
+        assert!(!machine.waiting_to_retry());
+        drain(&mut machine);
+        machine.stop();
+        machine.read_failed();
+        assert!(!machine.waiting_to_retry(), "stopping: no retry");
+    }
+
+    #[test]
+    fn a_failed_save_outside_a_verify_holds_jobs_back_no_longer() {
+        let mut machine = Machine::new(settings(1), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(vec![absorbed(1)], Some(id(1)), 100);
+        assert_eq!(saves(&drain(&mut machine)), vec![id(1)]);
+        machine.batch_received(vec![job(2, "a")], Some(id(2)), 100);
+        assert!(
+            started(&drain(&mut machine)).is_empty(),
+            "a save is in flight"
+        );
+        machine.save_failed();
+        assert!(!machine.verifying());
+        assert_eq!(started(&drain(&mut machine)), vec![2]);
+    }
+
+    #[test]
+    fn a_drain_that_read_its_target_reads_again_after_a_rewind_behind_it() {
+        let mut machine = Machine::new(settings(4), id(0), Some(id(0)), false, Some(id(2)));
+        drain(&mut machine);
+        machine.batch_received(vec![job(1, "a"), job(2, "b")], Some(id(2)), 100);
+        let actions = drain(&mut machine);
+        assert_eq!(started(&actions), vec![1, 2]);
+        assert!(reads(&actions).is_empty(), "the target was read");
+        machine.completed(id(1), key("a"), Completion::Finished);
+        machine.completed(id(2), key("b"), Completion::Finished);
+        assert_eq!(saves(&drain(&mut machine)), vec![id(2)]);
+        // The save finds the store back at 0.
+        machine.rewind(id(0), Some(id(0)));
+        assert!(!machine.rewinding(), "nothing runs, no read in flight");
+        assert_eq!(
+            reads(&drain(&mut machine)),
+            vec![(id(0), 4)],
+            "the target lies ahead again"
+        );
+        machine.batch_received(vec![job(1, "a"), job(2, "b")], Some(id(2)), 100);
+        let actions = drain(&mut machine);
+        assert_eq!(started(&actions), vec![1, 2], "handled again");
+        assert!(reads(&actions).is_empty());
+        machine.completed(id(1), key("a"), Completion::Finished);
+        machine.completed(id(2), key("b"), Completion::Finished);
+        assert_eq!(saves(&drain(&mut machine)), vec![id(2)]);
+        machine.saved(id(2));
+        assert!(machine.drained());
+    }
+
+    #[test]
+    fn a_verify_during_a_stop_or_a_rewind_asks_for_nothing() {
+        let mut machine = Machine::<u64>::new(settings(1), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.stop();
+        machine.verify();
+        assert!(!machine.verifying(), "stopping");
+        // A rewind waiting for a job: it starts over from the store anyway.
+        let mut machine = Machine::new(settings(1), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(vec![job(1, "a")], Some(id(1)), 100);
+        assert_eq!(started(&drain(&mut machine)), vec![1]);
+        machine.batch_received(Vec::new(), None, 0);
+        machine.rewind(id(0), Some(id(0)));
+        machine.verify();
+        assert!(!machine.verifying(), "rewinding");
+        machine.completed(id(1), key("a"), Completion::Finished);
+        assert!(!machine.rewinding());
+        let actions = drain(&mut machine);
+        assert!(saves(&actions).is_empty());
+        assert_eq!(reads(&actions), vec![(id(0), 4)]);
+        machine.batch_received(vec![job(1, "a")], Some(id(1)), 100);
+        assert_eq!(started(&drain(&mut machine)), vec![1], "jobs start again");
+    }
+
+    #[test]
+    fn only_a_drain_is_ever_drained() {
+        let mut machine = Machine::<u64>::new(settings(1), id(0), Some(id(0)), false, None);
+        assert!(!machine.dirty());
+        assert!(!machine.drained());
+        drain(&mut machine);
+        machine.batch_received(Vec::new(), None, 0);
+        assert!(!machine.drained(), "caught up is not drained");
+    }
+
+    #[test]
+    fn held_bytes_charge_unfinished_entries_and_a_slot_for_finished_ones() {
+        let mut machine = Machine::new(settings(2), id(0), Some(id(0)), false, None);
+        drain(&mut machine);
+        machine.batch_received(
+            vec![job(1, "a"), job(2, "b"), absorbed(3)],
+            Some(id(3)),
+            100,
+        );
+        assert_eq!(machine.read_after(), id(3));
+        assert_eq!(machine.held_entries(), 3);
+        assert_eq!(machine.held_bytes(), 2 * 1000 + SLOT_BYTES);
+        drain(&mut machine);
+        machine.completed(id(2), key("b"), Completion::Finished);
+        assert_eq!(machine.held_entries(), 3, "1 holds the watermark");
+        assert_eq!(machine.held_bytes(), 1000 + 2 * SLOT_BYTES);
+        machine.completed(id(1), key("a"), Completion::Finished);
+        assert_eq!(machine.held_entries(), 0);
+        assert_eq!(machine.held_bytes(), 0);
+        assert_eq!(machine.finished(), id(3));
+    }
+
+    #[test]
+    fn an_entry_behind_the_watermark_or_repeated_is_not_handled_again() {
+        let mut machine = Machine::new(settings(1), id(5), Some(id(5)), false, None);
+        drain(&mut machine);
+        machine.batch_received(
+            vec![job(3, "a"), job(5, "b"), job(6, "c"), job(6, "c")],
+            Some(id(6)),
+            100,
+        );
+        assert_eq!(machine.held_entries(), 1);
+        assert_eq!(started(&drain(&mut machine)), vec![6]);
+        machine.completed(id(6), key("c"), Completion::Finished);
+        assert!(started(&drain(&mut machine)).is_empty());
+        assert_eq!(machine.finished(), id(6));
+    }
+
     /// One step of a random interleaving.
     #[derive(Clone, Debug)]
     enum Step {
