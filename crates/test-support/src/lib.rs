@@ -261,19 +261,7 @@ impl RedisServer {
 
     /// Runs `redis-cli -h 127.0.0.1 -p <port> [-a <pw> --no-auth-warning] <args>` and returns its trimmed stdout; panics on failure.
     pub fn cli(&self, args: &[&str]) -> String {
-        let mut command = Command::new("redis-cli");
-        command
-            .arg("-h")
-            .arg("127.0.0.1")
-            .arg("-p")
-            .arg(self.port().to_string());
-        if let Some(password) = &self.options.requirepass {
-            command.arg("-a").arg(password).arg("--no-auth-warning");
-        }
-        command.args(args).stdin(Stdio::null());
-        let output = command.output().unwrap_or_else(|err| {
-            panic!("test-support: cannot run redis-cli (is it on the PATH?): {err}")
-        });
+        let output = redis_cli(self.port(), self.options.requirepass.as_deref(), args);
         let stdout = String::from_utf8_lossy(&output.stdout);
         if !output.status.success() {
             panic!(
@@ -287,6 +275,27 @@ impl RedisServer {
         }
         stdout.trim().to_owned()
     }
+}
+
+/// Runs `redis-cli -h 127.0.0.1 -p <port> [-a <password> --no-auth-warning] <args>`; panics
+/// only when it cannot run at all.
+pub(crate) fn redis_cli(port: u16, password: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut command = Command::new("redis-cli");
+    command
+        .arg("-h")
+        .arg("127.0.0.1")
+        .arg("-p")
+        .arg(port.to_string());
+    if let Some(password) = password {
+        command.arg("-a").arg(password).arg("--no-auth-warning");
+    }
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|err| {
+            panic!("test-support: cannot run redis-cli (is it on the PATH?): {err}")
+        })
 }
 
 /// Returns a currently free TCP port on `127.0.0.1` (binds port 0, reads the port, drops the listener).

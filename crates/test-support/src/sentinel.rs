@@ -2,13 +2,12 @@
 //! sentinels with short timeouts, for failover tests.
 
 use std::fs;
-use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use lifecycle_private_redis::{Options, PrivateRedis};
 
-use crate::{RedisServer, RedisServerOptions};
+use crate::{redis_cli, RedisServer, RedisServerOptions};
 
 /// How long a sentinel waits before it calls a silent master down.
 pub const DOWN_AFTER: Duration = Duration::from_millis(1000);
@@ -198,14 +197,11 @@ impl SentinelGroup {
         self.wait_for_failover(old, timeout)
     }
 
-    /// `redis-cli` against the sentinel on `port`, with their password.
+    /// `redis-cli` against the sentinel on `port`, with their password: its
+    /// trimmed output (empty when it cannot connect).
     fn sentinel_cli(&self, port: u16, args: &[&str]) -> String {
-        let mut full: Vec<&str> = Vec::new();
-        if let Some(password) = &self.sentinel_password {
-            full.extend(["-a", password.as_str(), "--no-auth-warning"]);
-        }
-        full.extend_from_slice(args);
-        cli(port, &full)
+        let output = redis_cli(port, self.sentinel_password.as_deref(), args);
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
     fn wait_ready(&self) {
@@ -235,18 +231,4 @@ impl SentinelGroup {
             thread::sleep(POLL);
         }
     }
-}
-
-/// `redis-cli -p PORT ARGS`, its trimmed output; panics when it fails.
-fn cli(port: u16, args: &[&str]) -> String {
-    let output = Command::new("redis-cli")
-        .arg("-h")
-        .arg("127.0.0.1")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|err| panic!("test-support: cannot run redis-cli: {err}"));
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
