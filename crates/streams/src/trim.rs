@@ -429,6 +429,115 @@ mod tests {
     }
 
     #[test]
+    fn an_earlier_deletion_leaves_the_anchor_and_a_later_one_stops_the_count() {
+        // 3 was deleted long ago: the counters still hold.
+        let mut old_deletion = probe(1, 5, 5, 4);
+        old_deletion.max_deleted_entry_id = Some(id(3));
+        let mut watch = TrimWatch::new();
+        assert_eq!(
+            watch.observe(read(4, &[id(5)], None, Some(old_deletion))),
+            None
+        );
+        let mut later = probe(8, 8, 8, 1);
+        later.max_deleted_entry_id = Some(id(3));
+        assert_eq!(
+            watch.observe(read(5, &[id(8)], None, Some(later))),
+            Some(Finding::Lost {
+                read_from: id(5),
+                evidence: id(8),
+                count: Some(2)
+            })
+        );
+        // 7 was deleted after the anchor: the count no longer adds up.
+        let mut watch = TrimWatch::new();
+        assert_eq!(
+            watch.observe(read(4, &[id(5)], None, Some(probe(1, 5, 5, 5)))),
+            None
+        );
+        assert_eq!(watch.observe(read(5, &[id(6), id(7)], None, None)), None);
+        let mut deleted_after = probe(9, 9, 9, 1);
+        deleted_after.max_deleted_entry_id = Some(id(7));
+        assert_eq!(
+            watch.observe(read(7, &[id(9)], None, Some(deleted_after))),
+            Some(Finding::PossiblyTrimmed {
+                read_from: id(7),
+                first: id(9)
+            })
+        );
+    }
+
+    #[test]
+    fn an_anchor_still_first_in_the_stream_or_ahead_of_the_position_counts_nothing() {
+        // The backlog ends at 10; the stream now starts at 10: not gone.
+        let mut watch = TrimWatch::new();
+        assert_eq!(
+            watch.observe(read(0, &[id(1), id(2)], None, Some(probe(1, 10, 10, 10)))),
+            None
+        );
+        assert_eq!(
+            watch.observe(read(2, &[id(10)], None, Some(probe(10, 12, 12, 3)))),
+            Some(Finding::PossiblyTrimmed {
+                read_from: id(2),
+                first: id(10)
+            })
+        );
+        // Still behind the anchor: the counters cannot tell yet.
+        let mut watch = TrimWatch::new();
+        assert_eq!(
+            watch.observe(read(0, &[id(1), id(2)], None, Some(probe(1, 10, 10, 10)))),
+            None
+        );
+        assert_eq!(
+            watch.observe(read(2, &[id(5)], None, Some(probe(5, 12, 12, 8)))),
+            Some(Finding::PossiblyTrimmed {
+                read_from: id(2),
+                first: id(5)
+            })
+        );
+    }
+
+    #[test]
+    fn only_the_very_next_id_proves_there_was_no_gap() {
+        for first in [EntryId::new(5, 3), EntryId::new(9, 1)] {
+            let mut watch = TrimWatch::new();
+            let ids = [first];
+            let mut seen = read(5, &ids, None, None);
+            seen.probe = Some(DeletionProbe {
+                first_entry_id: Some(first),
+                max_deleted_entry_id: None,
+                last_generated_id: Some(first),
+                entries_added: None,
+                length: Some(1),
+            });
+            assert_eq!(
+                watch.observe(seen),
+                Some(Finding::PossiblyTrimmed {
+                    read_from: id(5),
+                    first
+                }),
+                "{first}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_deletion_exactly_at_the_position_is_no_loss() {
+        let mut at_position = probe(1, 7, 7, 6);
+        at_position.max_deleted_entry_id = Some(id(5));
+        let mut watch = TrimWatch::new();
+        assert_eq!(
+            watch.observe(read(5, &[id(6), id(7)], None, Some(at_position))),
+            None
+        );
+        // Nor at the start of the reads since the last probe.
+        let mut watch = TrimWatch::new();
+        assert_eq!(watch.observe(read(5, &[id(6), id(7)], None, None)), None);
+        let mut later = probe(1, 8, 8, 7);
+        later.max_deleted_entry_id = Some(id(5));
+        assert_eq!(watch.observe(read(7, &[id(8)], None, Some(later))), None);
+    }
+
+    #[test]
     fn a_probe_whose_last_entry_was_deleted_anchors_nothing() {
         // The stream's last entry (5) was deleted by XDEL: its counters no
         // longer say which entries are still to come.
