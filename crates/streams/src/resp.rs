@@ -757,6 +757,13 @@ mod tests {
             Parsed::Incomplete
         ));
         assert_eq!(parser.entries_parsed(), 1);
+        // What is held: the bytes received and the record of the entry
+        // complete so far (its id and its two strings).
+        assert!(
+            parser.held_bytes(cut) >= cut + SLOT_BYTES + 2 * SPAN_BYTES,
+            "{}",
+            parser.held_bytes(cut)
+        );
         parser.reset();
         assert_eq!(parser.entries_parsed(), 0);
         assert_eq!(parser.partial_entry_id(), None);
