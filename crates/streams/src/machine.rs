@@ -1381,24 +1381,29 @@ mod tests {
         config.batch_size = 16;
         let mut machine = Machine::new(config, id(0), Some(id(0)), false, None);
         assert_eq!(reads(&drain(&mut machine)), vec![(id(0), 16)]);
-        // 1000 bytes an entry: a quarter of the reply limit (4096) holds 4.
-        absorbed_batch(&mut machine, 1, 16, 1000);
-        assert_eq!(reads(&drain(&mut machine)), vec![(id(16), 4)]);
-        // Small entries, but a short reply: nothing says a larger read
-        // would come back full.
-        absorbed_batch(&mut machine, 17, 18, 100);
-        assert_eq!(reads(&drain(&mut machine)), vec![(id(18), 4)]);
-        // Full replies of small entries: the count doubles, one reply at a
-        // time, up to the configured batch.
-        absorbed_batch(&mut machine, 19, 22, 100);
-        assert_eq!(reads(&drain(&mut machine)), vec![(id(22), 8)]);
-        absorbed_batch(&mut machine, 23, 30, 100);
-        assert_eq!(reads(&drain(&mut machine)), vec![(id(30), 16)]);
-        absorbed_batch(&mut machine, 31, 46, 100);
-        assert_eq!(reads(&drain(&mut machine)), vec![(id(46), 16)]);
-        // Entries of 1500 bytes: 4096 / 1500 leaves room for 2.
-        absorbed_batch(&mut machine, 47, 62, 1500);
-        assert_eq!(reads(&drain(&mut machine)), vec![(id(62), 2)]);
+        // (first id, last id, bytes an entry, then the next read's size)
+        let steps = [
+            // 1000 bytes an entry: a quarter of the reply limit (4096) holds 4.
+            (1, 16, 1000, 4),
+            // Small entries, but a short reply: nothing says a larger read
+            // would come back full.
+            (17, 18, 100, 4),
+            // Full replies of small entries: the count doubles, one reply at
+            // a time, up to the configured batch.
+            (19, 22, 100, 8),
+            (23, 30, 100, 16),
+            (31, 46, 100, 16),
+            // Entries of 1500 bytes: 4096 / 1500 leaves room for 2.
+            (47, 62, 1500, 2),
+        ];
+        for (from, to, bytes, next) in steps {
+            absorbed_batch(&mut machine, from, to, bytes);
+            assert_eq!(
+                reads(&drain(&mut machine)),
+                vec![(id(to), next)],
+                "after {from}..={to} of {bytes} bytes"
+            );
+        }
     }
 
     #[test]
