@@ -370,6 +370,7 @@ pub fn lazy_manager(
     endpoint.into().connection(ConnectionTimeouts {
         connect: Duration::from_secs(5),
         response: response_timeout,
+        min_reconnect_delay: Some(Duration::from_millis(50)),
     })
 }
 

@@ -116,6 +116,9 @@ pub struct ConnectionTimeouts {
     pub connect: Duration,
     /// A command's answer.
     pub response: Duration,
+    /// The shortest wait before reconnecting a standalone server's
+    /// connection after a fault (`None`: the client's own).
+    pub min_reconnect_delay: Option<Duration>,
 }
 
 impl RedisEndpoint {
@@ -145,11 +148,13 @@ impl RedisEndpoint {
     pub fn connection(&self, timeouts: ConnectionTimeouts) -> RedisResult<RedisConnection> {
         match self {
             Self::Direct(client) => {
-                let config = ConnectionManagerConfig::new()
+                let mut config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeouts.connect))
                     .set_response_timeout(Some(timeouts.response))
-                    .set_number_of_retries(1)
-                    .set_min_delay(Duration::from_millis(50));
+                    .set_number_of_retries(1);
+                if let Some(delay) = timeouts.min_reconnect_delay {
+                    config = config.set_min_delay(delay);
+                }
                 Ok(RedisConnection::Direct(
                     ConnectionManager::new_lazy_with_config(client.clone(), config)?,
                 ))

@@ -324,6 +324,7 @@ impl<D: EntryDecoder> StreamConsumer<D> {
             .connection(ConnectionTimeouts {
                 connect: self.config.connect_timeout,
                 response: Duration::from_secs(10),
+                min_reconnect_delay: None,
             })
             .map_err(|source| ConsumerError::Redis {
                 action: "set up a command connection",
@@ -1811,6 +1812,7 @@ mod tests {
             .connection(ConnectionTimeouts {
                 connect: Duration::from_secs(1),
                 response: Duration::from_secs(1),
+                min_reconnect_delay: None,
             })
             .unwrap();
         let ctx = Ctx {
