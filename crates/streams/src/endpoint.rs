@@ -275,18 +275,16 @@ impl FollowedMaster {
 /// socket failed, or the server is a replica now, or lost its master, or is
 /// loading (a restarted former master).
 pub fn master_moved(err: &RedisError) -> bool {
-    if err.is_io_error() || err.is_unrecoverable_error() {
-        return true;
-    }
     const MOVED: &[&str] = &["READONLY", "MASTERDOWN", "LOADING"];
-    if err.code().is_some_and(|code| MOVED.contains(&code)) {
-        return true;
-    }
-    err.clone().into_server_errors().is_some_and(|errors| {
-        errors
-            .iter()
-            .any(|(_, error)| MOVED.contains(&error.code()))
-    })
+    // A server's reply (alone, or among a pipeline's or transaction's
+    // errors) comes through `into_server_errors`.
+    err.is_io_error()
+        || err.is_unrecoverable_error()
+        || err.clone().into_server_errors().is_some_and(|errors| {
+            errors
+                .iter()
+                .any(|(_, error)| MOVED.contains(&error.code()))
+        })
 }
 
 impl ConnectionLike for RedisConnection {
