@@ -356,6 +356,8 @@ fn run_keeps_retrying_an_unreachable_redis_and_says_so_once() {
     let url = format!("redis://:topsecret@127.0.0.1:{port}");
     let mut running = Running::start(&url, &["--block-timeout", "1s", "--log-level", "debug"]);
     running.wait_for_log("Redis unavailable; retrying with back-off");
+    // The warning says what to do about it, in its own field.
+    running.wait_for_log("start Redis or correct the URL");
     // Several retries later it is still running and has not repeated itself.
     wait_until(Duration::from_secs(15), || {
         running.log().matches("Redis still unavailable").count() >= 3
