@@ -67,7 +67,9 @@ fn metrics_count_what_run_does_and_readiness_follows_redis() {
         body = get(port, "/metrics")
             .map(|(_, body)| body)
             .unwrap_or_default();
+        // The last entry counted, and (a moment later) its offset saved.
         sample(&body, "lobby_entries_total{outcome=\"malformed\"}") == Some(1.0)
+            && sample(&body, "lobby_offset_saves_total").is_some_and(|saves| saves >= 1.0)
     })
     .unwrap_or_else(|()| panic!("not all counted:\n{body}\nlog:\n{}", running.log()));
     assert_eq!(
