@@ -9,6 +9,8 @@
 //! - [`event`]: the user-lifecycle event and its event-type enum.
 //! - [`decode`]: the wire contract, a pure function from an entry's fields to
 //!   an event or a typed reason why the entry is malformed.
+//! - [`keys`]: how the lobby's keys are named, plainly or in the cluster
+//!   layout.
 //! - [`cascade`]: the lobby cascade's rules, the lobby store port and the
 //!   handler that applies a cascade per event.
 //! - [`ports`]: the traits adapters implement: the consumer (and how its run
@@ -20,6 +22,7 @@ pub mod cascade;
 pub mod decode;
 pub mod entry_id;
 pub mod event;
+pub mod keys;
 pub mod log_text;
 pub mod ports;
 
@@ -30,6 +33,7 @@ pub use cascade::{
 pub use decode::{decode_user_lifecycle_event, DecodeError, MAX_ENTRY_BYTES};
 pub use entry_id::{EntryId, ParseEntryIdError};
 pub use event::{EventType, UserLifecycleEvent};
+pub use keys::{KeyLayout, ParseKeyLayoutError};
 pub use log_text::for_log;
 pub use ports::{
     BoxFuture, ConsumerLease, EventHandler, FenceToken, HandlerError, Renewal, RunOutcome,

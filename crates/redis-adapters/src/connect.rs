@@ -23,6 +23,7 @@ use std::time::Duration;
 use lifecycle_streams::TlsSettings;
 use lifecycle_streams::{ConnectionTimeouts, RedisConnection, RedisEndpoint};
 
+use crate::cluster::{is_cluster_url, open_cluster, parse_cluster_url, CLUSTER_SCHEMES};
 use crate::sentinel::{
     is_sentinel_url, open_sentinel_master, parse_sentinel_url, SENTINEL_SCHEMES,
 };
@@ -75,12 +76,14 @@ fn leading_space(text: &str) -> String {
     }
 }
 
-/// How long finding a Sentinel-managed master may take.
+/// How long finding a Sentinel-managed master, or a cluster slot's owner,
+/// may take.
 pub const SENTINEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where `url` points: one server (`redis://`, `rediss://`, a Unix socket),
-/// or the master of a Sentinel-managed group (`redis+sentinel://`,
-/// `rediss+sentinel://`), whose sentinels take `sentinel_password` when
+/// a Redis Cluster (`redis+cluster://`, `rediss+cluster://`), or the master
+/// of a Sentinel-managed group (`redis+sentinel://`, `rediss+sentinel://`),
+/// whose sentinels take `sentinel_password` when
 /// given and the URL's otherwise. `tls` holds the certificate files, for
 /// the TLS schemes only. Nothing is connected yet.
 ///
@@ -95,6 +98,9 @@ pub fn open_endpoint(
 ) -> Result<RedisEndpoint, ConnectError> {
     if is_sentinel_url(url) {
         return open_sentinel_master(url, tls, sentinel_password, SENTINEL_TIMEOUT).map(Into::into);
+    }
+    if is_cluster_url(url) {
+        return open_cluster(url, tls, SENTINEL_TIMEOUT).map(Into::into);
     }
     match tls {
         Some(tls) => open_tls_client(url, tls),
@@ -172,11 +178,14 @@ pub fn check_url(url: &str) -> Result<(), ConnectError> {
     if SENTINEL_SCHEMES.contains(&lower.as_str()) {
         return parse_sentinel_url(url).map(drop);
     }
+    if CLUSTER_SCHEMES.contains(&lower.as_str()) {
+        return parse_cluster_url(url).map(drop);
+    }
     let unix = UNIX_SCHEMES.contains(&lower.as_str());
     if !unix && !TCP_SCHEMES.contains(&lower.as_str()) {
         return Err(ConnectError::new(
             format!("{scheme}://..."),
-            format!("the scheme {scheme}:// is not Redis's; use redis://, rediss:// (TLS), redis+sentinel:// (a Sentinel-managed master) or redis+unix:// (a Unix socket)"),
+            format!("the scheme {scheme}:// is not Redis's; use redis://, rediss:// (TLS), redis+sentinel:// (a Sentinel-managed master), redis+cluster:// (a Redis Cluster) or redis+unix:// (a Unix socket)"),
         ));
     }
     if !unix {

@@ -52,6 +52,7 @@ end
     };
 }
 
+pub mod cluster;
 pub mod connect;
 pub mod consumer;
 pub mod eviction;
@@ -62,6 +63,7 @@ pub mod offsets;
 pub mod sentinel;
 pub mod server_version;
 
+pub use cluster::{is_cluster_url, open_cluster, parse_cluster_url, ClusterUrl};
 pub use connect::{
     check_url, open_client, open_endpoint, open_tls_client, redact_url, server_address,
     ConnectError,

@@ -3,7 +3,11 @@
 //! Keys (prefix `lobby` by default): `<p>:game:<id>` (hash: `owner_id`,
 //! `status`, ...), `<p>:game:<id>:{members,applicants,invitees,dropped}`
 //! (sets), `<p>:user:<id>:games` (set: the index the cascade walks) and
-//! `<p>:user:<id>:cascade` (hash: the record of the cascade applied).
+//! `<p>:user:<id>:cascade` (hash: the record of the cascade applied). In
+//! the cluster key layout ([`KeyLayout::Cluster`]) each id is in a hash
+//! tag (`<p>:game:{<id>}`, `<p>:user:{<id>}:games`), and since a script
+//! may then touch one slot only, each game is its own script call and the
+//! finishing call sees only the user's keys.
 //!
 //! Redis runs a script alone, so a script that walked all of a user's games
 //! would stop every other client for as long as the user has games (1.15 s
@@ -23,9 +27,10 @@
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
+use futures_util::stream::{self, StreamExt};
 use lifecycle_domain::{
-    for_log, game_action, BoxFuture, CascadeOutcome, EntryId, Game, GameStatus, LobbyStore,
-    MemberChange, StoreError, UserCascade,
+    for_log, game_action, BoxFuture, CascadeOutcome, EntryId, Game, GameStatus, KeyLayout,
+    LobbyStore, MemberChange, StoreError, UserCascade,
 };
 use lifecycle_streams::{RedisConnection, RedisEndpoint};
 use redis::{AsyncCommands, Script, Value};
@@ -42,6 +47,14 @@ use crate::store_error;
 /// common case is a handful) is handled in one call.
 pub const DEFAULT_PAGE_GAMES: usize = 25;
 
+/// Game scripts in flight at once in the cluster layout, where each game is
+/// its own call: enough to keep every master busy over one connection each,
+/// few enough that the lobby's own commands are not queued behind many.
+const GAMES_IN_FLIGHT: usize = 16;
+
+/// A game's sets, in the order [`CASCADE_GAME`] takes them after the hash.
+const GAME_SETS: [&str; 4] = ["members", "applicants", "invitees", "dropped"];
+
 /// Handled games removed from a user's index per `SREM` once a walk is
 /// done: a plain command, cheap per member, bounded like the pages.
 const REMOVE_BATCH: usize = 1_000;
@@ -53,11 +66,12 @@ const REMOVE_BATCH: usize = 1_000;
 /// code is the members change, `K` keep, `R` remove, `D` move to dropped,
 /// and the cancel flag, `0`/`1`).
 ///
-/// First the guard: when the record holds this entry or a later one, the
-/// script returns `{0, recorded entry id}` before any write. Then
-/// `apply_game(id)`, which applies the rules to one game and counts it in
-/// `touched` (and in `unknown` when its status is not one the rules name);
-/// a game id without a hash is skipped.
+/// It defines `apply_game(id, key)`, which applies the rules to the game
+/// whose hash is `key` (its sets are `key` followed by `:members` and so
+/// on, in either key layout) and counts it in `touched` (and in `unknown`
+/// when its status is not one the rules name); a game id without a hash is
+/// skipped. The guard on the user's record is [`lua_cascade_guard`], for
+/// the scripts that see it.
 ///
 /// All or nothing per call: Redis does not roll back a script that fails
 /// midway, so each call keeps an undo log of each write that changed
@@ -118,16 +132,9 @@ local function changed(key, reply, undo_command)
   return reply == 1
 end
 
-local record_key = prefix .. ':user:' .. user .. ':cascade'
-local recorded = checked(record_key, redis.pcall('HGET', record_key, 'entry_id'))
-if recorded and not id_less(recorded, entry_id) then
-  return { 0, recorded }
-end
-
 local touched = 0
 local unknown
-local function apply_game(game_id)
-  local game_key = prefix .. ':game:' .. game_id
+local function apply_game(game_id, game_key)
   local fields = checked(game_key, redis.pcall('HMGET', game_key, 'status', 'owner_id', 'cancel_reason'))
   local status, owner = fields[1], fields[2]
   if not (status or owner or redis.call('EXISTS', game_key) == 1) then return end
@@ -177,8 +184,24 @@ end
     };
 }
 
+/// The guard of the scripts that see the user's record (KEYS[1]): when it
+/// holds this entry or a later one, the script returns `{0, recorded entry
+/// id}` before any write. Follows [`lua_cascade_prelude`].
+macro_rules! lua_cascade_guard {
+    () => {
+        r"
+local record_key = KEYS[1]
+local recorded = checked(record_key, redis.pcall('HGET', record_key, 'entry_id'))
+if recorded and not id_less(recorded, entry_id) then
+  return { 0, recorded }
+end
+"
+    };
+}
+
 /// The whole cascade when the index is small, and its last step when it is
-/// not. ARGV 1 to 5 as in [`lua_cascade_prelude`], then occurred_at_ms, the
+/// not. KEYS: the user's record, then the user's index. ARGV 1 to 5 as in
+/// [`lua_cascade_prelude`], then occurred_at_ms, the
 /// event's trace id (empty: none), the time of application
 /// (`applied_at_ms`), the page size, and the games counted by the steps
 /// before (0 when there were none). Returns `{2, games in the index}`,
@@ -204,10 +227,11 @@ end
 const FINISH_CASCADE: &str = concat!(
     lua_id_less!(),
     lua_cascade_prelude!(),
+    lua_cascade_guard!(),
     r"
 local occurred, trace_id, applied_at = ARGV[6], ARGV[7], ARGV[8]
 local page, carried = tonumber(ARGV[9]), tonumber(ARGV[10])
-local index_key = prefix .. ':user:' .. user .. ':games'
+local index_key = KEYS[2]
 local count = checked(index_key, redis.pcall('SCARD', index_key))
 -- More than a page: the caller walks the index a page per call, and this
 -- call writes nothing.
@@ -215,7 +239,7 @@ if count > page then
   return { 2, count }
 end
 local game_ids = checked(index_key, redis.pcall('SMEMBERS', index_key))
-for _, game_id in ipairs(game_ids) do apply_game(game_id) end
+for _, game_id in ipairs(game_ids) do apply_game(game_id, prefix .. ':game:' .. game_id) end
 -- At most a page of members: deleting them is as cheap as the page.
 if #game_ids > 0 then redis.call('DEL', index_key) end
 local games = carried + touched
@@ -235,8 +259,8 @@ return applied(games)
 "
 );
 
-/// One page of a large cascade. ARGV 1 to 5 as in [`lua_cascade_prelude`],
-/// then the ids of the games to handle (at most a page, found by the caller
+/// One page of a large cascade, in the plain key layout. KEYS: the user's
+/// record. ARGV 1 to 5 as in [`lua_cascade_prelude`], then the ids of the games to handle (at most a page, found by the caller
 /// with `SSCAN`). Applies the rules to each and returns `{1, games counted,
 /// unknown-status game ids...}`, or `{0, recorded entry id}` when the record
 /// already holds this entry or a later one (another run finished it). It
@@ -246,8 +270,27 @@ return applied(games)
 const CASCADE_PAGE: &str = concat!(
     lua_id_less!(),
     lua_cascade_prelude!(),
+    lua_cascade_guard!(),
     r"
-for i = 6, #ARGV do apply_game(ARGV[i]) end
+for i = 6, #ARGV do apply_game(ARGV[i], prefix .. ':game:' .. ARGV[i]) end
+return applied(touched)
+"
+);
+
+/// One game of a cascade in the cluster key layout, where a script may
+/// touch one slot only: KEYS are the game's hash and its `members`,
+/// `applicants`, `invitees` and `dropped` sets (one slot, through the
+/// hash tag); ARGV 1 to 5 as in [`lua_cascade_prelude`], then the game id.
+/// Applies the rules to the game and returns `{1, games counted (0 or 1),
+/// the id again if its status is unknown}`. It cannot see the user's
+/// record (another slot): the caller checks the record first, through
+/// [`FINISH_CASCADE`], and applying the rules to a game already done
+/// changes nothing.
+const CASCADE_GAME: &str = concat!(
+    lua_id_less!(),
+    lua_cascade_prelude!(),
+    r"
+apply_game(ARGV[6], KEYS[1])
 return applied(touched)
 "
 );
@@ -281,10 +324,14 @@ pub struct RedisLobbyStore {
     /// [`FINISH_CASCADE`]: the whole cascade of a small index, the last
     /// step of a large one.
     finish: Script,
-    /// [`CASCADE_PAGE`]: one page of a large index.
+    /// [`CASCADE_PAGE`]: one page of a large index (plain layout).
     page: Script,
+    /// [`CASCADE_GAME`]: one game (cluster layout).
+    game: Script,
     /// Games one script call handles at most.
     page_games: usize,
+    /// How the lobby's keys are named.
+    layout: KeyLayout,
     /// The domain's rule table, encoded once as the scripts' argument.
     rules: String,
 }
@@ -294,6 +341,7 @@ impl std::fmt::Debug for RedisLobbyStore {
         f.debug_struct("RedisLobbyStore")
             .field("prefix", &self.prefix)
             .field("page_games", &self.page_games)
+            .field("layout", &self.layout)
             .finish_non_exhaustive()
     }
 }
@@ -418,9 +466,20 @@ impl RedisLobbyStore {
             prefix: prefix.to_owned(),
             finish: Script::new(FINISH_CASCADE),
             page: Script::new(CASCADE_PAGE),
+            game: Script::new(CASCADE_GAME),
             page_games: DEFAULT_PAGE_GAMES,
+            layout: KeyLayout::Plain,
             rules: rule_codes(),
         })
+    }
+
+    /// The same store, its keys named by `layout` ([`KeyLayout::Plain`]
+    /// unless set). In the cluster layout each game is its own script call
+    /// (a script may touch one slot), several in flight at once.
+    #[must_use]
+    pub fn with_key_layout(mut self, layout: KeyLayout) -> Self {
+        self.layout = layout;
+        self
     }
 
     /// The same store, handling at most `games` games per script call (at
@@ -433,21 +492,25 @@ impl RedisLobbyStore {
     }
 
     fn game_key(&self, game_id: &str) -> String {
-        format!("{}:game:{game_id}", self.prefix)
+        self.layout.game_key(&self.prefix, game_id)
     }
 
     fn user_key(&self, user_id: &str, what: &str) -> String {
-        format!("{}:user:{user_id}:{what}", self.prefix)
+        self.layout.user_key(&self.prefix, user_id, what)
     }
 
-    /// An invocation of `script` with the arguments both cascade scripts
-    /// start with.
+    /// An invocation of `script` with `keys` and the arguments the cascade
+    /// scripts start with.
     fn invocation<'a>(
         &self,
         script: &'a Script,
+        keys: &[&[u8]],
         cascade: &UserCascade,
     ) -> redis::ScriptInvocation<'a> {
         let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(*key);
+        }
         invocation
             .arg(&self.prefix)
             .arg(&cascade.user_id)
@@ -497,13 +560,25 @@ impl RedisLobbyStore {
         let mut counted = 0_u64;
         let mut unknown_status = Vec::new();
         let mut calls = 0_u64;
+        let record_key = self.user_key(&cascade.user_id, "cascade");
+        let index_key = self.user_key(&cascade.user_id, "games");
+        // In the cluster layout the finishing call sees the user's keys
+        // only (one slot), so it applies no game: every game is its own call.
+        let finish_page = match self.layout {
+            KeyLayout::Plain => self.page_games,
+            KeyLayout::Cluster => 0,
+        };
         loop {
-            let mut invocation = self.invocation(&self.finish, cascade);
+            let mut invocation = self.invocation(
+                &self.finish,
+                &[record_key.as_bytes(), index_key.as_bytes()],
+                cascade,
+            );
             invocation
                 .arg(cascade.occurred_at_ms)
                 .arg(&cascade.trace_id)
                 .arg(lifecycle_streams::now_ms())
-                .arg(self.page_games)
+                .arg(finish_page)
                 .arg(counted);
             calls = calls.saturating_add(1);
             let indexed = match self.step(&invocation, true, action).await? {
@@ -534,8 +609,9 @@ impl RedisLobbyStore {
     }
 
     /// One walk of a large index: `SSCAN` pages of it, and for each page a
-    /// script call applying the rules to its games (each id once, however
-    /// often the scan returns it); then, every game found being done, the
+    /// script call applying the rules to its games (in the cluster layout,
+    /// a call per game, [`GAMES_IN_FLIGHT`] at once), each id once, however
+    /// often the scan returns it; then, every game found being done, the
     /// handled games removed from the index in bounded `SREM`s. A game added
     /// meanwhile that the scan missed stays in the index for the finishing
     /// call (or the next walk). Returns the recorded entry when a page found
@@ -566,14 +642,23 @@ impl RedisLobbyStore {
                 .map_err(|err| store_error(scan_action(), err))?;
             let (next, ids) =
                 scan_reply(&reply).ok_or_else(|| unexpected(scan_action(), &reply))?;
-            let fresh: Vec<&[u8]> = ids
+            let mut fresh: Vec<&[u8]> = ids
                 .into_iter()
                 .filter(|id| handled.insert(id.to_vec()))
                 .collect();
+            if self.layout == KeyLayout::Cluster {
+                let (games, unknown) = self.apply_each(cascade, &fresh).await?;
+                *calls = calls.saturating_add(u64::try_from(fresh.len()).unwrap_or(u64::MAX));
+                *counted = counted.saturating_add(games);
+                unknown_status.extend(unknown);
+                fresh.clear();
+            }
             // A scan may return more than COUNT (a small set comes whole):
             // the pages are cut here, so that no call exceeds one.
+            let record_key = self.user_key(&cascade.user_id, "cascade");
             for page in fresh.chunks(self.page_games) {
-                let mut invocation = self.invocation(&self.page, cascade);
+                let mut invocation =
+                    self.invocation(&self.page, &[record_key.as_bytes()], cascade);
                 for game_id in page {
                     invocation.arg(*game_id);
                 }
@@ -615,6 +700,53 @@ impl RedisLobbyStore {
                 })?;
         }
         Ok(None)
+    }
+
+    /// Applies the rules to each of `game_ids` with a [`CASCADE_GAME`] call
+    /// per game (cluster layout), [`GAMES_IN_FLIGHT`] at once; returns the
+    /// games counted and those of unknown status. An id that cannot be a
+    /// game in this layout (empty) is skipped, as a game without a hash is.
+    async fn apply_each(
+        &self,
+        cascade: &UserCascade,
+        game_ids: &[&[u8]],
+    ) -> Result<(u64, Vec<String>), StoreError> {
+        let action = || format!("apply a game of the cascade of entry {}", cascade.entry_id);
+        let prefix = self.prefix.as_str();
+        let layout = self.layout;
+        // Collected first: a stream over the iterator's closures would not
+        // be `Send` for every lifetime, as the port's future must be.
+        let calls: Vec<BoxFuture<'_, Result<Step, StoreError>>> = game_ids
+            .iter()
+            .filter(|id| layout.holds_game_id(id))
+            .map(|game_id| -> BoxFuture<'_, Result<Step, StoreError>> {
+                    let game_key = layout.game_key_bytes(prefix, game_id);
+                    let sets = GAME_SETS
+                        .map(|set| [game_key.as_slice(), b":", set.as_bytes()].concat());
+                    let mut keys: Vec<&[u8]> = vec![&game_key];
+                    keys.extend(sets.iter().map(Vec::as_slice));
+                    let mut invocation = self.invocation(&self.game, &keys, cascade);
+                    invocation.arg(*game_id);
+                    Box::pin(async move { self.step(&invocation, false, action).await })
+                })
+            .collect();
+        let mut steps = stream::iter(calls).buffer_unordered(GAMES_IN_FLIGHT);
+        let mut games = 0_u64;
+        let mut unknown = Vec::new();
+        while let Some(step) = steps.next().await {
+            match step? {
+                Step::Applied {
+                    games: counted,
+                    unknown_status,
+                } => {
+                    games = games.saturating_add(counted);
+                    unknown.extend(unknown_status);
+                }
+                // Not given by a game's script.
+                Step::Recorded(_) | Step::TooMany(_) => {}
+            }
+        }
+        Ok((games, unknown))
     }
 
     /// The outcome of a cascade applied, logged.
@@ -686,12 +818,27 @@ impl RedisLobbyStore {
                 users.extend(set.iter().map(String::as_str));
             }
         }
-        for user in users {
-            pipe.sadd(self.user_key(user, "games"), game_id).ignore();
+        let fail = |err| store_error(format!("write game {game_id}"), err);
+        let mut conn = self.conn.clone();
+        match self.layout {
+            KeyLayout::Plain => {
+                for user in users {
+                    pipe.sadd(self.user_key(user, "games"), game_id).ignore();
+                }
+                pipe.query_async::<()>(&mut conn).await.map_err(fail)
+            }
+            // The indexes lie in other slots than the game: one
+            // transaction for the game, then one command per index.
+            KeyLayout::Cluster => {
+                pipe.query_async::<()>(&mut conn).await.map_err(fail)?;
+                for user in users {
+                    conn.sadd::<_, _, ()>(self.user_key(user, "games"), game_id)
+                        .await
+                        .map_err(fail)?;
+                }
+                Ok(())
+            }
         }
-        pipe.query_async::<()>(&mut self.conn.clone())
-            .await
-            .map_err(|err| store_error(format!("write game {game_id}"), err))
     }
 
     /// Reads one game; `None` when its hash does not exist.

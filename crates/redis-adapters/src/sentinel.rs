@@ -67,81 +67,24 @@ pub fn is_sentinel_url(url: &str) -> bool {
 pub fn parse_sentinel_url(url: &str) -> Result<SentinelUrl, ConnectError> {
     let shown = || redact_url(url);
     let form = "write redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB]";
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return Err(ConnectError::new(
-            "",
-            format!("the value is not a URL; {form}"),
-        ));
-    };
-    let tls = match scheme.to_ascii_lowercase().as_str() {
-        "redis+sentinel" => false,
-        "rediss+sentinel" => true,
-        _ => {
-            return Err(ConnectError::new(
-                format!("{scheme}://..."),
-                format!("the scheme {scheme}:// is not Sentinel's; {form}"),
-            ))
-        }
-    };
-    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    if rest.rfind('@').is_some_and(|at| at > authority_len) {
-        return Err(ConnectError::new(
-            format!("{scheme}://***{}", rest.get(rest.rfind('@').unwrap_or(0)..).unwrap_or_default()),
-            "the password or user name holds a character that must be percent-encoded: / as %2F, # as %23, ? as %3F (and @ as %40, : as %3A)",
-        ));
-    }
-    let (authority, tail) = rest.split_at(authority_len);
-    if tail.contains('?') {
-        return Err(ConnectError::new(
-            shown(),
-            format!("a redis+sentinel:// URL takes no query parameters (the database goes in the path, the user name and password in the user-info); {form}"),
-        ));
-    }
-    if tail.contains('#') {
-        return Err(ConnectError::new(
-            shown(),
-            "a Redis URL has no #fragment (if the password holds #, percent-encode it as %23)",
-        ));
-    }
-    let (userinfo, hosts) = match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => (Some(userinfo), hosts),
-        None => (None, authority),
-    };
-    let (username, password) = match userinfo {
-        None => (None, None),
-        Some(userinfo) => {
-            let (user, password) = match userinfo.split_once(':') {
-                Some((user, password)) => (user, Some(password)),
-                None => (userinfo, None),
-            };
-            let user = decode(user).ok_or_else(|| {
-                ConnectError::new(shown(), "the user name is not valid percent-encoded UTF-8")
-            })?;
-            let password = password
-                .map(|password| {
-                    decode(password).ok_or_else(|| {
-                        ConnectError::new(
-                            shown(),
-                            "the password is not valid percent-encoded UTF-8",
-                        )
-                    })
-                })
-                .transpose()?;
-            (
-                Some(user).filter(|user| !user.is_empty()),
-                password.filter(|password| !password.is_empty()),
-            )
-        }
-    };
-    let mut sentinels = Vec::new();
-    for host in hosts.split(',') {
-        sentinels.push(parse_host(host).ok_or_else(|| {
-            ConnectError::new(
-                shown(),
-                format!("{host:?} is not a sentinel's HOST:PORT; {form}"),
-            )
-        })?);
-    }
+    let parsed = parse_hosts_url(
+        url,
+        &HostsUrlForm {
+            schemes: ["redis+sentinel", "rediss+sentinel"],
+            what: "Sentinel's",
+            host: "a sentinel's",
+            path: "the database goes in the path",
+            form,
+            default_port: SENTINEL_PORT,
+        },
+    )?;
+    let HostsUrl {
+        tls,
+        username,
+        password,
+        hosts: sentinels,
+        tail,
+    } = parsed;
     let mut path = tail.trim_start_matches('/').split('/');
     let master = path.next().unwrap_or_default();
     if master.is_empty() {
@@ -187,8 +130,133 @@ pub fn parse_sentinel_url(url: &str) -> Result<SentinelUrl, ConnectError> {
     })
 }
 
-/// `host:port`, `host` (Sentinel's port), `[v6]:port` or `[v6]`.
-fn parse_host(text: &str) -> Option<(String, u16)> {
+/// The form of a URL that names several hosts (`redis+sentinel://`,
+/// `redis+cluster://`), for [`parse_hosts_url`].
+pub(crate) struct HostsUrlForm {
+    /// The plain and the TLS scheme.
+    pub schemes: [&'static str; 2],
+    /// Whose schemes they are, in messages ("Sentinel's").
+    pub what: &'static str,
+    /// What one host is, in messages ("a sentinel's").
+    pub host: &'static str,
+    /// Where the rest of the settings go instead of a query, in messages.
+    pub path: &'static str,
+    /// How to write the URL, in messages.
+    pub form: &'static str,
+    /// The port of a host that names none.
+    pub default_port: u16,
+}
+
+/// What a URL naming several hosts says, its path aside.
+pub(crate) struct HostsUrl {
+    /// The TLS scheme.
+    pub tls: bool,
+    /// The user name.
+    pub username: Option<String>,
+    /// The password.
+    pub password: Option<String>,
+    /// The hosts, `(host, port)`.
+    pub hosts: Vec<(String, u16)>,
+    /// Whatever follows the hosts (the path, starting with `/`, or empty).
+    pub tail: String,
+}
+
+/// Reads the scheme, user-info and hosts of a URL of `form`.
+pub(crate) fn parse_hosts_url(url: &str, form: &HostsUrlForm) -> Result<HostsUrl, ConnectError> {
+    let shown = || redact_url(url);
+    let HostsUrlForm {
+        schemes,
+        what,
+        host: one_host,
+        path: path_advice,
+        form,
+        default_port,
+    } = *form;
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(ConnectError::new(
+            "",
+            format!("the value is not a URL; {form}"),
+        ));
+    };
+    let lower = scheme.to_ascii_lowercase();
+    let tls = if lower == schemes[0] {
+        false
+    } else if lower == schemes[1] {
+        true
+    } else {
+        return Err(ConnectError::new(
+            format!("{scheme}://..."),
+            format!("the scheme {scheme}:// is not {what}; {form}"),
+        ));
+    };
+    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    if rest.rfind('@').is_some_and(|at| at > authority_len) {
+        return Err(ConnectError::new(
+            format!("{scheme}://***{}", rest.get(rest.rfind('@').unwrap_or(0)..).unwrap_or_default()),
+            "the password or user name holds a character that must be percent-encoded: / as %2F, # as %23, ? as %3F (and @ as %40, : as %3A)",
+        ));
+    }
+    let (authority, tail) = rest.split_at(authority_len);
+    if tail.contains('?') {
+        return Err(ConnectError::new(
+            shown(),
+            format!("a {}:// URL takes no query parameters ({path_advice}, the user name and password in the user-info); {form}", schemes[0]),
+        ));
+    }
+    if tail.contains('#') {
+        return Err(ConnectError::new(
+            shown(),
+            "a Redis URL has no #fragment (if the password holds #, percent-encode it as %23)",
+        ));
+    }
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (Some(userinfo), hosts),
+        None => (None, authority),
+    };
+    let (username, password) = match userinfo {
+        None => (None, None),
+        Some(userinfo) => {
+            let (user, password) = match userinfo.split_once(':') {
+                Some((user, password)) => (user, Some(password)),
+                None => (userinfo, None),
+            };
+            let user = decode(user).ok_or_else(|| {
+                ConnectError::new(shown(), "the user name is not valid percent-encoded UTF-8")
+            })?;
+            let password = password
+                .map(|password| {
+                    decode(password).ok_or_else(|| {
+                        ConnectError::new(
+                            shown(),
+                            "the password is not valid percent-encoded UTF-8",
+                        )
+                    })
+                })
+                .transpose()?;
+            (
+                Some(user).filter(|user| !user.is_empty()),
+                password.filter(|password| !password.is_empty()),
+            )
+        }
+    };
+    let hosts_text = hosts;
+    let mut hosts = Vec::new();
+    for host in hosts_text.split(',') {
+        hosts.push(parse_host(host, default_port).ok_or_else(|| {
+            ConnectError::new(shown(), format!("{host:?} is not {one_host} HOST:PORT; {form}"))
+        })?);
+    }
+    Ok(HostsUrl {
+        tls,
+        username,
+        password,
+        hosts,
+        tail: tail.to_owned(),
+    })
+}
+
+/// `host:port`, `host` (`default_port`), `[v6]:port` or `[v6]`.
+fn parse_host(text: &str, default_port: u16) -> Option<(String, u16)> {
     let (host, port) = if let Some(v6) = text.strip_prefix('[') {
         let (host, after) = v6.split_once(']')?;
         match after {
@@ -205,7 +273,7 @@ fn parse_host(text: &str) -> Option<(String, u16)> {
         return None;
     }
     let port = match port {
-        None => SENTINEL_PORT,
+        None => default_port,
         Some(port) => port.parse::<u16>().ok().filter(|port| *port > 0)?,
     };
     Some((host.to_owned(), port))
@@ -213,7 +281,7 @@ fn parse_host(text: &str) -> Option<(String, u16)> {
 
 /// Percent-decodes `text`; `None` when the result is not UTF-8 or an escape
 /// is broken.
-fn decode(text: &str) -> Option<String> {
+pub(crate) fn decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut index = 0;

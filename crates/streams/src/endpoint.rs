@@ -1,6 +1,13 @@
-//! Where the worker's Redis is: one address, or the master that Redis
-//! Sentinel names, found again after every failover by each connection the
-//! worker holds.
+//! Where the worker's Redis is: one address, the master that Redis
+//! Sentinel names (found again after every failover by each connection the
+//! worker holds), or a Redis Cluster.
+//!
+//! A connection to a cluster is the `redis` crate's: it keeps the cluster's
+//! slot map, sends each command to the master of its key's slot, follows
+//! `MOVED` and `ASK`, and refreshes the map after a failover. The stream
+//! reader, which has a socket of its own, asks which node owns the stream's
+//! slot ([`ClusterNodes::owner_of`]) each time it connects; a `MOVED`
+//! reply drops its connection, and the next one goes to the new owner.
 //!
 //! A [`RedisConnection`] to a Sentinel-managed master asks the sentinels for
 //! the master when it first connects, and again after a call fails in a way
@@ -17,8 +24,13 @@ use std::time::{Duration, Instant};
 use redis::aio::{
     ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
 };
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::sentinel::SentinelClient;
-use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use redis::{
+    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, Pipeline, RedisError, RedisFuture,
+    RedisResult, Value,
+};
 use tokio::sync::Mutex;
 
 /// Where Redis is.
@@ -31,6 +43,8 @@ pub enum RedisEndpoint {
     Direct(redis::Client),
     /// The master of a Sentinel-managed group (`redis+sentinel://`).
     Sentinel(Arc<SentinelMaster>),
+    /// The nodes of a Redis Cluster (`redis+cluster://`).
+    Cluster(Arc<ClusterNodes>),
 }
 
 impl std::fmt::Debug for RedisEndpoint {
@@ -109,6 +123,205 @@ impl SentinelMaster {
     }
 }
 
+impl From<ClusterNodes> for RedisEndpoint {
+    fn from(nodes: ClusterNodes) -> Self {
+        Self::Cluster(Arc::new(nodes))
+    }
+}
+
+/// A Redis Cluster: the client that routes commands over its nodes, and
+/// what a connection to one node needs.
+pub struct ClusterNodes {
+    /// Routes each command to its key's node.
+    client: ClusterClient,
+    /// A seed node's settings: the credentials and TLS of a connection to
+    /// any node, the address aside.
+    node_info: ConnectionInfo,
+    /// The seeds' addresses, for messages.
+    addresses: String,
+    /// A connection for finding a slot's owner, opened at first use.
+    lookup: Mutex<Option<ClusterConnection>>,
+    /// How long opening a connection and finding a slot's owner may take.
+    timeout: Duration,
+}
+
+/// One range of slots and the address of the master that serves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotOwner {
+    /// The first slot of the range.
+    pub first: u16,
+    /// The last slot of the range (included).
+    pub last: u16,
+    /// The master's host, as the cluster announces it.
+    pub host: String,
+    /// The master's port.
+    pub port: u16,
+}
+
+/// The masters of a `CLUSTER SLOTS` reply, by slot range; `None` when the
+/// reply is not of that shape. An empty host (a node that does not know
+/// its own address) is left empty.
+pub fn parse_cluster_slots(reply: &Value) -> Option<Vec<SlotOwner>> {
+    let Value::Array(ranges) = reply else {
+        return None;
+    };
+    ranges
+        .iter()
+        .map(|range| {
+            let Value::Array(parts) = range else {
+                return None;
+            };
+            let [Value::Int(first), Value::Int(last), Value::Array(master), ..] = parts.as_slice()
+            else {
+                return None;
+            };
+            let [host, Value::Int(port), ..] = master.as_slice() else {
+                return None;
+            };
+            let host = match host {
+                Value::BulkString(raw) => String::from_utf8(raw.clone()).ok()?,
+                Value::SimpleString(text) => text.clone(),
+                _ => return None,
+            };
+            Some(SlotOwner {
+                first: u16::try_from(*first).ok()?,
+                last: u16::try_from(*last).ok()?,
+                host,
+                port: u16::try_from(*port).ok()?,
+            })
+        })
+        .collect()
+}
+
+impl ClusterNodes {
+    /// The cluster `client` reaches, whose nodes take the credentials and
+    /// TLS of `node_info`; `addresses` names the seeds in messages, and
+    /// `timeout` bounds opening a connection and finding a slot's owner.
+    pub fn new(
+        client: ClusterClient,
+        node_info: ConnectionInfo,
+        addresses: impl Into<String>,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            client,
+            node_info,
+            addresses: addresses.into(),
+            lookup: Mutex::new(None),
+            timeout,
+        }
+    }
+
+    /// A connection over the cluster, connecting at its first command.
+    pub fn connection(&self, timeouts: ConnectionTimeouts) -> ClusterConnection {
+        self.client.get_pending_async_connection_with_config(
+            ClusterConfig::new()
+                .set_connection_timeout(timeouts.connect)
+                .set_response_timeout(timeouts.response),
+        )
+    }
+
+    /// Sends `cmd` to some node, within the timeout.
+    async fn ask(&self, cmd: &Cmd) -> RedisResult<Value> {
+        let mut lookup = self.lookup.lock().await;
+        let conn = lookup.get_or_insert_with(|| {
+            self.connection(ConnectionTimeouts {
+                connect: self.timeout,
+                response: self.timeout,
+                min_reconnect_delay: None,
+            })
+        });
+        match tokio::time::timeout(self.timeout, cmd.query_async::<Value>(conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => {
+                *lookup = None;
+                Err(err)
+            }
+            Err(_) => {
+                *lookup = None;
+                Err(RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the cluster at {} did not answer within {:?}",
+                        self.addresses, self.timeout
+                    ),
+                )))
+            }
+        }
+    }
+
+    /// The masters and their slot ranges, as some node sees them now.
+    pub async fn slot_owners(&self) -> RedisResult<Vec<SlotOwner>> {
+        let reply = self.ask(redis::cmd("CLUSTER").arg("SLOTS")).await?;
+        parse_cluster_slots(&reply).ok_or_else(|| unexpected("CLUSTER SLOTS", &reply))
+    }
+
+    /// A client for the master that serves `key`'s slot now.
+    pub async fn owner_of(&self, key: &[u8]) -> RedisResult<redis::Client> {
+        let reply = self
+            .ask(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
+            .await?;
+        let Value::Int(slot) = reply else {
+            return Err(unexpected("CLUSTER KEYSLOT", &reply));
+        };
+        let owners = self.slot_owners().await?;
+        let owner = owners
+            .iter()
+            .find(|owner| (i64::from(owner.first)..=i64::from(owner.last)).contains(&slot))
+            .ok_or_else(|| {
+                RedisError::from((
+                    redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown),
+                    "no master serves the slot",
+                    format!("slot {slot} of the cluster at {}", self.addresses),
+                ))
+            })?;
+        self.node_client(owner)
+    }
+
+    /// A client for each master, as some node sees them now.
+    pub async fn masters(&self) -> RedisResult<Vec<redis::Client>> {
+        let mut owners = self.slot_owners().await?;
+        owners.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
+        owners.dedup_by(|a, b| (&a.host, a.port) == (&b.host, b.port));
+        owners.iter().map(|owner| self.node_client(owner)).collect()
+    }
+
+    /// A client for the node `owner` names, with the seeds' settings.
+    fn node_client(&self, owner: &SlotOwner) -> RedisResult<redis::Client> {
+        let host = if owner.host.is_empty() {
+            // A node that does not know its own address: the seed's host.
+            match self.node_info.addr() {
+                ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. } => host.clone(),
+                _ => String::new(),
+            }
+        } else {
+            owner.host.clone()
+        };
+        let addr = match self.node_info.addr().clone() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host,
+                port: owner.port,
+                insecure,
+                tls_params,
+            },
+            _ => ConnectionAddr::Tcp(host, owner.port),
+        };
+        redis::Client::open(self.node_info.clone().set_addr(addr))
+    }
+}
+
+fn unexpected(what: &str, reply: &Value) -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::Client,
+        "unexpected reply",
+        format!("{what} answered {reply:?}"),
+    ))
+}
+
 /// How long a connection may take to open, and a command to answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnectionTimeouts {
@@ -128,7 +341,32 @@ impl RedisEndpoint {
         match self {
             Self::Direct(client) => Ok(client.clone()),
             Self::Sentinel(master) => master.client().await,
+            Self::Cluster(nodes) => nodes.owner_of(b"").await,
         }
+    }
+
+    /// A client for the server that holds `key` now: the fixed one, the
+    /// master the sentinels name, or the cluster's master of its slot.
+    pub async fn client_for_key(&self, key: &[u8]) -> RedisResult<redis::Client> {
+        match self {
+            Self::Cluster(nodes) => nodes.owner_of(key).await,
+            _ => self.client().await,
+        }
+    }
+
+    /// A client for every master: the one server, the master the sentinels
+    /// name, or each master of the cluster (for commands that each server
+    /// answers for its own keys only: `SCAN`, `INFO`, `SLOWLOG`).
+    pub async fn masters(&self) -> RedisResult<Vec<redis::Client>> {
+        match self {
+            Self::Cluster(nodes) => nodes.masters().await,
+            _ => Ok(vec![self.client().await?]),
+        }
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
     }
 
     /// Where it is, without credentials: `host:port`, a socket's path, or
@@ -140,6 +378,7 @@ impl RedisEndpoint {
                 "master {:?} via the sentinels at {}",
                 master.name, master.addresses
             ),
+            Self::Cluster(nodes) => format!("the cluster at {}", nodes.addresses),
         }
     }
 
@@ -167,6 +406,7 @@ impl RedisEndpoint {
                 current: Mutex::new(Current::None),
                 connections: AtomicU64::new(0),
             }))),
+            Self::Cluster(nodes) => Ok(RedisConnection::Cluster(nodes.connection(timeouts))),
         }
     }
 }
@@ -178,6 +418,8 @@ pub enum RedisConnection {
     Direct(ConnectionManager),
     /// To the master the sentinels name, found again after a fault.
     Sentinel(Arc<FollowedMaster>),
+    /// To the nodes of a cluster, each command to its key's master.
+    Cluster(ClusterConnection),
 }
 
 impl std::fmt::Debug for RedisConnection {
@@ -187,6 +429,7 @@ impl std::fmt::Debug for RedisConnection {
             Self::Sentinel(followed) => {
                 write!(f, "RedisConnection::Sentinel({:?})", followed.master.name)
             }
+            Self::Cluster(_) => f.write_str("RedisConnection::Cluster"),
         }
     }
 }
@@ -299,6 +542,7 @@ impl ConnectionLike for RedisConnection {
                 }
                 result
             }),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
         }
     }
 
@@ -318,6 +562,7 @@ impl ConnectionLike for RedisConnection {
                 }
                 result
             }),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -325,11 +570,13 @@ impl ConnectionLike for RedisConnection {
         match self {
             Self::Direct(conn) => conn.get_db(),
             Self::Sentinel(followed) => followed.master.db,
+            Self::Cluster(conn) => conn.get_db(),
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -339,6 +586,49 @@ mod tests {
         {
             Err(err) => err,
             Ok(value) => panic!("{line:?} parsed as {value:?}"),
+        }
+    }
+
+    #[test]
+    fn cluster_slots_replies_name_each_ranges_master() {
+        let reply = redis::parse_redis_value(
+            b"*2\r\n\
+              *4\r\n:0\r\n:5460\r\n*3\r\n$9\r\n127.0.0.1\r\n:7000\r\n$2\r\nid\r\n*3\r\n$9\r\n127.0.0.1\r\n:7003\r\n$2\r\nid\r\n\
+              *3\r\n:5461\r\n:16383\r\n*2\r\n$0\r\n\r\n:7001\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            parse_cluster_slots(&reply),
+            Some(vec![
+                SlotOwner {
+                    first: 0,
+                    last: 5460,
+                    host: "127.0.0.1".into(),
+                    port: 7000
+                },
+                SlotOwner {
+                    first: 5461,
+                    last: 16383,
+                    host: String::new(),
+                    port: 7001
+                },
+            ])
+        );
+        for bad in [
+            Value::Nil,
+            Value::Array(vec![Value::Int(1)]),
+            Value::Array(vec![Value::Array(vec![
+                Value::Int(0),
+                Value::Int(70_000),
+                Value::Array(vec![Value::BulkString(b"h".to_vec()), Value::Int(1)]),
+            ])]),
+            Value::Array(vec![Value::Array(vec![
+                Value::Int(0),
+                Value::Int(1),
+                Value::Array(vec![Value::BulkString(b"h".to_vec()), Value::Int(-1)]),
+            ])]),
+        ] {
+            assert_eq!(parse_cluster_slots(&bad), None, "{bad:?}");
         }
     }
 

@@ -94,7 +94,8 @@ pub(crate) enum ReaderEvent {
 #[derive(Clone, Debug)]
 pub(crate) struct ReaderSettings {
     /// Where Redis is: asked again at every new connection, so that a
-    /// Sentinel-managed master is followed across failovers.
+    /// Sentinel-managed master, or the cluster node that serves the
+    /// stream's slot, is followed across failovers.
     pub endpoint: RedisEndpoint,
     /// For `rediss://`: what to trust and present.
     pub tls: Option<TlsSettings>,
@@ -309,7 +310,7 @@ async fn read_once(
         None => {
             let client = settings
                 .endpoint
-                .client()
+                .client_for_key(settings.stream.as_bytes())
                 .await
                 .map_err(ReadError::Locate)?;
             conn.insert(

@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 
 use lifecycle_private_redis::{Error, Options, PrivateRedis};
 
+pub mod cluster;
+pub use cluster::RedisCluster;
 pub mod proxy;
 pub use proxy::TcpProxy;
 pub mod sentinel;
