@@ -420,6 +420,9 @@ pub enum RedisConnection {
     Sentinel(Arc<FollowedMaster>),
     /// To the nodes of a cluster, each command to its key's master.
     Cluster(ClusterConnection),
+    /// One connection already open to one server, not reopened after a
+    /// fault (for one-shot commands).
+    Multiplexed(MultiplexedConnection),
 }
 
 impl std::fmt::Debug for RedisConnection {
@@ -430,6 +433,7 @@ impl std::fmt::Debug for RedisConnection {
                 write!(f, "RedisConnection::Sentinel({:?})", followed.master.name)
             }
             Self::Cluster(_) => f.write_str("RedisConnection::Cluster"),
+            Self::Multiplexed(_) => f.write_str("RedisConnection::Multiplexed"),
         }
     }
 }
@@ -543,6 +547,7 @@ impl ConnectionLike for RedisConnection {
                 result
             }),
             Self::Cluster(conn) => conn.req_packed_command(cmd),
+            Self::Multiplexed(conn) => conn.req_packed_command(cmd),
         }
     }
 
@@ -563,6 +568,7 @@ impl ConnectionLike for RedisConnection {
                 result
             }),
             Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Multiplexed(conn) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -571,6 +577,7 @@ impl ConnectionLike for RedisConnection {
             Self::Direct(conn) => conn.get_db(),
             Self::Sentinel(followed) => followed.master.db,
             Self::Cluster(conn) => conn.get_db(),
+            Self::Multiplexed(conn) => conn.get_db(),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use lifecycle_domain::EntryId;
+use lifecycle_domain::{EntryId, KeyLayout};
 use lifecycle_streams::{StartFrom, DEFAULT_CONCURRENCY};
 
 /// A mistake in what the command was given (exit status 2), as opposed to a
@@ -173,8 +173,9 @@ pub struct DemoArgs {
 #[derive(Debug, Args, Clone)]
 pub struct RedisArgs {
     /// Redis URL: redis://[user:password@]host:port[/db] (rediss:// for
-    /// TLS), or redis+sentinel://[user:password@]host:port[,host:port...]/MASTER[/db]
-    /// for a Sentinel-managed master. Passwords are never printed.
+    /// TLS), redis+sentinel://[user:password@]host:port[,host:port...]/MASTER[/db]
+    /// for a Sentinel-managed master, or redis+cluster://[user:password@]host:port[,host:port...]
+    /// for a Redis Cluster. Passwords are never printed.
     #[arg(
         long,
         global = true,
@@ -197,6 +198,12 @@ pub struct RedisArgs {
     /// Prefix of every lobby key (offsets are at `<prefix>:stream_offsets:<label>`).
     #[arg(long, global = true, env = "LOBBY_KEY_PREFIX", default_value = "lobby", value_parser = non_blank)]
     pub key_prefix: String,
+
+    /// How the lobby's keys are named: plain (`lobby:game:<id>`), or
+    /// cluster (`lobby:game:{<id>}`: each id in a hash tag, required on a
+    /// Redis Cluster).
+    #[arg(long, global = true, env = "LOBBY_KEY_LAYOUT", default_value = "plain", value_parser = parse_key_layout)]
+    pub key_layout: KeyLayout,
 
     /// A TOML file of settings (keys as the flags, with `_` for `-`, such as
     /// `key_prefix = "lobby"`), shared by every command; each takes the
@@ -693,6 +700,12 @@ pub fn parse_age(text: &str) -> Result<Duration, String> {
         parse_duration(rest).map_err(|_| invalid())?
     };
     Ok(Duration::from_secs(days.saturating_mul(86_400)).saturating_add(rest))
+}
+
+/// A key layout's name: `plain` or `cluster`.
+pub fn parse_key_layout(text: &str) -> Result<KeyLayout, String> {
+    text.parse()
+        .map_err(|err: lifecycle_domain::ParseKeyLayoutError| err.to_string())
 }
 
 /// A name that is not empty or blank (a stream, a key prefix, a label).

@@ -23,6 +23,7 @@ const KEYS: &[&str] = &[
     "redis_url",
     "stream",
     "key_prefix",
+    "key_layout",
     "tls_ca_file",
     "tls_cert_file",
     "tls_key_file",

@@ -4,13 +4,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use lifecycle_domain::StreamOffsetStore;
+use lifecycle_domain::{KeyLayout, StreamOffsetStore};
 use lifecycle_redis::{
     check_server_version, foreign_answer, open_endpoint, redact_url, server_address, ConnectError,
-    RedisUserLifecycleConsumer, VersionError,
+    RedisLobbyStore, RedisUserLifecycleConsumer, VersionError,
 };
 use lifecycle_streams::{
-    classify, not_redis, ConsumerConfig, FaultClass, RedisEndpoint, TlsFiles, TlsSettings,
+    classify, not_redis, ConnectionTimeouts, ConsumerConfig, FaultClass, RedisConnection,
+    RedisEndpoint, TlsFiles, TlsSettings,
 };
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError};
@@ -29,6 +30,9 @@ pub struct RedisTarget {
     /// For `redis+sentinel://`: the sentinels' own password, when it is not
     /// the URL's.
     pub sentinel_password: Option<String>,
+    /// How the lobby's keys are named (the cluster layout for a cluster URL
+    /// unless the flags say otherwise, which is refused).
+    pub key_layout: KeyLayout,
 }
 
 impl std::fmt::Debug for RedisTarget {
@@ -40,6 +44,7 @@ impl std::fmt::Debug for RedisTarget {
                 "sentinel_password",
                 &self.sentinel_password.as_ref().map(|_| "***"),
             )
+            .field("key_layout", &self.key_layout)
             .finish()
     }
 }
@@ -49,6 +54,14 @@ impl RedisTarget {
     pub fn from_args(args: &RedisArgs) -> anyhow::Result<Self> {
         let mut target = Self::new(&args.redis_url, &args.tls)?;
         target.sentinel_password = args.sentinel_password.clone();
+        if target.key_layout == KeyLayout::Cluster && args.key_layout == KeyLayout::Plain {
+            return Err(InputError(format!(
+                "{} is a Redis Cluster, where the plain key layout cannot work (a cascade's keys would lie in many slots): give --key-layout cluster (LOBBY_KEY_LAYOUT=cluster, or key_layout = \"cluster\" in the configuration file)",
+                redact_url(&target.url)
+            ))
+            .into());
+        }
+        target.key_layout = args.key_layout;
         if target.sentinel_password.is_some() && !lifecycle_redis::is_sentinel_url(&target.url) {
             return Err(InputError(
                 "--sentinel-password (LOBBY_SENTINEL_PASSWORD) is for redis+sentinel:// URLs only"
@@ -81,6 +94,11 @@ impl RedisTarget {
             url: url.to_owned(),
             tls,
             sentinel_password: None,
+            key_layout: if lifecycle_redis::is_cluster_url(url) {
+                KeyLayout::Cluster
+            } else {
+                KeyLayout::Plain
+            },
         };
         // A malformed URL, or certificate files with redis://, fail here.
         target.open().map_err(|err| InputError(err.to_string()))?;
@@ -101,8 +119,15 @@ impl RedisTarget {
         })
     }
 
-    /// Where the target is: one server, or a Sentinel-managed master;
-    /// nothing is connected yet.
+    /// The lobby store under `prefix`, its keys in the target's layout.
+    pub fn lobby_store(&self, prefix: &str) -> anyhow::Result<RedisLobbyStore> {
+        Ok(RedisLobbyStore::new(self.endpoint()?, prefix)
+            .context("cannot set up the lobby store")?
+            .with_key_layout(self.key_layout))
+    }
+
+    /// Where the target is: one server, a Sentinel-managed master or a
+    /// cluster; nothing is connected yet.
     pub fn endpoint(&self) -> anyhow::Result<RedisEndpoint> {
         Ok(self.open()?)
     }
@@ -117,6 +142,15 @@ impl RedisTarget {
             .map_err(|err| explain(&self.url, "find the master", &err))
     }
 
+    /// A client for the server that holds `key` now (on a cluster: the
+    /// master of its slot).
+    pub async fn client_for_key(&self, key: &str) -> anyhow::Result<redis::Client> {
+        self.endpoint()?
+            .client_for_key(key.as_bytes())
+            .await
+            .map_err(|err| explain(&self.url, "find the server of the stream", &err))
+    }
+
     fn open(&self) -> Result<RedisEndpoint, ConnectError> {
         open_endpoint(
             &self.url,
@@ -128,10 +162,46 @@ impl RedisTarget {
 
 /// Connects to `target` once and checks that it is Redis
 /// [`lifecycle_redis::MIN_REDIS_VERSION`] or later, failing with a line
-/// that says what to do.
-pub async fn connect(target: &RedisTarget) -> anyhow::Result<MultiplexedConnection> {
+/// that says what to do. To a cluster: the cluster client, checked on the
+/// master of the empty key's slot.
+pub async fn connect(target: &RedisTarget) -> anyhow::Result<RedisConnection> {
     let url = target.url.as_str();
     let client = target.client().await?;
+    let conn = connect_to(&client, url).await?;
+    let endpoint = target.endpoint()?;
+    if endpoint.is_cluster() {
+        return endpoint
+            .connection(ConnectionTimeouts {
+                connect: Duration::from_secs(5),
+                response: Duration::from_secs(10),
+                min_reconnect_delay: None,
+            })
+            .map_err(|err| explain(url, "connect", &err));
+    }
+    Ok(RedisConnection::Multiplexed(conn))
+}
+
+/// A connection to each master of `target` (one, unless it is a cluster),
+/// for what each server answers for itself: `INFO`, `SLOWLOG`, `CONFIG`.
+pub async fn connect_masters(target: &RedisTarget) -> anyhow::Result<Vec<RedisConnection>> {
+    let url = target.url.as_str();
+    let masters = target
+        .endpoint()?
+        .masters()
+        .await
+        .map_err(|err| explain(url, "find the masters", &err))?;
+    let mut conns = Vec::with_capacity(masters.len());
+    for master in masters {
+        conns.push(RedisConnection::Multiplexed(connect_to(&master, url).await?));
+    }
+    Ok(conns)
+}
+
+/// Connects to the one server `client` names, checking its version.
+pub async fn connect_to(
+    client: &redis::Client,
+    url: &str,
+) -> anyhow::Result<MultiplexedConnection> {
     let settings = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(10)));
@@ -140,16 +210,16 @@ pub async fn connect(target: &RedisTarget) -> anyhow::Result<MultiplexedConnecti
         .await
     {
         Ok(conn) => conn,
-        Err(err) => return Err(connect_failed(&client, url, &err).await),
+        Err(err) => return Err(connect_failed(client, url, &err).await),
     };
     // A connection can open without a password and fail at the first command.
     if let Err(err) = redis::cmd("PING").query_async::<()>(&mut conn).await {
-        return Err(connect_failed(&client, url, &err).await);
+        return Err(connect_failed(client, url, &err).await);
     }
-    match check_server_version(&mut conn, &server_address(&client)).await {
+    match check_server_version(&mut conn, &server_address(client)).await {
         Ok(_) => Ok(conn),
         Err(VersionError::Redis { source, .. }) => Err(explain(url, "connect", &source)),
-        Err(VersionError::NotRedis { .. }) => Err(not_redis_error(&client).await),
+        Err(VersionError::NotRedis { .. }) => Err(not_redis_error(client).await),
         Err(err) => Err(err.into()),
     }
 }
@@ -215,35 +285,49 @@ where
     result.with_context(|| format!("Redis at {}", redact_url(url)))
 }
 
-/// Deletes every key matching `pattern` (a `SCAN MATCH` glob), a page at a
+/// Deletes every key matching `pattern` (a `SCAN MATCH` glob) on every
+/// master of `target` (a cluster's keys are spread over them), a page at a
 /// time; `action` names the work in errors.
 pub async fn delete_matching(
-    conn: &mut MultiplexedConnection,
-    url: &str,
+    target: &RedisTarget,
     pattern: &str,
     action: &str,
 ) -> anyhow::Result<()> {
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1_000)
-            .query_async(conn)
-            .await
-            .map_err(|err| explain(url, action, &err))?;
-        if !keys.is_empty() {
-            redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async::<()>(conn)
+    let url = target.url.as_str();
+    let masters = target
+        .endpoint()?
+        .masters()
+        .await
+        .map_err(|err| explain(url, action, &err))?;
+    for master in masters {
+        let mut conn = connect_to(&master, url).await?;
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1_000)
+                .query_async(&mut conn)
                 .await
                 .map_err(|err| explain(url, action, &err))?;
+            if !keys.is_empty() {
+                // One key per command: a cluster node refuses a command
+                // over keys of several slots.
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("UNLINK").arg(key).ignore();
+                }
+                pipe.query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|err| explain(url, action, &err))?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
     }
+    Ok(())
 }

@@ -29,6 +29,7 @@
 //!   `user.deleted` event; the extra fields are ones the decoder ignores.
 //!   Each case should stay under [`MEMORY_BUDGET_MIB`].
 
+use lifecycle_streams::RedisConnection;
 use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -45,12 +46,12 @@ use lifecycle_redis::{redact_url, RedisLobbyStore, RedisOffsetStore};
 // public API of the engine: it reaches it through its hidden internals.
 use lifecycle_streams::internals::ReadConnection;
 use lifecycle_streams::{Checkpoint, ConsumerConfig};
-use redis::aio::MultiplexedConnection;
+
 use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 
 use crate::cli::{BenchArgs, InputError, TlsArgs};
-use crate::redis_conn::{connect, delete_matching, explain, RedisTarget};
+use crate::redis_conn::{connect, connect_masters, delete_matching, explain, RedisTarget};
 
 /// Entries added per pipelined round trip while filling.
 const FILL_CHUNK: u64 = 2_000;
@@ -223,14 +224,23 @@ const WORKER_COMMANDS: [&str; 3] = ["xread", "evalsha", "eval"];
 
 /// How many [`WORKER_COMMANDS`] Redis has run so far (`INFO
 /// commandstats`).
-async fn worker_commands(conn: &mut MultiplexedConnection, url: &str) -> anyhow::Result<u64> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .map_err(|err| explain(url, "read INFO commandstats", &err))?;
-    Ok(info
-        .lines()
+/// Summed over every master (of a cluster).
+async fn worker_commands(target: &RedisTarget) -> anyhow::Result<u64> {
+    let mut calls = 0;
+    for mut conn in connect_masters(target).await? {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .map_err(|err| explain(&target.url, "read INFO commandstats", &err))?;
+        calls += commands_in(&info);
+    }
+    Ok(calls)
+}
+
+/// The calls of [`WORKER_COMMANDS`] that an `INFO commandstats` reply counts.
+fn commands_in(info: &str) -> u64 {
+    info.lines()
         .filter_map(|line| {
             let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
             if !WORKER_COMMANDS.contains(&name) {
@@ -241,7 +251,7 @@ async fn worker_commands(conn: &mut MultiplexedConnection, url: &str) -> anyhow:
                 .find_map(|stat| stat.strip_prefix("calls="))?;
             calls.parse::<u64>().ok()
         })
-        .sum())
+        .sum()
 }
 
 fn epoch_nanos() -> u128 {
@@ -298,7 +308,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let target = RedisTarget::new(&url, &args.tls)?;
     let mut conn = connect(&target).await?;
     let prefix = "bench";
-    clear(&mut conn, &url, prefix).await?;
+    clear(&target, prefix).await?;
     let batch_size = ConsumerConfig::new("s", "l").batch_size;
     let mut report = Report {
         events: args.events,
@@ -321,7 +331,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     fill(&mut conn, &url, &main_stream, args.events).await?;
 
     say("raw: bare XREAD reader".into());
-    let client = target.endpoint()?;
     report.raw_eps = raw_read(&target, &main_stream, batch_size, args.events).await?;
 
     say("default: default settings, no-op handler".into());
@@ -339,7 +348,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     config.batch_size = 1;
     config.checkpoint = Checkpoint::EveryEntry;
     config.concurrency = 1;
-    let commands_before = worker_commands(&mut conn, &url).await?;
+    let commands_before = worker_commands(&target).await?;
     (report.reference_eps, _) = drain(
         &target,
         prefix,
@@ -348,7 +357,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report.reference_events,
     )
     .await?;
-    let commands = worker_commands(&mut conn, &url)
+    let commands = worker_commands(&target)
         .await?
         .saturating_sub(commands_before);
     report.reference_commands_per_event = ratio(commands as f64, report.reference_events as f64);
@@ -388,12 +397,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "cascade_{name} (round {}): seeding {lobby_prefix}",
                 round + 1
             ));
-            let lobby = RedisLobbyStore::new(client.clone(), &lobby_prefix)
-                .context("cannot set up the lobby store")?;
+            let lobby = target.lobby_store(&lobby_prefix)?;
             seed_lobby(&lobby, report.cascade_events).await?;
             let handler = Arc::new(CascadeHandler::new(lobby));
             let measured = drain(&target, prefix, config, handler, report.cascade_events).await?;
-            clear(&mut conn, &url, &lobby_prefix).await?;
+            clear(&target, &lobby_prefix).await?;
             if let Some(kept) = best.get_mut(index).filter(|kept| kept.0 < measured.0) {
                 *kept = measured;
             }
@@ -441,8 +449,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.latency_rate, args.latency_duration
     ));
     let lobby_prefix = format!("{prefix}-latency");
-    let lobby = RedisLobbyStore::new(client.clone(), &lobby_prefix)
-        .context("cannot set up the lobby store")?;
+    let lobby = target.lobby_store(&lobby_prefix)?;
     let live_events =
         (args.latency_rate as f64 * args.latency_duration.as_secs_f64()).round() as u64;
     seed_lobby(&lobby, live_events).await?;
@@ -466,7 +473,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     (
         report.max_script_ms_100k_games,
         report.cascade_100k_games_secs,
-    ) = script_bound_case(&target, &mut conn, &client, prefix).await?;
+    ) = script_bound_case(&target, &mut conn, prefix).await?;
 
     if args.takeover_kills > 0 {
         say(format!(
@@ -494,7 +501,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             spec.shape.fields(),
             spec.shape.entry_bytes()
         ));
-        let case = memory_case(&mut conn, &url, &args, server.is_some(), spec).await?;
+        let case = memory_case(&target, &mut conn, &args, server.is_some(), spec).await?;
         say(format!(
             "memory {}: peak {} MiB, filled in {:.1}s, drained in {:.1}s",
             spec.name,
@@ -533,7 +540,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     report.c64_vs_c1 = ratio(report.cascade_c64_eps, report.cascade_c1_eps);
     report.cascade_default_vs_reference = ratio(report.cascade_default_eps, report.reference_eps);
     report.cascade_default_vs_best = ratio(report.cascade_default_eps, report.cascade_best_eps);
-    clear(&mut conn, &url, prefix).await?;
+    clear(&target, prefix).await?;
     drop(server);
 
     if args.json {
@@ -687,7 +694,7 @@ fn percentile(sorted: &[Duration], quantile: f64) -> f64 {
 }
 
 /// Deletes every key under `prefix:` and `prefix-`.
-async fn clear(conn: &mut MultiplexedConnection, url: &str, prefix: &str) -> anyhow::Result<()> {
+async fn clear(target: &RedisTarget, prefix: &str) -> anyhow::Result<()> {
     // With the hash-tagged keys of the lease and the dead-letter markers.
     for pattern in [
         format!("{prefix}:*"),
@@ -695,14 +702,14 @@ async fn clear(conn: &mut MultiplexedConnection, url: &str, prefix: &str) -> any
         format!("{{{prefix}:*"),
         format!("{{{prefix}-*"),
     ] {
-        delete_matching(conn, url, &pattern, "clear the benchmark's keys").await?;
+        delete_matching(target, &pattern, "clear the benchmark's keys").await?;
     }
     Ok(())
 }
 
 /// Adds `count` deletion events for users `u0..`, pipelined.
 async fn fill(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     url: &str,
     stream: &str,
     count: u64,
@@ -713,7 +720,7 @@ async fn fill(
 /// Adds `count` deletion events shaped like `shape`, pipelined in chunks of
 /// at most [`FILL_CHUNK`] entries and about [`FILL_CHUNK_BYTES`].
 async fn fill_entries(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     url: &str,
     stream: &str,
     count: u64,
@@ -823,15 +830,13 @@ const BOUND_SLOWLOG_MICROS: u64 = 100;
 /// restored afterwards; `None` when Redis refuses them (`CONFIG` disabled).
 async fn script_bound_case(
     target: &RedisTarget,
-    conn: &mut MultiplexedConnection,
-    client: &lifecycle_streams::RedisEndpoint,
+    conn: &mut RedisConnection,
     prefix: &str,
 ) -> anyhow::Result<(Option<f64>, f64)> {
     let url = target.url.as_str();
     let lobby_prefix = format!("{prefix}-bound");
     let stream = format!("{prefix}:bound");
-    let lobby = RedisLobbyStore::new(client.clone(), &lobby_prefix)
-        .context("cannot set up the lobby store")?;
+    let lobby = target.lobby_store(&lobby_prefix)?;
     let statuses = ["open", "running", "finished", "cancelled"];
     // Written by the store's own `put_game`, a few tasks at a time.
     let tasks: u64 = 32;
@@ -883,56 +888,70 @@ async fn script_bound_case(
         .await
         .map_err(|err| explain(url, "publish", &err))?;
 
-    let earlier = (
-        config_value(conn, "slowlog-log-slower-than").await,
-        config_value(conn, "slowlog-max-len").await,
-    );
-    let configured: redis::RedisResult<()> = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("slowlog-log-slower-than")
-        .arg(BOUND_SLOWLOG_MICROS)
-        .arg("slowlog-max-len")
-        .arg(100_000)
-        .query_async(conn)
-        .await;
-    let watched = configured.is_ok();
-    if watched {
-        redis::cmd("SLOWLOG")
-            .arg("RESET")
-            .query_async::<()>(conn)
-            .await
-            .map_err(|err| explain(url, "reset the slow log", &err))?;
+    // Every master's slow log: on a cluster, the games lie on all of them.
+    let mut masters = connect_masters(target).await?;
+    let mut earlier = Vec::with_capacity(masters.len());
+    let mut watched = true;
+    for master in &mut masters {
+        earlier.push((
+            config_value(master, "slowlog-log-slower-than").await,
+            config_value(master, "slowlog-max-len").await,
+        ));
+        let configured: redis::RedisResult<()> = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("slowlog-log-slower-than")
+            .arg(BOUND_SLOWLOG_MICROS)
+            .arg("slowlog-max-len")
+            .arg(100_000)
+            .query_async(master)
+            .await;
+        watched &= configured.is_ok();
+        if configured.is_ok() {
+            redis::cmd("SLOWLOG")
+                .arg("RESET")
+                .query_async::<()>(master)
+                .await
+                .map_err(|err| explain(url, "reset the slow log", &err))?;
+        }
     }
     let started = Instant::now();
     let handler = Arc::new(CascadeHandler::new(lobby.clone()));
     let config = ConsumerConfig::new(stream.clone(), "bound");
     let drained = drain(target, prefix, config, handler, 1).await;
     let secs = started.elapsed().as_secs_f64();
-    let entries: redis::RedisResult<Vec<redis::Value>> = if watched {
-        redis::cmd("SLOWLOG")
-            .arg("GET")
-            .arg(-1)
-            .query_async(conn)
-            .await
-    } else {
-        Ok(Vec::new())
-    };
-    if let (true, (Some(slower_than), Some(max_len))) = (watched, earlier) {
-        redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("slowlog-log-slower-than")
-            .arg(slower_than)
-            .arg("slowlog-max-len")
-            .arg(max_len)
-            .query_async::<()>(conn)
-            .await
-            .map_err(|err| explain(url, "restore the slow-log settings", &err))?;
+    let mut entries: redis::RedisResult<Vec<redis::Value>> = Ok(Vec::new());
+    for (master, earlier) in masters.iter_mut().zip(earlier) {
+        if watched {
+            let read: redis::RedisResult<Vec<redis::Value>> = redis::cmd("SLOWLOG")
+                .arg("GET")
+                .arg(-1)
+                .query_async(master)
+                .await;
+            entries = match (entries, read) {
+                (Ok(mut all), Ok(more)) => {
+                    all.extend(more);
+                    Ok(all)
+                }
+                (Err(err), _) | (_, Err(err)) => Err(err),
+            };
+        }
+        if let (Some(slower_than), Some(max_len)) = earlier {
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("slowlog-log-slower-than")
+                .arg(slower_than)
+                .arg("slowlog-max-len")
+                .arg(max_len)
+                .query_async::<()>(master)
+                .await
+                .map_err(|err| explain(url, "restore the slow-log settings", &err))?;
+        }
     }
     drained?;
     let entries = entries.map_err(|err| explain(url, "read the slow log", &err))?;
     let record = lobby.cascade_record("u0").await?;
     let left = lobby.user_games("u0").await?.len();
-    clear(conn, url, &lobby_prefix).await?;
+    clear(target, &lobby_prefix).await?;
     redis::cmd("UNLINK")
         .arg(&stream)
         .query_async::<()>(conn)
@@ -964,7 +983,7 @@ async fn script_bound_case(
 }
 
 /// A Redis setting's value; `None` when Redis does not say.
-async fn config_value(conn: &mut MultiplexedConnection, name: &str) -> Option<String> {
+async fn config_value(conn: &mut RedisConnection, name: &str) -> Option<String> {
     let pair: Vec<String> = redis::cmd("CONFIG")
         .arg("GET")
         .arg(name)
@@ -981,7 +1000,7 @@ async fn raw_read(
     batch: usize,
     expected: u64,
 ) -> anyhow::Result<f64> {
-    let client = target.client().await?;
+    let client = target.client_for_key(stream).await?;
     let mut reader = ReadConnection::connect(
         client.get_connection_info(),
         target.tls.as_ref(),
@@ -1070,7 +1089,7 @@ async fn latency(
     let period = Duration::from_secs_f64(1.0 / rate_eps.max(1) as f64);
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let commands_before = worker_commands(&mut conn, url).await?;
+    let commands_before = worker_commands(target).await?;
     for user in 0..total {
         ticker.tick().await;
         redis::cmd("XADD")
@@ -1092,7 +1111,7 @@ async fn latency(
     while consumer.stats().snapshot().handled < total && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let commands = worker_commands(&mut conn, url)
+    let commands = worker_commands(target)
         .await?
         .saturating_sub(commands_before);
     consumer.shutdown();
@@ -1262,8 +1281,8 @@ fn select_cases(text: &str, small: u64) -> anyhow::Result<Vec<CaseSpec>> {
 /// removes the case's keys again. Problems of the case itself (no room in
 /// Redis, a failing child) are reported in the case, not as an error.
 async fn memory_case(
-    conn: &mut MultiplexedConnection,
-    url: &str,
+    target: &RedisTarget,
+    conn: &mut RedisConnection,
     args: &BenchArgs,
     private: bool,
     spec: &CaseSpec,
@@ -1276,6 +1295,7 @@ async fn memory_case(
         entry_bytes: spec.shape.entry_bytes(),
         ..MemoryCase::default()
     };
+    let url = target.url.as_str();
     let needed = usize::try_from(spec.entries)
         .unwrap_or(usize::MAX)
         .saturating_mul(spec.shape.wire_bytes());
@@ -1285,7 +1305,7 @@ async fn memory_case(
     }
     let stream = format!("bench:mem:{}", spec.name);
     let prefix = format!("bench-mem-{}", spec.name);
-    drop_case_keys(conn, url, &stream, &prefix).await?;
+    drop_case_keys(target, conn, &stream, &prefix).await?;
     let started = Instant::now();
     let filled = fill_entries(conn, url, &stream, spec.entries, spec.shape).await;
     case.fill_secs = started.elapsed().as_secs_f64();
@@ -1313,7 +1333,7 @@ async fn memory_case(
         }
         Err(err) => case.error = Some(format!("{err:#}")),
     }
-    drop_case_keys(conn, url, &stream, &prefix).await?;
+    drop_case_keys(target, conn, &stream, &prefix).await?;
     Ok(case)
 }
 
@@ -1323,7 +1343,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// its `maxmemory`, and for the private server this machine's available
 /// memory (twice `needed`, for the server's own copies while filling).
 async fn no_room(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     url: &str,
     needed: usize,
     private: bool,
@@ -1356,7 +1376,7 @@ async fn no_room(
 
 /// Redis's `used_memory` and `maxmemory`, in bytes.
 async fn redis_memory(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     url: &str,
 ) -> anyhow::Result<(Option<u64>, Option<u64>)> {
     let info: String = redis::cmd("INFO")
@@ -1393,23 +1413,18 @@ fn mem_available_bytes() -> Option<u64> {
 
 /// Deletes a memory case's stream and every key under its prefix.
 async fn drop_case_keys(
-    conn: &mut MultiplexedConnection,
-    url: &str,
+    target: &RedisTarget,
+    conn: &mut RedisConnection,
     stream: &str,
     prefix: &str,
 ) -> anyhow::Result<()> {
+    let url = target.url.as_str();
     redis::cmd("UNLINK")
         .arg(stream)
         .query_async::<()>(conn)
         .await
         .map_err(|err| explain(url, "delete a memory case's stream", &err))?;
-    delete_matching(
-        conn,
-        url,
-        &format!("{prefix}:*"),
-        "clear a memory case's keys",
-    )
-    .await
+    delete_matching(target, &format!("{prefix}:*"), "clear a memory case's keys").await
 }
 
 /// What a `run --drain` child said and did.

@@ -61,6 +61,7 @@
 //!   worker absorbs, a copy missing fields) is reported and left as it is;
 //!   `purge` removes it.
 
+use lifecycle_streams::RedisConnection;
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -76,7 +77,7 @@ use lifecycle_streams::dead_letter::{
     STREAM_FIELD,
 };
 use lifecycle_streams::{parse_range_reply, StreamEntry};
-use redis::aio::MultiplexedConnection;
+
 use redis::{Script, Value};
 use serde::Serialize;
 
@@ -202,7 +203,7 @@ pub async fn run(args: DeadLettersArgs) -> anyhow::Result<()> {
 /// The connection and the dead-letter stream every action works on.
 struct Ctx {
     url: String,
-    conn: MultiplexedConnection,
+    conn: RedisConnection,
     dead: String,
 }
 
@@ -733,8 +734,7 @@ async fn redrive(
         }
         return Ok(());
     }
-    let store = RedisLobbyStore::new(target.endpoint()?, &redis_args.key_prefix)
-        .context("cannot set up the lobby store")?;
+    let store = target.lobby_store(&redis_args.key_prefix)?;
     let last = Arc::new(Mutex::new(None));
     let handler = CascadeHandler::new(Observed {
         store: store.clone(),

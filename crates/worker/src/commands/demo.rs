@@ -228,17 +228,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut conn = connect(&target).await?;
     if server.is_none() {
         // A shared Redis: start clean, from the demo's own keys only.
-        delete_matching(
-            &mut conn,
-            &url,
-            &format!("{prefix}:*"),
-            "clear the demo's keys",
-        )
-        .await?;
+        delete_matching(&target, &format!("{prefix}:*"), "clear the demo's keys").await?;
     }
     let client = target.endpoint()?;
     let lobby =
-        RedisLobbyStore::new(client.clone(), prefix).context("cannot set up the lobby store")?;
+        target.lobby_store(prefix)?;
     let games = demo_lobby();
     for (game_id, game) in &games {
         lobby.put_game(game_id, game).await?;
@@ -311,7 +305,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
 /// Prints what became of each entry of the stream.
 async fn print_outcomes(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut lifecycle_streams::RedisConnection,
     url: &str,
     stream: &str,
     handler: &RecordingHandler,

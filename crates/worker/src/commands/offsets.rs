@@ -3,12 +3,13 @@
 //! over, or with `--force` is fenced out), so that the worker obeys them:
 //! it resumes from what they wrote.
 
+use lifecycle_streams::RedisConnection;
 use std::time::Duration;
 
 use anyhow::Context;
 use lifecycle_domain::{EntryId, FenceToken};
 use lifecycle_redis::{Identity, RedisLease, RedisOffsetStore};
-use redis::aio::MultiplexedConnection;
+
 
 use crate::cli::{InputError, OffsetsAction, OffsetsArgs};
 use crate::redis_conn::{connect, explain, with_url, RedisTarget};
@@ -26,7 +27,7 @@ return ''
 
 /// The stream's last generated id; `None` when it does not exist.
 async fn last_generated_id(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     url: &str,
     stream: &str,
 ) -> anyhow::Result<Option<EntryId>> {

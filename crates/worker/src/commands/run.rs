@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use lifecycle_domain::{CascadeHandler, StopReason, UserLifecycleConsumer};
 use lifecycle_redis::{
-    redact_url, Identity, RedisLease, RedisLobbyStore, RedisOffsetStore, VersionError,
+    redact_url, Identity, RedisLease, RedisOffsetStore, VersionError,
 };
 use lifecycle_streams::{
     BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerStats, StartFrom, DEFAULT_MAX_REPLY_BYTES,
@@ -141,8 +141,7 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     }
     let offsets = RedisOffsetStore::new(client.clone(), &args.redis.key_prefix)
         .context("cannot set up the offset store")?;
-    let lobby = RedisLobbyStore::new(client.clone(), &args.redis.key_prefix)
-        .context("cannot set up the lobby store")?;
+    let lobby = target.lobby_store(&args.redis.key_prefix)?;
     let offset_saves = Arc::new(LastOutcome::default());
     let identity = Identity::of_this_process();
     // A standby is listed by `status` for a few of its attempts.

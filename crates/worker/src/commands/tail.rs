@@ -1,12 +1,13 @@
 //! `lobby-worker tail`: decode entries without handling them or moving the
 //! offset.
 
+use lifecycle_streams::RedisConnection;
 use std::io::Write;
 
 use anyhow::Context;
 use lifecycle_domain::{decode_user_lifecycle_event, EntryId, UserLifecycleEvent};
 use lifecycle_streams::{parse_range_reply, parse_xread_reply, StreamEntry};
-use redis::aio::MultiplexedConnection;
+
 use redis::Value;
 use serde::Serialize;
 
@@ -157,7 +158,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
 }
 
 async fn follow(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     url: &str,
     stream: &str,
     mut after: EntryId,

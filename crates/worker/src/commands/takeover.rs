@@ -4,6 +4,7 @@
 //! the signal to the stored offset's next move, which only a new holder
 //! makes.
 
+use lifecycle_streams::RedisConnection;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use anyhow::Context;
 use lifecycle_domain::EntryId;
 use lifecycle_redis::lease::lease_key;
 use lifecycle_redis::Identity;
-use redis::aio::MultiplexedConnection;
+
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
@@ -62,13 +63,13 @@ fn start(url: &str, tls: &TlsArgs, stream: &str, prefix: &str) -> anyhow::Result
 }
 
 /// The stored offset.
-async fn offset(conn: &mut MultiplexedConnection, key: &str) -> anyhow::Result<Option<EntryId>> {
+async fn offset(conn: &mut RedisConnection, key: &str) -> anyhow::Result<Option<EntryId>> {
     let text: Option<String> = redis::cmd("GET").arg(key).query_async(conn).await?;
     Ok(text.and_then(|text| text.parse().ok()))
 }
 
 /// The pid of the lease's holder, once one holds it.
-async fn holder(conn: &mut MultiplexedConnection, key: &str) -> anyhow::Result<u32> {
+async fn holder(conn: &mut RedisConnection, key: &str) -> anyhow::Result<u32> {
     let started = Instant::now();
     loop {
         let holder: Option<String> = redis::cmd("HGET")
@@ -89,7 +90,7 @@ async fn holder(conn: &mut MultiplexedConnection, key: &str) -> anyhow::Result<u
 
 /// How long after `since` the offset at `key` moved past `from`.
 async fn next_move(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     key: &str,
     from: Option<EntryId>,
     since: Instant,
@@ -116,7 +117,7 @@ async fn next_move(
 pub async fn measure(
     url: &str,
     tls: &TlsArgs,
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     prefix: &str,
     kills: u32,
 ) -> anyhow::Result<Takeovers> {

@@ -3,6 +3,7 @@
 //! the user (with the user's role in each), the dead letters that name the
 //! user, and whether an event for the user waits after the stored offset.
 
+use lifecycle_streams::RedisConnection;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
 
@@ -10,7 +11,7 @@ use anyhow::{anyhow, Context};
 use lifecycle_domain::EntryId;
 use lifecycle_redis::RedisOffsetStore;
 use lifecycle_streams::{classify, parse_range_reply, FaultClass, StreamEntry};
-use redis::aio::MultiplexedConnection;
+
 use redis::{RedisError, Value};
 use serde::Serialize;
 
@@ -186,7 +187,7 @@ fn failed(url: &str, action: &str, key: &str, flag: &str, err: &RedisError) -> a
 
 /// Reads the cascade record; `None` when there is none.
 async fn read_cascade(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     url: &str,
     key: &str,
 ) -> anyhow::Result<Option<Cascade>> {
@@ -219,7 +220,7 @@ async fn read_cascade(
 /// ids, each with the game's status and the user's roles in it (one
 /// pipelined round trip for them all).
 async fn read_games(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     url: &str,
     prefix: &str,
     user: &str,
@@ -274,7 +275,7 @@ const ROLE_SETS: [(&str, &str); 4] = [
 /// Each game's existence, status and the user's roles, in one pipeline; a
 /// key of the wrong type spoils only its game's line.
 async fn describe_games(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     url: &str,
     prefix: &str,
     user: &str,
@@ -371,7 +372,7 @@ enum Direction {
 /// `visit` breaks. When the limit is reached, one more single-entry read
 /// tells whether entries were left unread.
 async fn scan(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     key: &str,
     from: Option<EntryId>,
     direction: Direction,
@@ -466,7 +467,7 @@ fn names_user(entry: &StreamEntry, user: &str) -> bool {
 /// The dead letters naming `user`, newest first, among the newest
 /// [`SCAN_LIMIT`] entries of the dead-letter stream.
 async fn read_dead_letters(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     url: &str,
     stream: &str,
     user: &str,
@@ -511,7 +512,7 @@ async fn read_dead_letters(
 /// The first entry naming `user` after `offset` (from the stream's start
 /// when none is stored), among the next [`SCAN_LIMIT`] entries.
 async fn read_waiting(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     url: &str,
     stream: &str,
     label: &str,
