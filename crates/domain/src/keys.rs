@@ -100,7 +100,10 @@ mod tests {
     fn each_layout_names_the_documented_keys() {
         let plain = KeyLayout::Plain;
         assert_eq!(plain.game_key("lobby", "g1"), "lobby:game:g1");
-        assert_eq!(plain.user_key("lobby", "u1", "games"), "lobby:user:u1:games");
+        assert_eq!(
+            plain.user_key("lobby", "u1", "games"),
+            "lobby:user:u1:games"
+        );
         let cluster = KeyLayout::Cluster;
         assert_eq!(cluster.game_key("lobby", "g1"), "lobby:game:{g1}");
         assert_eq!(

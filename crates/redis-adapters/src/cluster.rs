@@ -122,8 +122,9 @@ pub fn open_cluster(
             "TLS certificate files are given but the URL does not ask for TLS; use rediss+cluster://",
         ));
     }
-    let failed =
-        |err: redis::RedisError| ConnectError::new(redact_url(url), err.to_string().replace('\n', " "));
+    let failed = |err: redis::RedisError| {
+        ConnectError::new(redact_url(url), err.to_string().replace('\n', " "))
+    };
     // Each seed as a one-server URL, the user-info as written (still
     // percent-encoded), for the client to read.
     let (scheme, rest) = url.split_once("://").unwrap_or_default();
@@ -221,8 +222,14 @@ mod tests {
         for (url, reason) in [
             ("redis+cluster://:secret@node:7000/2", "one database"),
             ("redis+cluster://:secret@node:7000?db=1", "no query"),
-            ("redis+cluster://:secret@node:notaport", "is not a node's HOST:PORT"),
-            ("redis+cluster://:secret@node:7000,", "is not a node's HOST:PORT"),
+            (
+                "redis+cluster://:secret@node:notaport",
+                "is not a node's HOST:PORT",
+            ),
+            (
+                "redis+cluster://:secret@node:7000,",
+                "is not a node's HOST:PORT",
+            ),
             ("redis+sentinel://:secret@node/m", "is not Redis Cluster's"),
         ] {
             let err = parse_cluster_url(url).unwrap_err().to_string();

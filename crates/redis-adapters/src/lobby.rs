@@ -657,8 +657,7 @@ impl RedisLobbyStore {
             // the pages are cut here, so that no call exceeds one.
             let record_key = self.user_key(&cascade.user_id, "cascade");
             for page in fresh.chunks(self.page_games) {
-                let mut invocation =
-                    self.invocation(&self.page, &[record_key.as_bytes()], cascade);
+                let mut invocation = self.invocation(&self.page, &[record_key.as_bytes()], cascade);
                 for game_id in page {
                     invocation.arg(*game_id);
                 }
@@ -720,15 +719,15 @@ impl RedisLobbyStore {
             .iter()
             .filter(|id| layout.holds_game_id(id))
             .map(|game_id| -> BoxFuture<'_, Result<Step, StoreError>> {
-                    let game_key = layout.game_key_bytes(prefix, game_id);
-                    let sets = GAME_SETS
-                        .map(|set| [game_key.as_slice(), b":", set.as_bytes()].concat());
-                    let mut keys: Vec<&[u8]> = vec![&game_key];
-                    keys.extend(sets.iter().map(Vec::as_slice));
-                    let mut invocation = self.invocation(&self.game, &keys, cascade);
-                    invocation.arg(*game_id);
-                    Box::pin(async move { self.step(&invocation, false, action).await })
-                })
+                let game_key = layout.game_key_bytes(prefix, game_id);
+                let sets =
+                    GAME_SETS.map(|set| [game_key.as_slice(), b":", set.as_bytes()].concat());
+                let mut keys: Vec<&[u8]> = vec![&game_key];
+                keys.extend(sets.iter().map(Vec::as_slice));
+                let mut invocation = self.invocation(&self.game, &keys, cascade);
+                invocation.arg(*game_id);
+                Box::pin(async move { self.step(&invocation, false, action).await })
+            })
             .collect();
         let mut steps = stream::iter(calls).buffer_unordered(GAMES_IN_FLIGHT);
         let mut games = 0_u64;

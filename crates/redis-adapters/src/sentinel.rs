@@ -243,7 +243,10 @@ pub(crate) fn parse_hosts_url(url: &str, form: &HostsUrlForm) -> Result<HostsUrl
     let mut hosts = Vec::new();
     for host in hosts_text.split(',') {
         hosts.push(parse_host(host, default_port).ok_or_else(|| {
-            ConnectError::new(shown(), format!("{host:?} is not {one_host} HOST:PORT; {form}"))
+            ConnectError::new(
+                shown(),
+                format!("{host:?} is not {one_host} HOST:PORT; {form}"),
+            )
         })?);
     }
     Ok(HostsUrl {

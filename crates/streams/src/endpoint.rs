@@ -406,7 +406,12 @@ impl RedisEndpoint {
                 current: Mutex::new(Current::None),
                 connections: AtomicU64::new(0),
             }))),
-            Self::Cluster(nodes) => Ok(RedisConnection::Cluster(nodes.connection(timeouts))),
+            Self::Cluster(nodes) => Ok(RedisConnection::Cluster(Arc::new(FollowedCluster {
+                nodes: Arc::clone(nodes),
+                timeouts,
+                current: Mutex::new(None),
+                connections: AtomicU64::new(0),
+            }))),
         }
     }
 }
@@ -418,8 +423,9 @@ pub enum RedisConnection {
     Direct(ConnectionManager),
     /// To the master the sentinels name, found again after a fault.
     Sentinel(Arc<FollowedMaster>),
-    /// To the nodes of a cluster, each command to its key's master.
-    Cluster(ClusterConnection),
+    /// To the nodes of a cluster, each command to its key's master; made
+    /// anew after a fault that says the cluster changed.
+    Cluster(Arc<FollowedCluster>),
     /// One connection already open to one server, not reopened after a
     /// fault (for one-shot commands).
     Multiplexed(MultiplexedConnection),
@@ -518,6 +524,62 @@ impl FollowedMaster {
     }
 }
 
+/// The connection of a [`RedisConnection::Cluster`]: the cluster client's
+/// own, which keeps a slot map and follows `MOVED`, made anew when a fault
+/// says the cluster changed under it (a node gone, a slot moved, a
+/// timeout), so that a map gone stale in a failover is read again from the
+/// seeds rather than retried until it heals.
+pub struct FollowedCluster {
+    nodes: Arc<ClusterNodes>,
+    timeouts: ConnectionTimeouts,
+    /// The connection in use and its number; `None`: make one.
+    current: Mutex<Option<(u64, ClusterConnection)>>,
+    /// How many connections were made.
+    connections: AtomicU64,
+}
+
+impl FollowedCluster {
+    /// The connection in use, made if there is none (it connects at its
+    /// first command).
+    async fn get(&self) -> (u64, ClusterConnection) {
+        let mut current = self.current.lock().await;
+        if let Some((number, conn)) = &*current {
+            return (*number, conn.clone());
+        }
+        let number = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        let conn = self.nodes.connection(self.timeouts);
+        *current = Some((number, conn.clone()));
+        (number, conn)
+    }
+
+    /// After connection `number` failed with `err`: drops it when the
+    /// fault says the cluster changed, so that the next command makes a
+    /// fresh one.
+    async fn failed(&self, number: u64, err: &RedisError) {
+        if !cluster_changed(err) {
+            return;
+        }
+        let mut current = self.current.lock().await;
+        if matches!(&*current, Some((held, _)) if *held == number) {
+            *current = None;
+        }
+    }
+}
+
+/// Whether `err` says that a cluster connection's view may be stale: what
+/// [`master_moved`] says, a timeout, or a reply saying the slot moved or
+/// the cluster is down.
+pub fn cluster_changed(err: &RedisError) -> bool {
+    const CHANGED: &[&str] = &["MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN"];
+    master_moved(err)
+        || err.is_timeout()
+        || err.clone().into_server_errors().is_some_and(|errors| {
+            errors
+                .iter()
+                .any(|(_, error)| CHANGED.contains(&error.code()))
+        })
+}
+
 /// Whether `err` says that the connection no longer reaches the master: the
 /// socket failed, or the server is a replica now, or lost its master, or is
 /// loading (a restarted former master).
@@ -546,7 +608,14 @@ impl ConnectionLike for RedisConnection {
                 }
                 result
             }),
-            Self::Cluster(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(followed) => Box::pin(async move {
+                let (number, mut conn) = followed.get().await;
+                let result = conn.req_packed_command(cmd).await;
+                if let Err(err) = &result {
+                    followed.failed(number, err).await;
+                }
+                result
+            }),
             Self::Multiplexed(conn) => conn.req_packed_command(cmd),
         }
     }
@@ -567,7 +636,14 @@ impl ConnectionLike for RedisConnection {
                 }
                 result
             }),
-            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(followed) => Box::pin(async move {
+                let (number, mut conn) = followed.get().await;
+                let result = conn.req_packed_commands(pipeline, offset, count).await;
+                if let Err(err) = &result {
+                    followed.failed(number, err).await;
+                }
+                result
+            }),
             Self::Multiplexed(conn) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -576,7 +652,7 @@ impl ConnectionLike for RedisConnection {
         match self {
             Self::Direct(conn) => conn.get_db(),
             Self::Sentinel(followed) => followed.master.db,
-            Self::Cluster(conn) => conn.get_db(),
+            Self::Cluster(_) => 0,
             Self::Multiplexed(conn) => conn.get_db(),
         }
     }
@@ -657,6 +733,17 @@ mod tests {
             reply_error("ERR unknown command"),
         ] {
             assert!(!master_moved(&kept), "{kept:?}");
+            assert!(!cluster_changed(&kept), "{kept:?}");
+        }
+        for changed in [
+            reply_error("MOVED 3999 127.0.0.1:6381"),
+            reply_error("ASK 3999 127.0.0.1:6381"),
+            reply_error("CLUSTERDOWN The cluster is down"),
+            reply_error("TRYAGAIN Multiple keys request during rehashing of slot"),
+            reply_error("READONLY You can't write against a read only replica."),
+            RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+        ] {
+            assert!(cluster_changed(&changed), "{changed:?}");
         }
     }
 }

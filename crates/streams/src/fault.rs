@@ -36,6 +36,10 @@ const CHANGING_STATE_CODES: &[&str] = &[
     // Cluster: a slot is migrating, or the cluster is not serving.
     "TRYAGAIN",
     "CLUSTERDOWN",
+    // Cluster: the slot is served elsewhere now (a failover or a
+    // resharding); the cluster client follows it at the next try.
+    "MOVED",
+    "ASK",
     // A blocked command was unblocked by `CLIENT UNBLOCK ... ERROR`.
     "UNBLOCKED",
 ];
@@ -257,7 +261,10 @@ const REPLY_TOO_LARGE_ADVICE: &str =
 const CLIENT_ADVICE: &str =
     "the connection's settings cannot work: check the Redis URL and the TLS settings";
 const UNKNOWN_REPLY_ADVICE: &str = "Redis refused the command: check that it is Redis 7.0 or later and that the user's ACL grants the commands the README lists";
-const CLUSTER_ADVICE: &str = "the Redis URL names a node of a Redis Cluster, which this worker does not serve: point it at a standalone Redis or at a Sentinel-managed master";
+const CLUSTER_ADVICE: &str = "a slot of a Redis Cluster is served by another node now (a failover or a resharding): the worker follows it and retries; if this lasts, the URL names a cluster node with redis:// where it needs redis+cluster:// and --key-layout cluster";
+
+/// The advice for a command over keys of several cluster slots.
+const CROSSSLOT_ADVICE: &str = "keys of one command lie in several slots of a Redis Cluster: on a cluster use a redis+cluster:// URL and --key-layout cluster";
 
 /// The advice for the first Redis failure among `err` and its causes (a
 /// store's error wraps the client's), if there is one.
@@ -289,7 +296,8 @@ fn code_advice(code: &str) -> &'static str {
         "BUSY" => "a script runs past Redis's busy limit and Redis serves no one: end it (SCRIPT KILL) or wait; the worker retries",
         "WRONGTYPE" => "a key of the worker's holds another type: check `stream` and `key_prefix`, or rename or delete that key",
         "NOAUTH" | "WRONGPASS" | "NOPERM" => AUTH_ADVICE,
-        "MOVED" | "ASK" | "CROSSSLOT" => CLUSTER_ADVICE,
+        "MOVED" | "ASK" => CLUSTER_ADVICE,
+        "CROSSSLOT" => CROSSSLOT_ADVICE,
         "NOSCRIPT" => "Redis dropped the worker's script between loading and running it (SCRIPT FLUSH): restart the worker",
         _ => UNKNOWN_REPLY_ADVICE,
     }
@@ -421,9 +429,9 @@ mod tests {
         (Fault::Reply("ERR unknown command 'XREAD'"), FaultClass::Permanent, "Redis 7.0 or later"),
         (Fault::Reply("EXECABORT Transaction discarded because of previous errors."), FaultClass::Permanent, "Redis 7.0 or later"),
         (Fault::Reply("NOSCRIPT No matching script. Please use EVAL."), FaultClass::Permanent, "restart the worker"),
-        (Fault::Reply("CROSSSLOT Keys in request don't hash to the same slot"), FaultClass::Permanent, "Redis Cluster"),
-        (Fault::Reply("MOVED 3999 127.0.0.1:6381"), FaultClass::Permanent, "Redis Cluster"),
-        (Fault::Reply("ASK 3999 127.0.0.1:6381"), FaultClass::Permanent, "Redis Cluster"),
+        (Fault::Reply("CROSSSLOT Keys in request don't hash to the same slot"), FaultClass::Permanent, "--key-layout cluster"),
+        (Fault::Reply("MOVED 3999 127.0.0.1:6381"), FaultClass::Transient, "follows it and retries"),
+        (Fault::Reply("ASK 3999 127.0.0.1:6381"), FaultClass::Transient, "follows it and retries"),
         (Fault::Reply("SOMETHINGNEW that this client does not know"), FaultClass::Permanent, "Redis 7.0 or later"),
         (Fault::Io(io::ErrorKind::ConnectionRefused), FaultClass::Transient, "start Redis or correct the URL"),
         (Fault::Io(io::ErrorKind::ConnectionReset), FaultClass::Transient, "reconnects with back-off"),

@@ -104,8 +104,8 @@ pub use config::{
 };
 pub use decoder::{Decoded, EntryDecoder};
 pub use endpoint::{
-    master_moved, parse_cluster_slots, ClusterNodes, ConnectionTimeouts, FollowedMaster,
-    RedisConnection, RedisEndpoint, SentinelMaster, SlotOwner,
+    cluster_changed, master_moved, parse_cluster_slots, ClusterNodes, ConnectionTimeouts,
+    FollowedCluster, FollowedMaster, RedisConnection, RedisEndpoint, SentinelMaster, SlotOwner,
 };
 pub use engine::StreamConsumer;
 pub use error::{BoxError, ConsumerError};

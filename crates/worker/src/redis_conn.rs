@@ -192,7 +192,9 @@ pub async fn connect_masters(target: &RedisTarget) -> anyhow::Result<Vec<RedisCo
         .map_err(|err| explain(url, "find the masters", &err))?;
     let mut conns = Vec::with_capacity(masters.len());
     for master in masters {
-        conns.push(RedisConnection::Multiplexed(connect_to(&master, url).await?));
+        conns.push(RedisConnection::Multiplexed(
+            connect_to(&master, url).await?,
+        ));
     }
     Ok(conns)
 }

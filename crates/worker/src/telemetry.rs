@@ -43,6 +43,22 @@ pub fn init(level: Option<&str>, default_level: &str, format: LogFormat) -> Resu
         }
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
     };
+    // The redis crate's own log lines (a cluster client's every reconnect
+    // attempt) would repeat what the worker reports once, with advice;
+    // they show when a filter names them (`redis=debug`).
+    let named = level
+        .map(str::to_owned)
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .is_some_and(|text| text.contains("redis"));
+    let filter = if named {
+        filter
+    } else {
+        filter.add_directive(
+            "redis=off"
+                .parse()
+                .map_err(|err| format!("cannot quiet the Redis client's log: {err}"))?,
+        )
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal() && !no_color())

@@ -231,8 +231,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         delete_matching(&target, &format!("{prefix}:*"), "clear the demo's keys").await?;
     }
     let client = target.endpoint()?;
-    let lobby =
-        target.lobby_store(prefix)?;
+    let lobby = target.lobby_store(prefix)?;
     let games = demo_lobby();
     for (game_id, game) in &games {
         lobby.put_game(game_id, game).await?;

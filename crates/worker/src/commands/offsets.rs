@@ -10,7 +10,6 @@ use anyhow::Context;
 use lifecycle_domain::{EntryId, FenceToken};
 use lifecycle_redis::{Identity, RedisLease, RedisOffsetStore};
 
-
 use crate::cli::{InputError, OffsetsAction, OffsetsArgs};
 use crate::redis_conn::{connect, explain, with_url, RedisTarget};
 

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lifecycle_domain::{CascadeHandler, StopReason, UserLifecycleConsumer};
-use lifecycle_redis::{
-    redact_url, Identity, RedisLease, RedisOffsetStore, VersionError,
-};
+use lifecycle_redis::{redact_url, Identity, RedisLease, RedisOffsetStore, VersionError};
 use lifecycle_streams::{
     BackoffPolicy, Checkpoint, ConsumerConfig, ConsumerStats, StartFrom, DEFAULT_MAX_REPLY_BYTES,
 };

@@ -3,6 +3,7 @@
 //! the user (with the user's role in each), the dead letters that name the
 //! user, and whether an event for the user waits after the stored offset.
 
+use lifecycle_domain::KeyLayout;
 use lifecycle_streams::RedisConnection;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
@@ -143,9 +144,10 @@ pub async fn run(args: UserArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("{stream}:dead"));
 
-    let cascade_key = format!("{prefix}:user:{user}:cascade");
+    let layout = target.key_layout;
+    let cascade_key = layout.user_key(prefix, &user, "cascade");
     let cascade = read_cascade(&mut conn, url, &cascade_key).await?;
-    let games = read_games(&mut conn, url, prefix, &user).await?;
+    let games = read_games(&mut conn, url, prefix, layout, &user).await?;
     let dead_letters = read_dead_letters(&mut conn, url, &dead_letter_stream, &user).await?;
     let store = RedisOffsetStore::new(target.endpoint()?, prefix)
         .context("cannot set up the offset store")?;
@@ -223,9 +225,10 @@ async fn read_games(
     conn: &mut RedisConnection,
     url: &str,
     prefix: &str,
+    layout: KeyLayout,
     user: &str,
 ) -> anyhow::Result<Games> {
-    let key = format!("{prefix}:user:{user}:games");
+    let key = layout.user_key(prefix, user, "games");
     let action = "read the user's games index";
     let flag = "--key-prefix (LOBBY_KEY_PREFIX)";
     let count: u64 = redis::cmd("SCARD")
@@ -254,7 +257,7 @@ async fn read_games(
         cursor = next;
     }
     let ids: Vec<Vec<u8>> = ids.into_iter().take(GAMES_SHOWN).collect();
-    let shown = describe_games(conn, url, prefix, user, &ids).await?;
+    let shown = describe_games(conn, url, prefix, layout, user, &ids).await?;
     let more = count > u64::try_from(shown.len()).unwrap_or(u64::MAX);
     Ok(Games {
         key,
@@ -272,22 +275,31 @@ const ROLE_SETS: [(&str, &str); 4] = [
     ("dropped", "dropped"),
 ];
 
-/// Each game's existence, status and the user's roles, in one pipeline; a
-/// key of the wrong type spoils only its game's line.
+/// Each game's existence, status and the user's roles, in one pipeline (a
+/// pipeline per game on a cluster); a key of the wrong type spoils only its
+/// game's line.
 async fn describe_games(
     conn: &mut RedisConnection,
     url: &str,
     prefix: &str,
+    layout: KeyLayout,
     user: &str,
     ids: &[Vec<u8>],
 ) -> anyhow::Result<Vec<GameView>> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let game_key = |id: &[u8]| [format!("{prefix}:game:").as_bytes(), id].concat();
+    let game_key = |id: &[u8]| layout.game_key_bytes(prefix, id);
+    let mut pipes = Vec::new();
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for id in ids {
+        // On a cluster each game's keys lie in their own slot: a pipeline
+        // per game.
+        if layout == KeyLayout::Cluster && pipe.cmd_iter().next().is_some() {
+            pipes.push(std::mem::replace(&mut pipe, redis::pipe()));
+            pipe.ignore_errors();
+        }
         let key = game_key(id);
         pipe.cmd("EXISTS").arg(&key);
         pipe.cmd("HMGET").arg(&key).arg("status").arg("owner_id");
@@ -296,10 +308,15 @@ async fn describe_games(
             pipe.cmd("SISMEMBER").arg(set).arg(user);
         }
     }
-    let replies: Vec<Value> = pipe
-        .query_async(conn)
-        .await
-        .map_err(|err| explain(url, "read the user's games", &err))?;
+    pipes.push(pipe);
+    let mut replies: Vec<Value> = Vec::new();
+    for pipe in pipes {
+        let more: Vec<Value> = pipe
+            .query_async(conn)
+            .await
+            .map_err(|err| explain(url, "read the user's games", &err))?;
+        replies.extend(more);
+    }
     let per_game = 2 + ROLE_SETS.len();
     let mut replies = replies.into_iter();
     let mut games = Vec::with_capacity(ids.len());
