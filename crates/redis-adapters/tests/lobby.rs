@@ -19,9 +19,11 @@ use common::connect;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use lifecycle_domain::{CascadeOutcome, EntryId, Game, GameStatus, LobbyStore, UserCascade};
-use lifecycle_redis::{open_client, CascadeRecord, RedisLobbyStore};
-use lifecycle_test_support::RedisServer;
+use lifecycle_domain::{
+    CascadeOutcome, EntryId, Game, GameStatus, KeyLayout, LobbyStore, UserCascade,
+};
+use lifecycle_redis::{open_client, open_endpoint, CascadeRecord, RedisLobbyStore};
+use lifecycle_test_support::{RedisCluster, RedisServer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
@@ -613,7 +615,8 @@ fn random_lobby(rng: &mut StdRng) -> BTreeMap<String, Game> {
 
 #[tokio::test]
 async fn redis_agrees_with_the_domain_model_and_cascades_commute() {
-    agrees_with_the_domain_model_and_commutes(None).await;
+    let server = RedisServer::start();
+    agrees_with_the_domain_model_and_commutes(&Deployment::Standalone(&server, None)).await;
 }
 
 /// The same with a page of one or two games: every user's cascade is
@@ -622,11 +625,95 @@ async fn redis_agrees_with_the_domain_model_and_cascades_commute() {
 /// game.
 #[tokio::test]
 async fn paged_cascades_agree_with_the_domain_model_and_commute() {
-    agrees_with_the_domain_model_and_commutes(Some(1)).await;
-    agrees_with_the_domain_model_and_commutes(Some(2)).await;
+    let server = RedisServer::start();
+    agrees_with_the_domain_model_and_commutes(&Deployment::Standalone(&server, Some(1))).await;
+    agrees_with_the_domain_model_and_commutes(&Deployment::Standalone(&server, Some(2))).await;
 }
 
-async fn agrees_with_the_domain_model_and_commutes(page: Option<usize>) {
+/// The same on a Redis Cluster of three masters, in the cluster key layout:
+/// the games and users lie on every master, each game is its own script
+/// call, the finishing call sees only the user's keys.
+#[tokio::test]
+async fn cascades_on_a_cluster_agree_with_the_domain_model_and_commute() {
+    let cluster = RedisCluster::start();
+    let masters: BTreeSet<u16> = (0..8)
+        .map(|index| KeyLayout::Cluster.game_key("p1", &format!("g{index}")))
+        .chain(
+            USERS
+                .iter()
+                .map(|user| KeyLayout::Cluster.user_key("p1", user, "games")),
+        )
+        .map(|key| cluster.master_of_key(&key))
+        .collect();
+    assert_eq!(masters.len(), 3, "the lobby's keys lie on every master");
+    agrees_with_the_domain_model_and_commutes(&Deployment::Cluster(&cluster)).await;
+}
+
+/// Where a model test runs.
+enum Deployment<'a> {
+    /// One server, with a page size when not the default.
+    Standalone(&'a RedisServer, Option<usize>),
+    /// A cluster, in the cluster key layout.
+    Cluster(&'a RedisCluster),
+}
+
+impl Deployment<'_> {
+    fn store(&self, prefix: &str) -> RedisLobbyStore {
+        match self {
+            Self::Standalone(server, Some(games)) => store(server, prefix).with_page_size(*games),
+            Self::Standalone(server, None) => store(server, prefix),
+            Self::Cluster(cluster) => {
+                RedisLobbyStore::new(open_endpoint(&cluster.url(), None, None).unwrap(), prefix)
+                    .unwrap()
+                    .with_key_layout(KeyLayout::Cluster)
+            }
+        }
+    }
+
+    fn masters(&self) -> Vec<String> {
+        match self {
+            Self::Standalone(server, _) => vec![server.url()],
+            Self::Cluster(cluster) => cluster
+                .masters()
+                .iter()
+                .map(|port| format!("redis://127.0.0.1:{port}/"))
+                .collect(),
+        }
+    }
+
+    fn flush(&self) {
+        match self {
+            Self::Standalone(server, _) => {
+                server.cli(&["FLUSHALL"]);
+            }
+            Self::Cluster(cluster) => {
+                for port in cluster.masters() {
+                    cluster.cli(port, &["FLUSHALL"]);
+                }
+            }
+        }
+    }
+
+    /// Every key of every master.
+    async fn dump(&self) -> Dump {
+        let mut all = Dump::new();
+        for url in self.masters() {
+            let client = redis::Client::open(url).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            all.extend(dump(&mut conn).await);
+        }
+        all
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Standalone(_, page) => format!("page {page:?}"),
+            Self::Cluster(_) => "cluster".to_owned(),
+        }
+    }
+}
+
+async fn agrees_with_the_domain_model_and_commutes(deployment: &Deployment<'_>) {
     let started = Instant::now();
     let seed: u64 = std::env::var("LOBBY_TEST_SEED")
         .ok()
@@ -634,19 +721,14 @@ async fn agrees_with_the_domain_model_and_commutes(page: Option<usize>) {
         .unwrap_or_else(|| rand::rng().random());
     println!("seed {seed} (rerun with LOBBY_TEST_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
+    let page = deployment.describe();
 
-    let server = RedisServer::start();
-    let paged = |prefix: &str| match page {
-        Some(games) => store(&server, prefix).with_page_size(games),
-        None => store(&server, prefix),
-    };
-    let p1 = paged("p1");
-    let p2 = paged("p2");
-    let p3 = paged("p3");
-    let mut conn = connect(&server).await;
+    let p1 = deployment.store("p1");
+    let p2 = deployment.store("p2");
+    let p3 = deployment.store("p3");
 
     for round in 0..30 {
-        server.cli(&["FLUSHALL"]);
+        deployment.flush();
         let lobby = random_lobby(&mut rng);
         let first = USERS[rng.random_range(0..USERS.len())];
         let second = loop {
@@ -661,7 +743,7 @@ async fn agrees_with_the_domain_model_and_commutes(page: Option<usize>) {
             (BLOCKED, DELETED)
         };
         let context =
-            format!("page {page:?} seed {seed} round {round}: {first} then {second} on {lobby:#?}");
+            format!("{page} seed {seed} round {round}: {first} then {second} on {lobby:#?}");
         let first_cascade = cascade(first, first_event, EntryId::new(100, 0));
         let second_cascade = cascade(second, second_event, EntryId::new(200, 0));
 
@@ -700,7 +782,7 @@ async fn agrees_with_the_domain_model_and_commutes(page: Option<usize>) {
         );
         assert_eq!(read_back(&p1, &lobby).await, first_then_second, "{context}");
         assert_eq!(read_back(&p2, &lobby).await, second_then_first, "{context}");
-        let all = dump(&mut conn).await;
+        let all = deployment.dump().await;
         assert_eq!(
             timeless(&under(&all, "p1")),
             timeless(&under(&all, "p2")),
@@ -729,7 +811,7 @@ async fn agrees_with_the_domain_model_and_commutes(page: Option<usize>) {
         );
     }
     done(
-        &format!("agrees_with_the_domain_model_and_commutes (page {page:?})"),
+        &format!("agrees_with_the_domain_model_and_commutes ({page})"),
         started,
     );
 }
