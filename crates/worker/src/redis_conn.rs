@@ -94,11 +94,7 @@ impl RedisTarget {
             url: url.to_owned(),
             tls,
             sentinel_password: None,
-            key_layout: if lifecycle_redis::is_cluster_url(url) {
-                KeyLayout::Cluster
-            } else {
-                KeyLayout::Plain
-            },
+            key_layout: layout_of(url),
         };
         // A malformed URL, or certificate files with redis://, fail here.
         target.open().map_err(|err| InputError(err.to_string()))?;
@@ -157,6 +153,17 @@ impl RedisTarget {
             self.tls.as_ref(),
             self.sentinel_password.as_deref(),
         )
+    }
+}
+
+/// The key layout a URL needs: the cluster layout for a cluster, else the
+/// plain one (for the commands that use keys of their own: `bench`,
+/// `demo`).
+pub fn layout_of(url: &str) -> KeyLayout {
+    if lifecycle_redis::is_cluster_url(url) {
+        KeyLayout::Cluster
+    } else {
+        KeyLayout::Plain
     }
 }
 

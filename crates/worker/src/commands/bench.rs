@@ -51,7 +51,9 @@ use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 
 use crate::cli::{BenchArgs, InputError, TlsArgs};
-use crate::redis_conn::{connect, connect_masters, delete_matching, explain, RedisTarget};
+use crate::redis_conn::{
+    connect, connect_masters, connect_to, delete_matching, explain, RedisTarget,
+};
 
 /// Entries added per pipelined round trip while filling.
 const FILL_CHUNK: u64 = 2_000;
@@ -1299,11 +1301,11 @@ async fn memory_case(
     let needed = usize::try_from(spec.entries)
         .unwrap_or(usize::MAX)
         .saturating_mul(spec.shape.wire_bytes());
-    if let Some(reason) = no_room(conn, url, needed, private).await? {
+    let stream = format!("bench:mem:{}", spec.name);
+    if let Some(reason) = no_room(target, &stream, needed, private).await? {
         case.skipped = Some(reason);
         return Ok(case);
     }
-    let stream = format!("bench:mem:{}", spec.name);
     let prefix = format!("bench-mem-{}", spec.name);
     drop_case_keys(target, conn, &stream, &prefix).await?;
     let started = Instant::now();
@@ -1311,7 +1313,7 @@ async fn memory_case(
     case.fill_secs = started.elapsed().as_secs_f64();
     match filled {
         Ok(()) => {
-            case.redis_used_memory_mib = redis_memory(conn, url)
+            case.redis_used_memory_mib = redis_memory(target, &stream)
                 .await?
                 .0
                 .map(|bytes| bytes as f64 / MIB);
@@ -1343,12 +1345,12 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// its `maxmemory`, and for the private server this machine's available
 /// memory (twice `needed`, for the server's own copies while filling).
 async fn no_room(
-    conn: &mut RedisConnection,
-    url: &str,
+    target: &RedisTarget,
+    stream: &str,
     needed: usize,
     private: bool,
 ) -> anyhow::Result<Option<String>> {
-    let (used, max) = redis_memory(conn, url).await?;
+    let (used, max) = redis_memory(target, stream).await?;
     let needed = u64::try_from(needed).unwrap_or(u64::MAX);
     if let (Some(used), Some(max)) = (used, max.filter(|max| *max > 0)) {
         if used.saturating_add(needed) > max {
@@ -1374,11 +1376,15 @@ async fn no_room(
     Ok(None)
 }
 
-/// Redis's `used_memory` and `maxmemory`, in bytes.
+/// Redis's `used_memory` and `maxmemory`, in bytes, on the server that
+/// holds `stream` (on a cluster, its slot's master).
 async fn redis_memory(
-    conn: &mut RedisConnection,
-    url: &str,
+    target: &RedisTarget,
+    stream: &str,
 ) -> anyhow::Result<(Option<u64>, Option<u64>)> {
+    let url = target.url.as_str();
+    let server = target.client_for_key(stream).await?;
+    let conn = &mut connect_to(&server, url).await?;
     let info: String = redis::cmd("INFO")
         .arg("memory")
         .query_async(conn)
@@ -1521,6 +1527,7 @@ async fn drain_child(
     let mut child = command
         .args(["--stream", stream, "--key-prefix", prefix])
         .args(["--concurrency", concurrency.as_str()])
+        .args(["--key-layout", crate::redis_conn::layout_of(url).as_str()])
         .env("REDIS_URL", url)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

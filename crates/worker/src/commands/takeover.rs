@@ -51,6 +51,7 @@ fn start(url: &str, tls: &TlsArgs, stream: &str, prefix: &str) -> anyhow::Result
     command.args(tls.as_flags());
     let child = command
         .args(["--stream", stream, "--key-prefix", prefix])
+        .args(["--key-layout", crate::redis_conn::layout_of(url).as_str()])
         .env("REDIS_URL", url)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
