@@ -5,6 +5,8 @@
 //! - [`connect`]: opening a Redis client from a URL, after checking that the
 //!   client reads the URL as meant, and redacting the URL's passwords for
 //!   anything printed.
+//! - [`sentinel`] and [`cluster`]: `redis+sentinel://` and
+//!   `redis+cluster://` URLs, read and opened as endpoints.
 //! - [`server_version`]: the oldest Redis the worker runs against
 //!   ([`MIN_REDIS_VERSION`]), the check of a server's version, and telling a
 //!   server that is not Redis at all.

@@ -213,6 +213,7 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
         redis_url = %redact_url(&args.redis.redis_url),
         stream = %config.stream,
         key_prefix = %args.redis.key_prefix,
+        key_layout = %args.redis.key_layout,
         label = %config.label,
         batch_size = config.batch_size,
         block_timeout_ms = config.block_timeout.as_millis() as u64,
@@ -406,6 +407,7 @@ fn print_config(
         ),
         ("stream", config.stream.clone()),
         ("key_prefix", args.redis.key_prefix.clone()),
+        ("key_layout", args.redis.key_layout.as_str().to_owned()),
         (
             "tls_ca_file",
             optional(
