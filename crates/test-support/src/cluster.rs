@@ -17,17 +17,34 @@
 //! its own that the launcher finds free (`--cluster-port`, Redis 7.0+), not on the default
 //! port + 10000: the launcher's ports come from the ephemeral range, where port + 10000 is often
 //! above 65535 and never checked for being free.
+//!
+//! With the feature `tls`, `RedisCluster::start_tls` starts the same cluster speaking TLS only:
+//! clients, the cluster bus and replication. Its URL is `rediss+cluster://...`, and
+//! [`RedisCluster::ca_file`] names the CA certificate clients verify the nodes with; every
+//! `redis-cli` the harness runs passes `--tls --cacert <ca>`.
+//!
+//! ```no_run
+//! # #[cfg(feature = "tls")] {
+//! let files = lifecycle_test_support::TlsFiles::generate();
+//! let cluster = lifecycle_test_support::RedisCluster::start_tls(&files);
+//! let _client_url = cluster.url(); // rediss+cluster://127.0.0.1:A,...,127.0.0.1:F
+//! let _ca = cluster.ca_file().expect("a TLS cluster has a CA");
+//! cluster.cluster_cli(&["SET", "k", "v"]);
+//! # }
+//! ```
 
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use lifecycle_private_redis::PrivateRedis;
+use tempfile::TempDir;
 
-use crate::{redis_cli, RedisServer, RedisServerOptions};
+use crate::{redis_cli_tls, RedisServer, RedisServerOptions, ServerTls};
 
 /// The number of hash slots of a Redis Cluster.
 pub const SLOT_COUNT: u16 = 16384;
@@ -54,6 +71,65 @@ const KEY_SEARCH_LIMIT: u32 = 1_000_000;
 pub struct RedisCluster {
     /// The nodes in start order; which are masters changes with failovers.
     nodes: Vec<RedisServer>,
+    /// The certificates of a TLS cluster; declared after `nodes`, so its directory is removed
+    /// after the nodes are killed.
+    tls: Option<ClusterTls>,
+}
+
+/// The certificates of a TLS cluster, copied into a temporary directory of its own (so the
+/// cluster does not depend on the caller keeping its `TlsFiles` alive).
+#[derive(Debug)]
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+struct ClusterTls {
+    /// The nodes' server side: their certificate and key (`--tls-cert-file`, `--tls-key-file`) and
+    /// the CA (`--tls-ca-cert-file`) that verifies peers and that clients verify the nodes with.
+    server: ServerTls,
+    /// The certificate a node presents when it connects to another node (cluster bus,
+    /// replication: `--tls-client-cert-file`); the server certificate is for serverAuth only,
+    /// and the cluster bus always verifies the connecting node's certificate.
+    client_cert: PathBuf,
+    /// The key of `client_cert` (`--tls-client-key-file`).
+    client_key: PathBuf,
+    /// The directory holding the copies, removed on drop.
+    _dir: TempDir,
+}
+
+#[cfg(feature = "tls")]
+impl ClusterTls {
+    /// Copies the CA, the server and the client certificate and key of `files`.
+    fn copy_of(files: &crate::TlsFiles) -> ClusterTls {
+        let dir = tempfile::Builder::new()
+            .prefix("redis-cluster-tls-")
+            .tempdir()
+            .expect(
+                "test-support: cannot create a temporary directory for the cluster's TLS files",
+            );
+        let copy = |from: &Path, name: &str| -> PathBuf {
+            let to = dir.path().join(name);
+            std::fs::copy(from, &to).unwrap_or_else(|err| {
+                panic!(
+                    "test-support: cannot copy {} to {}: {err}",
+                    from.display(),
+                    to.display()
+                )
+            });
+            to
+        };
+        let server = ServerTls {
+            cert: copy(&files.server_cert, "server.crt"),
+            key: copy(&files.server_key, "server.key"),
+            ca_cert: copy(&files.ca_cert, "ca.crt"),
+            auth_clients: false,
+        };
+        let client_cert = copy(&files.client_cert, "client.crt");
+        let client_key = copy(&files.client_key, "client.key");
+        ClusterTls {
+            server,
+            client_cert,
+            client_key,
+            _dir: dir,
+        }
+    }
 }
 
 /// One line of `CLUSTER NODES`: a node as some node sees it.
@@ -89,42 +165,87 @@ impl RedisCluster {
     /// Starts six nodes, joins them with `redis-cli --cluster create ... --cluster-replicas 1`,
     /// and waits until the cluster is ready ([`RedisCluster::wait_ready`]).
     pub fn start() -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..NODE_COUNT).map(|_| start_node()).collect();
-        let cluster = RedisCluster { nodes };
+        Self::start_nodes(None)
+    }
+
+    /// [`RedisCluster::start`], speaking TLS only, with the certificates of `tls` (copied: `tls`
+    /// may be dropped afterwards).
+    ///
+    /// Every node listens for clients on its TLS port only (its plain port, which the launcher
+    /// needs to see it answer `PING`, is closed with `CONFIG SET port 0` as soon as it does, and
+    /// again after [`RedisCluster::restart`]), and runs the cluster bus and replication over TLS
+    /// (`--tls-cluster yes --tls-replication yes`), so `CLUSTER SLOTS`, `CLUSTER NODES` and
+    /// `MOVED` name the TLS ports, which [`RedisCluster::ports`] returns. The nodes present the
+    /// server certificate (valid for `127.0.0.1` and `localhost`) to clients and the client
+    /// certificate to each other. Clients need no certificate of their own
+    /// (`--tls-auth-clients optional`: one that is presented must be signed by the CA); they
+    /// verify the nodes with [`RedisCluster::ca_file`].
+    #[cfg(feature = "tls")]
+    pub fn start_tls(tls: &crate::TlsFiles) -> RedisCluster {
+        Self::start_nodes(Some(ClusterTls::copy_of(tls)))
+    }
+
+    /// Starts six nodes (TLS-only ones with `tls`), creates the cluster and waits until it is ready.
+    fn start_nodes(tls: Option<ClusterTls>) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..NODE_COUNT).map(|_| start_node(tls.as_ref())).collect();
+        let cluster = RedisCluster { nodes, tls };
         cluster.create();
         cluster.wait_ready();
         cluster
     }
 
-    /// `redis+cluster://127.0.0.1:A,...,127.0.0.1:F`: all six nodes (killed ones too) as seeds.
+    /// `redis+cluster://127.0.0.1:A,...,127.0.0.1:F` (`rediss+cluster://...` for a TLS cluster):
+    /// all six nodes (killed ones too) as seeds.
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self
             .ports()
             .iter()
             .map(|port| format!("127.0.0.1:{port}"))
             .collect();
-        format!("redis+cluster://{}", hosts.join(","))
+        let scheme = if self.tls.is_some() {
+            "rediss+cluster"
+        } else {
+            "redis+cluster"
+        };
+        format!("{scheme}://{}", hosts.join(","))
     }
 
-    /// The plain URL (`redis://127.0.0.1:<port>/`) of the first running node: a single seed.
+    /// The URL of the first running node, a single seed: `redis://127.0.0.1:<port>/`, or
+    /// `rediss://127.0.0.1:<tls port>/` for a TLS cluster.
     pub fn seed_url(&self) -> String {
         self.nodes
             .iter()
             .find(|node| node.is_running())
-            .map(RedisServer::url)
+            .map(|node| {
+                if self.tls.is_some() {
+                    node.tls_url()
+                        .unwrap_or_else(|| panic!("test-support: a TLS node has a TLS URL"))
+                } else {
+                    node.url()
+                }
+            })
             .unwrap_or_else(|| panic!("test-support: no node of the cluster is running"))
     }
 
-    /// The client ports of all six nodes, in start order (killed ones too).
-    pub fn ports(&self) -> Vec<u16> {
-        self.nodes.iter().map(RedisServer::port).collect()
+    /// The CA certificate (PEM) that verifies the nodes of a TLS cluster (their certificate is
+    /// valid for `127.0.0.1` and `localhost`); `None` for a plain cluster. Removed on drop.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|tls| tls.server.ca_cert.as_path())
     }
 
-    /// The node on `port`; panics if the cluster has none there.
+    /// The client ports of all six nodes, in start order (killed ones too); the TLS ports
+    /// ([`RedisServer::tls_port`]) for a TLS cluster.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(RedisServer::client_port).collect()
+    }
+
+    /// The node on client port `port` (one of [`RedisCluster::ports`]); panics if the cluster has
+    /// none there. For a TLS cluster, its [`RedisServer::port`] and [`RedisServer::url`] name the
+    /// closed plain port: use [`RedisServer::tls_port`] and [`RedisServer::tls_url`].
     pub fn node(&self, port: u16) -> &RedisServer {
         self.nodes
             .iter()
-            .find(|node| node.port() == port)
+            .find(|node| node.client_port() == port)
             .unwrap_or_else(|| panic!("test-support: no node of the cluster on port {port}"))
     }
 
@@ -148,6 +269,7 @@ impl RedisCluster {
             })
             .collect();
         let mut child = Command::new("redis-cli")
+            .args(self.tls_args())
             .args(["-h", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -186,7 +308,7 @@ impl RedisCluster {
         });
         let mut cluster_args = vec!["-c"];
         cluster_args.extend_from_slice(args);
-        let output = redis_cli(port, None, &cluster_args);
+        let output = self.redis_cli(port, &cluster_args);
         let stdout = String::from_utf8_lossy(&output.stdout);
         if !output.status.success() {
             panic!(
@@ -283,8 +405,8 @@ impl RedisCluster {
                     self.view(other)
                         .is_some_and(|view| owner(&view, slot).is_some_and(|o| o.port == port))
                 });
-                let role = ask(port, &["ROLE"]).unwrap_or_default();
-                let info = ask(port, &["CLUSTER", "INFO"]).unwrap_or_default();
+                let role = self.ask(port, &["ROLE"]).unwrap_or_default();
+                let info = self.ask(port, &["CLUSTER", "INFO"]).unwrap_or_default();
                 if port != old_master_port
                     && agreed
                     && role.starts_with("master")
@@ -331,7 +453,7 @@ impl RedisCluster {
         }
         let mut slot_map: Option<Vec<(u16, u16, u16)>> = None;
         for &port in &running {
-            let Some(info) = ask(port, &["CLUSTER", "INFO"]) else {
+            let Some(info) = self.ask(port, &["CLUSTER", "INFO"]) else {
                 return Some(format!("node {port} does not answer CLUSTER INFO"));
             };
             let expected = [
@@ -379,7 +501,7 @@ impl RedisCluster {
                     Some(master) if running.contains(&master.port) => {}
                     _ => return Some(format!("replica {port} follows no running master")),
                 }
-                let replication = ask(port, &["INFO", "replication"]).unwrap_or_default();
+                let replication = self.ask(port, &["INFO", "replication"]).unwrap_or_default();
                 if field(&replication, "master_link_status") != Some("up") {
                     return Some(format!("replica {port}'s link to its master is not up"));
                 }
@@ -401,7 +523,7 @@ impl RedisCluster {
             .try_clone()
             .expect("test-support: cannot duplicate a file handle");
         let mut command = Command::new("redis-cli");
-        command.arg("--cluster").arg("create");
+        command.args(self.tls_args()).arg("--cluster").arg("create");
         for port in self.ports() {
             command.arg(format!("127.0.0.1:{port}"));
         }
@@ -459,7 +581,7 @@ impl RedisCluster {
             .nodes
             .iter()
             .filter(|node| node.is_running())
-            .map(RedisServer::port)
+            .map(RedisServer::client_port)
             .collect();
         ports.sort_unstable();
         ports
@@ -470,7 +592,7 @@ impl RedisCluster {
         if !self.node(port).is_running() {
             return None;
         }
-        let text = ask(port, &["CLUSTER", "NODES"])?;
+        let text = self.ask(port, &["CLUSTER", "NODES"])?;
         let view: Vec<NodeEntry> = text.lines().filter_map(parse_node_line).collect();
         (!view.is_empty()).then_some(view)
     }
@@ -486,19 +608,40 @@ impl RedisCluster {
     fn node_mut(&mut self, port: u16) -> &mut RedisServer {
         self.nodes
             .iter_mut()
-            .find(|node| node.port() == port)
+            .find(|node| node.client_port() == port)
             .unwrap_or_else(|| panic!("test-support: no node of the cluster on port {port}"))
+    }
+
+    /// `--tls --cacert <ca>` for a TLS cluster, nothing for a plain one: redis-cli's TLS arguments.
+    fn tls_args(&self) -> Vec<&std::ffi::OsStr> {
+        match self.ca_file() {
+            Some(ca) => vec!["--tls".as_ref(), "--cacert".as_ref(), ca.as_os_str()],
+            None => Vec::new(),
+        }
+    }
+
+    /// `redis-cli` against the node on `port` (over TLS for a TLS cluster); panics only when it cannot run.
+    fn redis_cli(&self, port: u16, args: &[&str]) -> Output {
+        redis_cli_tls(port, None, self.ca_file(), args)
+    }
+
+    /// `redis-cli` against the node on `port`: its trimmed output, `None` when it fails or says nothing.
+    fn ask(&self, port: u16, args: &[&str]) -> Option<String> {
+        let output = self.redis_cli(port, args);
+        let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        (output.status.success() && !stdout.is_empty()).then_some(stdout)
     }
 
     /// Each node's port, whether it runs, and its `CLUSTER NODES`, for panic messages.
     fn state_report(&self) -> String {
         let mut report = String::from("--- the nodes' views (CLUSTER NODES) ---");
         for node in &self.nodes {
-            let port = node.port();
+            let port = node.client_port();
             let _ = write!(report, "\nnode {port}: ");
             if node.is_running() {
-                let nodes =
-                    ask(port, &["CLUSTER", "NODES"]).unwrap_or_else(|| "(no answer)".into());
+                let nodes = self
+                    .ask(port, &["CLUSTER", "NODES"])
+                    .unwrap_or_else(|| "(no answer)".into());
                 let _ = write!(report, "running\n{nodes}");
             } else {
                 report.push_str("not running");
@@ -511,7 +654,13 @@ impl RedisCluster {
     fn log_tails(&self) -> String {
         self.nodes
             .iter()
-            .map(|node| format!("=== node {} ===\n{}", node.port(), node.server.log_tail()))
+            .map(|node| {
+                format!(
+                    "=== node {} ===\n{}",
+                    node.client_port(),
+                    node.server.log_tail()
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -546,9 +695,10 @@ fn crc16(bytes: &[u8]) -> u16 {
     })
 }
 
-/// Starts one cluster node: a [`RedisServer`] whose cluster bus gets a free port of its own.
-fn start_node() -> RedisServer {
-    let extra_args = [
+/// Starts one cluster node: a [`RedisServer`] whose cluster bus gets a free port of its own;
+/// with `tls`, TLS-only (clients, cluster bus, replication).
+fn start_node(tls: Option<&ClusterTls>) -> RedisServer {
+    let mut extra_args = [
         "--cluster-enabled",
         "yes",
         // Relative to `--dir`, which the launcher passes first: the node's own directory.
@@ -569,18 +719,49 @@ fn start_node() -> RedisServer {
     ]
     .map(str::to_owned)
     .to_vec();
+    if let Some(tls) = tls {
+        extra_args.extend(
+            [
+                "--tls-cluster",
+                "yes",
+                "--tls-replication",
+                "yes",
+                // After `ServerTls`'s `--tls-auth-clients no`: a client may present no certificate,
+                // and a replica presents its client certificate, which is verified.
+                "--tls-auth-clients",
+                "optional",
+            ]
+            .map(str::to_owned),
+        );
+        extra_args.extend([
+            "--tls-client-cert-file".to_owned(),
+            tls.client_cert.to_string_lossy().into_owned(),
+            "--tls-client-key-file".to_owned(),
+            tls.client_key.to_string_lossy().into_owned(),
+        ]);
+    }
     let options = RedisServerOptions {
         extra_args,
+        tls: tls.map(|tls| tls.server.clone()),
         ..RedisServerOptions::default()
     };
     // The launcher gives each port flag a free port of its own (fresh ones on every retry), so
-    // the bus port is as free as the client port, which port + 10000 need not be.
+    // the bus port is as free as the client port, which port + 10000 need not be. With TLS, the
+    // TLS port is the first of them (`RedisServer::tls_port`), the bus port the second.
     let mut launcher = options.launcher_options();
     launcher.port_flags.push(CLUSTER_PORT_FLAG.to_owned());
-    match PrivateRedis::start_with(launcher) {
-        Ok(server) => RedisServer { server, options },
+    let mut node = match PrivateRedis::start_with(launcher) {
+        Ok(server) => RedisServer {
+            server,
+            options,
+            tls_only: false,
+        },
         Err(err) => panic!("test-support: a cluster node did not start: {err}"),
+    };
+    if tls.is_some() {
+        node.close_plain_port();
     }
+    node
 }
 
 /// `arg` double-quoted for a command line redis-cli reads from stdin.
@@ -599,13 +780,6 @@ fn quote(arg: &str) -> String {
     }
     quoted.push('"');
     quoted
-}
-
-/// `redis-cli` against the node on `port`: its trimmed output, `None` when it fails or says nothing.
-fn ask(port: u16, args: &[&str]) -> Option<String> {
-    let output = redis_cli(port, None, args);
-    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    (output.status.success() && !stdout.is_empty()).then_some(stdout)
 }
 
 /// The value of `name:` in `INFO`-style text.

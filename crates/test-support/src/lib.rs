@@ -19,7 +19,7 @@
 //!
 //! With [`RedisServerOptions::tls`] set, the server also listens for TLS on a second port
 //! ([`RedisServer::tls_url`]); the feature `tls` adds `TlsFiles`, which generates the
-//! certificates in-process.
+//! certificates in-process, and `RedisCluster::start_tls`, a cluster that speaks TLS only.
 //!
 //! Requires `redis-server` and `redis-cli` on the `PATH`.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -117,6 +117,9 @@ pub struct RedisServer {
     server: PrivateRedis,
     /// The options it was started with.
     options: RedisServerOptions,
+    /// Whether its plain port was closed after start ([`RedisServer::close_plain_port`]): then
+    /// [`RedisServer::cli`] speaks TLS, and [`RedisServer::restart`] closes the port again.
+    tls_only: bool,
 }
 
 impl RedisServer {
@@ -134,7 +137,11 @@ impl RedisServer {
     /// could not (redis-server missing from the `PATH`, refused to start, did not answer).
     pub fn try_start_with(options: RedisServerOptions) -> Result<RedisServer, String> {
         match PrivateRedis::start_with(options.launcher_options()) {
-            Ok(server) => Ok(RedisServer { server, options }),
+            Ok(server) => Ok(RedisServer {
+                server,
+                options,
+                tls_only: false,
+            }),
             Err(err @ Error::ExitedEarly { .. }) => Err(format!(
                 "{err}\n(redis-server exits early when it rejects its arguments: check extra_args; \
                  with TLS, unreadable certificate or key files also make it exit)"
@@ -192,6 +199,52 @@ impl RedisServer {
         self.server
             .restart()
             .unwrap_or_else(|err| panic!("test-support: cannot restart redis-server: {err}"));
+        if self.tls_only {
+            self.close_plain_port();
+        }
+    }
+
+    /// Makes a TLS server (started with [`RedisServerOptions::tls`]) TLS-only: `CONFIG SET port 0`
+    /// closes its plain port, which the launcher needs open only to see it answer `PING`. From
+    /// then on [`RedisServer::cli`] uses the TLS port (verifying the server with the CA of its
+    /// [`ServerTls`]), and [`RedisServer::restart`] closes the plain port again once the server
+    /// is up; [`RedisServer::port`] and [`RedisServer::url`] still name the (closed) plain port.
+    pub(crate) fn close_plain_port(&mut self) {
+        assert!(
+            self.options.tls.is_some(),
+            "test-support: only a server started with TLS can close its plain port"
+        );
+        let output = redis_cli(
+            self.port(),
+            self.options.requirepass.as_deref(),
+            &["CONFIG", "SET", "port", "0"],
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() || stdout.trim() != "OK" {
+            panic!(
+                "test-support: `CONFIG SET port 0` on port {} failed with {}\nstderr: {}\nstdout: {}\n{}",
+                self.port(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim(),
+                stdout.trim(),
+                self.server.log_tail()
+            );
+        }
+        self.tls_only = true;
+    }
+
+    /// The port clients reach it on: the TLS port once the plain port is closed, else the plain port.
+    pub(crate) fn client_port(&self) -> u16 {
+        match self.tls_port() {
+            Some(tls_port) if self.tls_only => tls_port,
+            _ => self.port(),
+        }
+    }
+
+    /// The CA certificate redis-cli verifies it with, when it is TLS-only.
+    pub(crate) fn client_ca(&self) -> Option<&Path> {
+        let tls = self.options.tls.as_ref().filter(|_| self.tls_only)?;
+        Some(&tls.ca_cert)
     }
 
     /// Whether the process is still running (false after `stop`/`kill` or if it died).
@@ -262,14 +315,22 @@ impl RedisServer {
     }
 
     /// Runs `redis-cli -h 127.0.0.1 -p <port> [-a <pw> --no-auth-warning] <args>` and returns its trimmed stdout; panics on failure.
+    ///
+    /// On a TLS-only cluster node (`RedisCluster::start_tls`), `redis-cli --tls --cacert <ca>`
+    /// on its TLS port instead.
     pub fn cli(&self, args: &[&str]) -> String {
-        let output = redis_cli(self.port(), self.options.requirepass.as_deref(), args);
+        let output = redis_cli_tls(
+            self.client_port(),
+            self.options.requirepass.as_deref(),
+            self.client_ca(),
+            args,
+        );
         let stdout = String::from_utf8_lossy(&output.stdout);
         if !output.status.success() {
             panic!(
                 "test-support: `redis-cli {}` on port {} failed with {}\nstderr: {}\nstdout: {}",
                 args.join(" "),
-                self.port(),
+                self.client_port(),
                 output.status,
                 String::from_utf8_lossy(&output.stderr).trim(),
                 stdout.trim()
@@ -282,7 +343,20 @@ impl RedisServer {
 /// Runs `redis-cli -h 127.0.0.1 -p <port> [-a <password> --no-auth-warning] <args>`; panics
 /// only when it cannot run at all.
 pub(crate) fn redis_cli(port: u16, password: Option<&str>, args: &[&str]) -> std::process::Output {
+    redis_cli_tls(port, password, None, args)
+}
+
+/// [`redis_cli`], over TLS (`--tls --cacert <ca_cert>`, no client certificate) when `ca_cert` is given.
+pub(crate) fn redis_cli_tls(
+    port: u16,
+    password: Option<&str>,
+    ca_cert: Option<&Path>,
+    args: &[&str],
+) -> std::process::Output {
     let mut command = Command::new("redis-cli");
+    if let Some(ca_cert) = ca_cert {
+        command.arg("--tls").arg("--cacert").arg(ca_cert);
+    }
     command
         .arg("-h")
         .arg("127.0.0.1")

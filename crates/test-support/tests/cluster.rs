@@ -48,6 +48,7 @@ fn keys_are_routed_to_the_master_of_their_slot() {
         format!("redis+cluster://{}", seeds.join(","))
     );
     assert!(cluster.seed_url().starts_with("redis://127.0.0.1:"));
+    assert_eq!(cluster.ca_file(), None, "a plain cluster has no CA");
     for port in cluster.ports() {
         assert!(
             cluster.node(port).dir().join("nodes.conf").is_file(),

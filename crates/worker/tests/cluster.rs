@@ -366,3 +366,56 @@ fn a_cluster_url_needs_the_cluster_key_layout() {
         common::stderr(&bad)
     );
 }
+
+/// A TLS-only cluster (`rediss+cluster://`, the CA from `--tls-ca-file`):
+/// publish, the drain with its cascades spread over the masters, the
+/// stored offset, and the reader's own socket to the stream's master over
+/// TLS.
+#[test]
+fn a_tls_cluster_is_served_over_rediss_cluster() {
+    let files = lifecycle_test_support::TlsFiles::generate();
+    let cluster = RedisCluster::start_tls(&files);
+    let url = cluster.url();
+    assert!(url.starts_with("rediss+cluster://"), "{url}");
+    let ca = cluster.ca_file().unwrap().to_str().unwrap().to_owned();
+    let flags = ["--key-layout", "cluster", "--tls-ca-file", ca.as_str()];
+    let run = |args: &[&str]| {
+        let args: Vec<&str> = args.iter().chain(flags.iter()).copied().collect();
+        common::worker(&url, &args)
+    };
+    let users: Vec<String> = (0..12).map(|i| format!("tls-{i}")).collect();
+    let mut ids = Vec::new();
+    for user in &users {
+        let published = run(&["publish", "--event-type", "user.deleted", "--user-id", user]);
+        common::assert_success(&published);
+        ids.push(common::stdout(&published).trim().to_owned());
+    }
+    let drained = run(&["run", "--drain", "--metrics-addr", "off"]);
+    common::assert_success(&drained);
+    let offset_port = cluster.master_of_key(OFFSET_KEY);
+    assert_eq!(
+        cluster.cli(offset_port, &["GET", OFFSET_KEY]).trim(),
+        ids.last().unwrap()
+    );
+    let mut masters_used = HashSet::new();
+    for (user, id) in users.iter().zip(&ids) {
+        let key = format!("lobby:user:{{{user}}}:cascade");
+        let port = cluster.master_of_key(&key);
+        masters_used.insert(port);
+        assert_eq!(
+            cluster.cli(port, &["HGET", &key, "entry_id"]).trim(),
+            id,
+            "{user}"
+        );
+    }
+    assert!(masters_used.len() > 1, "records on one master only");
+    // Without the CA, the handshake is refused with one line.
+    let refused = common::worker(&url, &["status", "--key-layout", "cluster"]);
+    assert_eq!(
+        refused.status.code(),
+        Some(1),
+        "{}",
+        common::stderr(&refused)
+    );
+    common::assert_one_error_line(&refused);
+}
