@@ -419,3 +419,28 @@ fn a_tls_cluster_is_served_over_rediss_cluster() {
     );
     common::assert_one_error_line(&refused);
 }
+
+/// `demo` on a cluster: its keys in the cluster layout, cleared on every
+/// master before a second run, the tour the same both times.
+#[test]
+fn demo_tours_a_cluster() {
+    let cluster = RedisCluster::start();
+    let url = cluster.url();
+    for _ in 0..2 {
+        let output = common::worker(&url, &["demo", "--redis-url", &url]);
+        common::assert_success(&output);
+        let out = common::stdout(&output);
+        for expected in [
+            "user.deleted alice: cascade applied to 7 game(s)",
+            "user.permanently_blocked bob: cascade applied to 8 game(s)",
+            "user.deleted alice: already applied",
+        ] {
+            assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+        }
+    }
+    let key = "lobby-demo:game:{open-1}";
+    assert_eq!(
+        cluster.cli(cluster.master_of_key(key), &["HGET", key, "status"]).trim(),
+        "cancelled"
+    );
+}
