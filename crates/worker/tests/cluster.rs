@@ -440,7 +440,9 @@ fn demo_tours_a_cluster() {
     }
     let key = "lobby-demo:game:{open-1}";
     assert_eq!(
-        cluster.cli(cluster.master_of_key(key), &["HGET", key, "status"]).trim(),
+        cluster
+            .cli(cluster.master_of_key(key), &["HGET", key, "status"])
+            .trim(),
         "cancelled"
     );
 }
