@@ -55,6 +55,12 @@ const GAMES_IN_FLIGHT: usize = 16;
 /// A game's sets, in the order [`CASCADE_GAME`] takes them after the hash.
 const GAME_SETS: [&str; 4] = ["members", "applicants", "invitees", "dropped"];
 
+/// Walks of a user's index one cascade makes at most: each handles every
+/// game it finds, so another walk is needed only for games added meanwhile;
+/// past this many the lobby outpaces the cascade, and the event fails (to
+/// be retried) rather than holding its worker for ever.
+const MAX_WALKS: u32 = 100;
+
 /// Handled games removed from a user's index per `SREM` once a walk is
 /// done: a plain command, cheap per member, bounded like the pages.
 const REMOVE_BATCH: usize = 1_000;
@@ -560,6 +566,7 @@ impl RedisLobbyStore {
         let mut counted = 0_u64;
         let mut unknown_status = Vec::new();
         let mut calls = 0_u64;
+        let mut indexed = 0_u64;
         let record_key = self.user_key(&cascade.user_id, "cascade");
         let index_key = self.user_key(&cascade.user_id, "games");
         // In the cluster layout the finishing call sees the user's keys
@@ -568,7 +575,8 @@ impl RedisLobbyStore {
             KeyLayout::Plain => self.page_games,
             KeyLayout::Cluster => 0,
         };
-        loop {
+        // Each round finishes the cascade or walks the index once more.
+        for round in 0..=MAX_WALKS {
             let mut invocation = self.invocation(
                 &self.finish,
                 &[record_key.as_bytes(), index_key.as_bytes()],
@@ -581,7 +589,7 @@ impl RedisLobbyStore {
                 .arg(finish_page)
                 .arg(counted);
             calls = calls.saturating_add(1);
-            let indexed = match self.step(&invocation, true, action).await? {
+            indexed = match self.step(&invocation, true, action).await? {
                 Step::Applied {
                     games,
                     unknown_status: last,
@@ -592,6 +600,9 @@ impl RedisLobbyStore {
                 Step::Recorded(recorded) => return Ok(already(cascade, recorded)),
                 Step::TooMany(indexed) => indexed,
             };
+            if round == MAX_WALKS {
+                break;
+            }
             debug!(
                 stream_entry_id = %cascade.entry_id,
                 user_id = ?for_log(&cascade.user_id),
@@ -606,6 +617,15 @@ impl RedisLobbyStore {
                 return Ok(already(cascade, recorded));
             }
         }
+        Err(StoreError {
+            action: action(),
+            permanent: false,
+            source: format!(
+                "the index of user {} still holds {indexed} games after {MAX_WALKS} walks of it: games are added to it faster than the cascade removes them",
+                cascade.user_id
+            )
+            .into(),
+        })
     }
 
     /// One walk of a large index: `SSCAN` pages of it, and for each page a
