@@ -66,11 +66,13 @@ impl KeyLayout {
         format!("{prefix}:user:{open}{user_id}{close}:{what}")
     }
 
-    /// Whether a game id can be stored in this layout with all of its keys
-    /// in one slot: in the cluster layout, an empty id makes an empty hash
-    /// tag, which Redis ignores, so its hash and sets would hash apart.
-    pub fn holds_game_id(self, game_id: &[u8]) -> bool {
-        self == Self::Plain || !game_id.is_empty()
+    /// Whether the keys of an id (a game's, or a user's) lie in one slot
+    /// in this layout: always in the plain layout (one server); in the
+    /// cluster layout unless the id is empty or starts with `}`, which
+    /// makes an empty hash tag, which Redis ignores, so that each key would
+    /// hash whole and apart.
+    pub fn holds_id(self, id: &[u8]) -> bool {
+        self == Self::Plain || !(id.is_empty() || id.starts_with(b"}"))
     }
 }
 
@@ -133,9 +135,13 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_game_id_has_no_slot_of_its_own_in_the_cluster_layout() {
-        assert!(KeyLayout::Plain.holds_game_id(b""));
-        assert!(!KeyLayout::Cluster.holds_game_id(b""));
-        assert!(KeyLayout::Cluster.holds_game_id(b"g"));
+    fn an_id_making_an_empty_hash_tag_has_no_slot_of_its_own_in_the_cluster_layout() {
+        for id in [&b""[..], b"}", b"}g"] {
+            assert!(KeyLayout::Plain.holds_id(id));
+            assert!(!KeyLayout::Cluster.holds_id(id), "{id:?}");
+        }
+        for id in [&b"g"[..], b"g}", b"{g}", b"g{"] {
+            assert!(KeyLayout::Cluster.holds_id(id), "{id:?}");
+        }
     }
 }

@@ -563,6 +563,17 @@ impl RedisLobbyStore {
     /// (then the call that met it changed nothing).
     pub async fn apply(&self, cascade: &UserCascade) -> Result<CascadeOutcome, StoreError> {
         let action = || format!("apply the cascade of entry {}", cascade.entry_id);
+        if !self.layout.holds_id(cascade.user_id.as_bytes()) {
+            return Err(StoreError {
+                action: action(),
+                permanent: true,
+                source: format!(
+                    "user id {:?} starts with '}}': in the cluster key layout its index and record (lobby:user:{{<id>}}:...) cannot lie in one slot",
+                    for_log(&cascade.user_id)
+                )
+                .into(),
+            });
+        }
         let mut counted = 0_u64;
         let mut unknown_status = Vec::new();
         let mut calls = 0_u64;
@@ -621,8 +632,8 @@ impl RedisLobbyStore {
             action: action(),
             permanent: false,
             source: format!(
-                "the index of user {} still holds {indexed} games after {MAX_WALKS} walks of it: games are added to it faster than the cascade removes them",
-                cascade.user_id
+                "the index of user {:?} still holds {indexed} games after {MAX_WALKS} walks of it: games are added to it faster than the cascade removes them",
+                for_log(&cascade.user_id)
             )
             .into(),
         })
@@ -646,7 +657,7 @@ impl RedisLobbyStore {
         calls: &mut u64,
     ) -> Result<Option<EntryId>, StoreError> {
         let index_key = self.user_key(&cascade.user_id, "games");
-        let scan_action = || format!("scan the games of user {}", cascade.user_id);
+        let scan_action = || format!("scan the games of user {:?}", for_log(&cascade.user_id));
         let page_action = || format!("apply a page of the cascade of entry {}", cascade.entry_id);
         let mut conn = self.conn.clone();
         let mut handled: HashSet<Vec<u8>> = HashSet::new();
@@ -735,9 +746,18 @@ impl RedisLobbyStore {
         let layout = self.layout;
         // Collected first: a stream over the iterator's closures would not
         // be `Send` for every lifetime, as the port's future must be.
-        let calls: Vec<BoxFuture<'_, Result<Step, StoreError>>> = game_ids
-            .iter()
-            .filter(|id| layout.holds_game_id(id))
+        let (held, skipped): (Vec<&[u8]>, Vec<&[u8]>) =
+            game_ids.iter().partition(|id| layout.holds_id(id));
+        for game_id in skipped {
+            warn!(
+                game_id = ?for_log(&String::from_utf8_lossy(game_id)),
+                user_id = ?for_log(&cascade.user_id),
+                stream_entry_id = %cascade.entry_id,
+                "game id skipped: in the cluster key layout an empty id or one starting with '}}' cannot keep a game's keys in one slot"
+            );
+        }
+        let calls: Vec<BoxFuture<'_, Result<Step, StoreError>>> = held
+            .into_iter()
             .map(|game_id| -> BoxFuture<'_, Result<Step, StoreError>> {
                 let game_key = layout.game_key_bytes(prefix, game_id);
                 let sets =
@@ -745,7 +765,7 @@ impl RedisLobbyStore {
                 let mut keys: Vec<&[u8]> = vec![&game_key];
                 keys.extend(sets.iter().map(Vec::as_slice));
                 let mut invocation = self.invocation(&self.game, &keys, cascade);
-                invocation.arg(*game_id);
+                invocation.arg(game_id);
                 Box::pin(async move { self.step(&invocation, false, action).await })
             })
             .collect();

@@ -646,7 +646,41 @@ async fn cascades_on_a_cluster_agree_with_the_domain_model_and_commute() {
         .map(|key| cluster.master_of_key(&key))
         .collect();
     assert_eq!(masters.len(), 3, "the lobby's keys lie on every master");
-    agrees_with_the_domain_model_and_commutes(&Deployment::Cluster(&cluster)).await;
+    let deployment = Deployment::Cluster(&cluster);
+    agrees_with_the_domain_model_and_commutes(&deployment).await;
+
+    // Ids whose hash tag would be empty cannot keep their keys in one slot:
+    // such a user is refused with a permanent error naming why; such a
+    // game in an index is skipped, the others handled.
+    let store = deployment.store("odd");
+    let refused = store
+        .apply(&cascade("}u", DELETED, EntryId::new(1, 0)))
+        .await
+        .unwrap_err();
+    assert!(refused.permanent, "{refused}");
+    assert!(refused.to_string().contains("starts with '}'"), "{refused}");
+    let index = KeyLayout::Cluster.user_key("odd", "u", "games");
+    cluster.cluster_cli(&["SADD", &index, "}g", "g1"]);
+    let owned = Game {
+        status: Some(GameStatus::Open),
+        owner_id: "u".to_owned(),
+        cancel_reason: None,
+        members: BTreeSet::from(["u".to_owned()]),
+        applicants: BTreeSet::new(),
+        invitees: BTreeSet::new(),
+        dropped: BTreeSet::new(),
+    };
+    store.put_game("g1", &owned).await.unwrap();
+    let outcome = store
+        .apply(&cascade("u", DELETED, EntryId::new(2, 0)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, applied(1, &[]));
+    assert!(store.user_games("u").await.unwrap().is_empty());
+    assert_eq!(
+        store.get_game("g1").await.unwrap().unwrap().status,
+        Some(GameStatus::Cancelled)
+    );
 }
 
 /// Where a model test runs.

@@ -159,8 +159,9 @@ pub struct SlotOwner {
 }
 
 /// The masters of a `CLUSTER SLOTS` reply, by slot range; `None` when the
-/// reply is not of that shape. An empty host (a node that does not know
-/// its own address) is left empty.
+/// reply is not of that shape. An empty or null host (a node that does not
+/// know its own address, or a cluster announcing none) is left empty, and
+/// the seed's host is used for it.
 pub fn parse_cluster_slots(reply: &Value) -> Option<Vec<SlotOwner>> {
     let Value::Array(ranges) = reply else {
         return None;
@@ -181,6 +182,8 @@ pub fn parse_cluster_slots(reply: &Value) -> Option<Vec<SlotOwner>> {
             let host = match host {
                 Value::BulkString(raw) => String::from_utf8(raw.clone()).ok()?,
                 Value::SimpleString(text) => text.clone(),
+                // `cluster-preferred-endpoint-type unknown-endpoint`.
+                Value::Nil => String::new(),
                 _ => return None,
             };
             Some(SlotOwner {
@@ -696,6 +699,20 @@ mod tests {
                     port: 7001
                 },
             ])
+        );
+        let null_host = Value::Array(vec![Value::Array(vec![
+            Value::Int(0),
+            Value::Int(16383),
+            Value::Array(vec![Value::Nil, Value::Int(7002)]),
+        ])]);
+        assert_eq!(
+            parse_cluster_slots(&null_host),
+            Some(vec![SlotOwner {
+                first: 0,
+                last: 16383,
+                host: String::new(),
+                port: 7002
+            }])
         );
         for bad in [
             Value::Nil,
