@@ -78,8 +78,8 @@ pub use memory::MemoryOffsetStore;
 pub use offsets::{RedisOffsetStore, DEFAULT_KEY_PREFIX};
 pub use sentinel::{is_sentinel_url, open_sentinel_master, parse_sentinel_url, SentinelUrl};
 pub use server_version::{
-    check_server_version, foreign_answer, judge_info, verify_server, ServerCheck, ServerVersion,
-    VersionError, VersionVerdict, MIN_REDIS_VERSION,
+    check_server_version, foreign_answer, is_cluster_node, judge_info, verify_server, ServerCheck,
+    ServerVersion, VersionError, VersionVerdict, MIN_REDIS_VERSION,
 };
 
 use lifecycle_domain::StoreError;

@@ -226,6 +226,18 @@ pub struct ServerCheck {
     /// Its `maxmemory-policy` when that may evict keys (see
     /// [`read_evicting_policy`](crate::read_evicting_policy)).
     pub evicting_policy: Option<String>,
+    /// Whether it is a node of a Redis Cluster (see [`is_cluster_node`]).
+    pub cluster_node: bool,
+}
+
+/// Whether the server `conn` reaches runs in cluster mode (`INFO cluster`
+/// says `cluster_enabled:1`); `false` when it does not say.
+pub async fn is_cluster_node<C: ConnectionLike + Send>(conn: &mut C) -> bool {
+    redis::cmd("INFO")
+        .arg("cluster")
+        .query_async::<String>(conn)
+        .await
+        .is_ok_and(|info| info.lines().any(|line| line.trim() == "cluster_enabled:1"))
 }
 
 /// Connects to `client`'s server once and, on that one connection, runs
@@ -250,6 +262,7 @@ pub async fn verify_server(client: &redis::Client) -> Result<ServerCheck, Versio
             Ok(version) => Ok(ServerCheck {
                 version,
                 evicting_policy: crate::read_evicting_policy(&mut conn, &at).await,
+                cluster_node: is_cluster_node(&mut conn).await,
             }),
             Err(err) => Err(err),
         },

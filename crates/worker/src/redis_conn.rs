@@ -174,8 +174,11 @@ pub fn layout_of(url: &str) -> KeyLayout {
 pub async fn connect(target: &RedisTarget) -> anyhow::Result<RedisConnection> {
     let url = target.url.as_str();
     let client = target.client().await?;
-    let conn = connect_to(&client, url).await?;
+    let mut conn = connect_to(&client, url).await?;
     let endpoint = target.endpoint()?;
+    if !endpoint.is_cluster() && lifecycle_redis::is_cluster_node(&mut conn).await {
+        return Err(cluster_node_error(url));
+    }
     if endpoint.is_cluster() {
         return endpoint
             .connection(ConnectionTimeouts {
@@ -204,6 +207,15 @@ pub async fn connect_masters(target: &RedisTarget) -> anyhow::Result<Vec<RedisCo
         ));
     }
     Ok(conns)
+}
+
+/// The error for a URL that names one node of a Redis Cluster as if it
+/// were a standalone server.
+pub fn cluster_node_error(url: &str) -> anyhow::Error {
+    anyhow!(
+        "the Redis at {} is a node of a Redis Cluster: name the cluster with a redis+cluster:// URL (its nodes as seeds) and give --key-layout cluster (LOBBY_KEY_LAYOUT=cluster)",
+        redact_url(url)
+    )
 }
 
 /// Connects to the one server `client` names, checking its version.

@@ -328,6 +328,24 @@ fn every_command_works_through_the_cluster() {
         "{}",
         common::stdout(&user)
     );
+
+    // One node named as a standalone server: refused at once with one
+    // line, by the worker and by a command alike.
+    let node = format!("redis://127.0.0.1:{stream_master}");
+    for args in [
+        &["run", "--drain", "--metrics-addr", "off"][..],
+        &["status"][..],
+    ] {
+        let output = common::worker(&node, args);
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{args:?}: {}",
+            common::stderr(&output)
+        );
+        let line = common::assert_one_error_line(&output);
+        assert!(line.contains("is a node of a Redis Cluster"), "{line}");
+    }
 }
 
 #[test]

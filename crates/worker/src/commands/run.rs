@@ -23,7 +23,7 @@ use crate::health::Health;
 use crate::metrics::{LagGauges, LagProbe, Metrics};
 use crate::outcome::InstrumentedOffsets;
 use crate::outcome::LastOutcome;
-use crate::redis_conn::RedisTarget;
+use crate::redis_conn::{cluster_node_error, RedisTarget};
 use crate::watch::{watch, WatchSettings};
 
 /// Runs [`lifecycle_redis::verify_server`] on the server `endpoint` names
@@ -32,14 +32,31 @@ use crate::watch::{watch, WatchSettings};
 async fn verify_endpoint(
     endpoint: &lifecycle_streams::RedisEndpoint,
 ) -> Result<lifecycle_redis::ServerCheck, VersionError> {
-    let client = endpoint
-        .client()
+    // Every master of a cluster: offsets, records and games lie on all.
+    let masters = endpoint
+        .masters()
         .await
         .map_err(|source| VersionError::Redis {
             at: endpoint.describe(),
             source,
         })?;
-    lifecycle_redis::verify_server(&client).await
+    let mut merged: Option<lifecycle_redis::ServerCheck> = None;
+    for master in masters {
+        let check = lifecycle_redis::verify_server(&master).await?;
+        merged = Some(match merged {
+            None => check,
+            Some(earlier) => lifecycle_redis::ServerCheck {
+                version: earlier.version.or(check.version),
+                evicting_policy: earlier.evicting_policy.or(check.evicting_policy),
+                cluster_node: earlier.cluster_node || check.cluster_node,
+            },
+        });
+    }
+    Ok(merged.unwrap_or(lifecycle_redis::ServerCheck {
+        version: None,
+        evicting_policy: None,
+        cluster_node: false,
+    }))
 }
 
 /// The longest `--summary-interval`.
@@ -119,6 +136,9 @@ pub async fn run(args: RunArgs, logging: Logging<'_>) -> anyhow::Result<()> {
     };
     match checked {
         Ok(check) => {
+            if check.cluster_node && !client.is_cluster() {
+                return Err(cluster_node_error(&target.url));
+            }
             if let Some(version) = check.version {
                 info!(redis_version = %version, "Redis version checked");
             }
