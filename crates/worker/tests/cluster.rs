@@ -98,11 +98,14 @@ impl Producer {
                         }
                         continue;
                     };
+                    // A user per attempt, not per acknowledged entry: an
+                    // XADD whose reply a failover cut off may still have
+                    // been written, and each entry must name its own user.
                     let user = format!("live-{sequence}");
+                    sequence += 1;
                     match deletion(&user, 1_700_000_000_000).query::<String>(current) {
                         Ok(id) => {
                             lock(&acked).push(id);
-                            sequence += 1;
                             thread::sleep(Duration::from_millis(2));
                         }
                         Err(err) => {
