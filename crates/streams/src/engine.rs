@@ -63,6 +63,10 @@ pub struct StreamConsumer<D: EntryDecoder> {
     /// The lease that lets one process consume the label at a time (`None`:
     /// this process consumes regardless).
     lease: Option<Arc<dyn ConsumerLease>>,
+    /// The Redis outage under way, if any: one for the whole run, so that
+    /// an outage a session reported is declared over even when the session
+    /// ended under it (a lease lost while Redis was away).
+    outage: OutageLog,
 }
 
 impl<D: EntryDecoder> StreamConsumer<D> {
@@ -89,6 +93,7 @@ impl<D: EntryDecoder> StreamConsumer<D> {
             tls: None,
             learned_batch_size: std::sync::atomic::AtomicUsize::new(0),
             lease: None,
+            outage: OutageLog::default(),
         })
     }
 
@@ -170,7 +175,7 @@ impl<D: EntryDecoder> StreamConsumer<D> {
         let label = config.label.as_str();
         let span = tracing::info_span!("lease", stream = %config.stream, label = %label);
         let mut backoff = Backoff::new(config.redis_retry);
-        let mut outage = OutageLog::default();
+        let outage = &self.outage;
         let mut standing_by = false;
         let stopped = RunOutcome {
             reason: StopReason::Cancelled,
@@ -924,13 +929,21 @@ fn millis(duration: Duration) -> u64 {
 /// rather than once per retry.
 #[derive(Debug, Default)]
 struct OutageLog {
-    started: Option<(Instant, u32)>,
+    started: std::sync::Mutex<Option<(Instant, u32)>>,
 }
 
 impl OutageLog {
-    fn note(&mut self, stats: &ConsumerStats, cause: &(dyn std::error::Error + 'static)) {
+    fn started(&self) -> std::sync::MutexGuard<'_, Option<(Instant, u32)>> {
+        // The state is a plain value: a panic elsewhere leaves it usable.
+        self.started
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn note(&self, stats: &ConsumerStats, cause: &(dyn std::error::Error + 'static)) {
         stats.redis_fault();
-        match &mut self.started {
+        let mut started = self.started();
+        match &mut *started {
             Some((_, retries)) => {
                 *retries = retries.saturating_add(1);
                 debug!(err = %cause, retries = *retries, "Redis still unavailable");
@@ -938,13 +951,14 @@ impl OutageLog {
             None => {
                 let advice = advice_in(cause).unwrap_or(RETRY_ADVICE);
                 warn!(err = %cause, advice, "Redis unavailable; retrying with back-off, keeping our place");
-                self.started = Some((Instant::now(), 1));
+                *started = Some((Instant::now(), 1));
             }
         }
     }
 
-    fn recovered(&mut self) {
-        if let Some((started, retries)) = self.started.take() {
+    fn recovered(&self) {
+        let ended = self.started().take();
+        if let Some((started, retries)) = ended {
             info!(
                 outage_ms = millis(started.elapsed()),
                 retries, "Redis reachable again; carrying on"
@@ -973,7 +987,6 @@ struct Driver<'a, D: EntryDecoder, H: ?Sized> {
     /// While caught up: when the save the machine wants goes out.
     deferred_save_at: Option<tokio::time::Instant>,
     save_backoff: Backoff,
-    outage: OutageLog,
     trim: TrimWatch,
     /// The offset known to be stored before the machine existed.
     stored_at_start: Option<EntryId>,
@@ -1011,7 +1024,6 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             save_retry_at: None,
             deferred_save_at: None,
             save_backoff: Backoff::new(config.redis_retry),
-            outage: OutageLog::default(),
             trim: TrimWatch::new(),
             stored_at_start: None,
             fault: None,
@@ -1265,7 +1277,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                 machine.saved(offset);
                 self.save_backoff.reset();
                 self.ctx.stats().offset_saved();
-                self.outage.recovered();
+                self.ctx.consumer.outage.recovered();
             }
             Ok(SaveOutcome::Behind(stored)) => {
                 // Nothing stored: as at a start without an offset, except
@@ -1296,7 +1308,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
             }
             Err(err) => {
                 machine.save_failed();
-                self.outage.note(self.ctx.stats(), &err);
+                self.ctx.consumer.outage.note(self.ctx.stats(), &err);
                 self.save_retry_at =
                     Some(tokio::time::Instant::now() + self.save_backoff.next_delay());
             }
@@ -1330,7 +1342,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
         // Redis may serve reads while it refuses writes (OOM, MISCONF): with
         // an offset left unsaved, only a save ends the outage.
         if !machine.dirty() {
-            self.outage.recovered();
+            self.ctx.consumer.outage.recovered();
         }
         let read_from = machine.read_after();
         let dispatch = if look_ahead && batch.len() > requested {
@@ -1461,7 +1473,7 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                 })
             }
         }
-        self.outage.note(self.ctx.stats(), &err);
+        self.ctx.consumer.outage.note(self.ctx.stats(), &err);
         let delay = machine.read_failed();
         debug!(retry_in_ms = millis(delay), "retrying after a Redis fault");
         self.read_retry_at = Some(tokio::time::Instant::now() + delay);
@@ -1487,14 +1499,14 @@ impl<'a, D: EntryDecoder, H: EventHandler<D::Item> + ?Sized> Driver<'a, D, H> {
                 Ok(stored) => break stored,
                 Err(err) if err.permanent => return Err(ConsumerError::Store(err)),
                 Err(err) => {
-                    self.outage.note(self.ctx.stats(), &err);
+                    self.ctx.consumer.outage.note(self.ctx.stats(), &err);
                     if !sleep_unless_cancelled(self.ctx.cancel, backoff.next_delay()).await {
                         return Ok(None);
                     }
                 }
             }
         };
-        self.outage.recovered();
+        self.ctx.consumer.outage.recovered();
         if let Some(offset) = stored {
             return Ok(Some((offset, Some(offset), false)));
         }
